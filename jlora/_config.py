@@ -1,0 +1,171 @@
+"""`LoraConfig`: the hyperparameters of an adaptation, validated on construction."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+
+from jlora._targets import compile_patterns
+from jlora._weight import Layout
+
+INITS = ("lora", "gaussian")
+TRAIN_BIAS = ("none", "all", "lora_only")
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool)
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    """What to adapt and how.
+
+    Args:
+      rank: the rank `r` of the factors (`a: in -> r`, `b: r -> out`); a positive int.
+      alpha: the LoRA alpha; `scale = alpha / rank`, or `alpha / sqrt(rank)` with
+        `use_rslora=True`. Positive.
+      dropout: dropout rate on the LoRA branch input, in `[0, 1)`. Applied only when
+        `jlora.lora` is given an `rng`.
+      targets: regex (or sequence of regexes) searched in `/`-joined key paths such as
+        `Block_0/attn/query/kernel`. Default `None`: every Dense-like kernel, i.e. every
+        floating leaf named `kernel` with at least 2 axes.
+      exclude: regex(es); matching paths are never adapted.
+      use_rslora: rank-stabilized scale `alpha / sqrt(rank)`.
+      init: `"lora"` (`a` Kaiming-uniform with a=sqrt(5), bound `1/sqrt(fan_in)`; `b`
+        zeros) or `"gaussian"` (`a` normal with std `1/rank`; `b` zeros). Either way the
+        adapted model starts equal to the base. Embedding tables (leaves named
+        `embedding`) get `a` zeros and `b` standard normal.
+      dtype: dtype of the factors; default float32 (also for a bfloat16 base).
+      rank_pattern / alpha_pattern: `{regex: value}` overrides per path (first match).
+      layout: `{regex: Layout}` declaring input/output/stacked axes of kernels with more
+        than 2 axes (or a 2-axis kernel stored `[out, in]`).
+      train_bias: `"none"`, `"all"` (every leaf named `bias`) or `"lora_only"` (the
+        biases beside adapted kernels) are trained fully.
+      also_train: regex(es) of leaves trained fully (e.g. a classifier head).
+
+    Raises:
+      ValueError / TypeError: on any invalid value, naming the argument.
+
+    Example:
+      >>> import jlora
+      >>> cfg = jlora.LoraConfig(8, 16, targets=r"(query|value)/kernel$")
+      >>> cfg.scale_for("attn/query/kernel")
+      2.0
+    """
+
+    rank: int
+    alpha: float
+    _: dataclasses.KW_ONLY
+    dropout: float = 0.0
+    targets: str | Sequence[str] | None = None
+    exclude: str | Sequence[str] | None = None
+    use_rslora: bool = False
+    init: str = "lora"
+    dtype: Any = None
+    rank_pattern: Mapping[str, int] | None = None
+    alpha_pattern: Mapping[str, float] | None = None
+    layout: Mapping[str, Layout] | None = None
+    train_bias: str = "none"
+    also_train: str | Sequence[str] | None = None
+
+    def __post_init__(self):
+        _check_rank(self.rank, "rank")
+        _check_alpha(self.alpha, "alpha")
+        if not _is_number(self.dropout) or not 0.0 <= float(self.dropout) < 1.0:
+            raise ValueError(
+                f"LoraConfig: dropout must be a number in [0, 1), got {self.dropout!r}."
+            )
+        if self.init not in INITS:
+            raise ValueError(
+                f"LoraConfig: init must be one of {INITS}, got {self.init!r}."
+            )
+        if self.train_bias not in TRAIN_BIAS:
+            raise ValueError(
+                f"LoraConfig: train_bias must be one of {TRAIN_BIAS}, "
+                f"got {self.train_bias!r}."
+            )
+        if not isinstance(self.use_rslora, bool):
+            raise TypeError(
+                f"LoraConfig: use_rslora must be a bool, got {self.use_rslora!r}."
+            )
+        if self.dtype is not None:
+            try:
+                dt = jnp.dtype(self.dtype)
+            except TypeError:
+                raise TypeError(
+                    f"LoraConfig: dtype must be a dtype, got {self.dtype!r}."
+                ) from None
+            if not jnp.issubdtype(dt, jnp.floating):
+                raise ValueError(
+                    f"LoraConfig: dtype must be a floating dtype, got {dt}."
+                )
+        for name in ("targets", "exclude", "also_train"):
+            compile_patterns(getattr(self, name), f"LoraConfig.{name}")
+        for name, check in (
+            ("rank_pattern", _check_rank),
+            ("alpha_pattern", _check_alpha),
+            ("layout", _check_layout),
+        ):
+            patterns = getattr(self, name)
+            if patterns is None:
+                continue
+            if not isinstance(patterns, Mapping):
+                raise TypeError(
+                    f"LoraConfig: {name} must be a dict {{regex: value}}, "
+                    f"got {patterns!r}."
+                )
+            for key, value in patterns.items():
+                compile_patterns(key, f"LoraConfig.{name} key")
+                check(value, f"{name}[{key!r}]")
+
+    # Per-path values -------------------------------------------------------------------
+
+    def _lookup(self, patterns, path, default):
+        for key, value in (patterns or {}).items():
+            if re.search(key, path):
+                return value
+        return default
+
+    def rank_for(self, path: str) -> int:
+        return int(self._lookup(self.rank_pattern, path, self.rank))
+
+    def alpha_for(self, path: str) -> float:
+        return float(self._lookup(self.alpha_pattern, path, self.alpha))
+
+    def scale_for(self, path: str) -> float:
+        rank = self.rank_for(path)
+        alpha = self.alpha_for(path)
+        return alpha / math.sqrt(rank) if self.use_rslora else alpha / rank
+
+    def layout_for(self, path: str) -> Layout | None:
+        return self._lookup(self.layout, path, None)
+
+    @property
+    def factor_dtype(self):
+        return jnp.dtype(self.dtype) if self.dtype is not None else jnp.dtype(jnp.float32)
+
+
+def _check_rank(value, name):
+    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f"LoraConfig: {name} must be a positive int, got {value!r}.")
+
+
+def _check_alpha(value, name):
+    if not _is_number(value) or not math.isfinite(value) or value <= 0:
+        raise ValueError(
+            f"LoraConfig: {name} must be a positive finite number, got {value!r}."
+        )
+
+
+def _check_layout(value, name):
+    if not isinstance(value, Layout):
+        raise TypeError(
+            f"LoraConfig: {name} must be a jlora.Layout(in_axes=..., out_axes=..., "
+            f"stack_axes=...), got {value!r}."
+        )

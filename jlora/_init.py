@@ -1,0 +1,247 @@
+"""`init(key, params, config)`: wrap the targeted kernels with fresh factors."""
+
+from __future__ import annotations
+
+import dataclasses
+import zlib
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from jlora._config import LoraConfig
+from jlora._targets import (
+    compile_patterns,
+    flatten,
+    is_box,
+    near_misses,
+    path_matches,
+    rebox,
+    unbox,
+)
+from jlora._weight import DEFAULT_LAYOUT, Layout, LoraWeight, Trainable, is_node
+
+RANK_AXIS = "lora_rank"
+
+
+def path_key(key, path: str):
+    """A PRNG key for `path`: `key` folded with the path's CRC-32 (stable across runs)."""
+    return jax.random.fold_in(key, zlib.crc32(path.encode("utf-8")) & 0xFFFFFFFF)
+
+
+def _leaf_name(path: str) -> str:
+    return path.rsplit("/", 1)[-1]
+
+
+def _parent(path: str) -> str:
+    return path.rsplit("/", 1)[0] if "/" in path else ""
+
+
+def _is_float(x) -> bool:
+    return hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.floating)
+
+
+def init(
+    key: jax.Array,
+    params: Any,
+    config: LoraConfig,
+    *,
+    probe: Callable[[Any], Any] | None = None,
+) -> Any:
+    """Wraps each targeted kernel of `params` in a `LoraWeight` with fresh factors.
+
+    Args:
+      key: a PRNG key. Each path's factors use `key` folded with a CRC-32 of the path,
+        so the result depends neither on tree order nor on the process.
+      params: a Linen `params` dict (boxed with `nn.with_partitioning` or not), the
+        `nnx.State` from `nnx.split`, or nested dicts/lists/tuples of arrays.
+      config: a `LoraConfig`.
+      probe: optional function of `params` (e.g.
+        `lambda p: model.apply({"params": p}, x)`); when given, each target's input,
+        output and stacked axes are read off how the function uses it. A `layout` in the
+        config still wins for the paths it matches.
+
+    Returns:
+      `params` with `LoraWeight` leaves at the targets and `Trainable` marks on the
+      leaves `train_bias` / `also_train` select. With the default `init`, `merge` of
+      the result equals `params` exactly.
+
+    Raises:
+      ValueError: a target that matches nothing (the closest paths are listed), a match
+        on a non-floating or 1-axis leaf, a kernel with more than 2 axes and no layout,
+        a rank larger than the kernel allows, params that are already adapted.
+      TypeError: `config` is not a `LoraConfig`.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, jlora
+      >>> params = {"dense": {"kernel": jnp.ones((4, 3)), "bias": jnp.zeros(3)}}
+      >>> lp = jlora.init(jax.random.key(0), params, jlora.LoraConfig(2, 4))
+      >>> lp["dense"]["kernel"].a.shape, lp["dense"]["kernel"].b.shape
+      ((4, 2), (2, 3))
+    """
+    if not isinstance(config, LoraConfig):
+        raise TypeError(
+            f"jlora.init: config must be a jlora.LoraConfig, got {type(config).__name__}."
+        )
+    leaves, treedef = flatten(params)
+    already = [p for p, leaf in leaves if is_node(unbox(leaf))]
+    if already:
+        raise ValueError(
+            f"jlora.init: params are already adapted at {already[:5]}; call jlora.merge "
+            "(or jlora.split) first, or init from the base params."
+        )
+    paths = [p for p, _ in leaves]
+    targets = compile_patterns(config.targets, "LoraConfig.targets")
+    exclude = compile_patterns(config.exclude, "LoraConfig.exclude")
+    also = compile_patterns(config.also_train, "LoraConfig.also_train")
+    errors: list[str] = []
+
+    selected: dict[str, Any] = {}
+    for path, leaf in leaves:
+        value = unbox(leaf)
+        boxed = is_box(leaf)
+        if path_matches(exclude, path, boxed):
+            continue
+        if targets:
+            if not path_matches(targets, path, boxed):
+                continue
+            if not _is_float(value) or jnp.ndim(value) < 2:
+                errors.append(
+                    f"  {path}: matched LoraConfig.targets but is "
+                    f"{getattr(value, 'dtype', type(value).__name__)}"
+                    f"{list(jnp.shape(value))}; only floating leaves with >= 2 axes can be "
+                    "adapted. Narrow the regex (e.g. end it with 'kernel$') or add "
+                    "exclude=."
+                )
+                continue
+        elif not (_leaf_name(path) == "kernel" and _is_float(value) and value.ndim >= 2):
+            continue
+        selected[path] = value
+    for pattern in targets:
+        if not any(path_matches((pattern,), p, is_box(leaf)) for p, leaf in leaves):
+            errors.append(
+                f"  LoraConfig.targets pattern {pattern.pattern!r} matches no leaf; "
+                f"closest paths: {near_misses(pattern.pattern, paths)}"
+            )
+    if not selected and not errors:
+        errors.append(
+            "  no leaf was selected for adaptation (the default selects floating leaves "
+            f"named 'kernel' with >= 2 axes); paths: {paths[:8]}. Pass targets=."
+        )
+
+    probed = _probe_layouts(probe, params, selected) if probe is not None else {}
+    layouts: dict[str, Layout] = {}
+    for path, value in selected.items():
+        layout = config.layout_for(path) or probed.get(path)
+        if layout is None:
+            if value.ndim != 2:
+                errors.append(
+                    f"  {path}: kernel of shape {list(value.shape)} has {value.ndim} axes; "
+                    "say which are inputs, outputs and stacked, e.g. "
+                    f"LoraConfig(layout={{{path!r}: jlora.Layout(in_axes=(0, 1), "
+                    "out_axes=(2,))}), or pass probe= to jlora.init to infer it."
+                )
+                continue
+            layout = DEFAULT_LAYOUT
+        try:
+            layout = layout.normalized(value.ndim)
+        except ValueError as e:
+            errors.append(f"  {path}: {e}")
+            continue
+        rank = config.rank_for(path)
+        limit = min(layout.fan_in(value.shape), layout.fan_out(value.shape))
+        if rank > limit:
+            errors.append(
+                f"  {path}: rank {rank} exceeds min(fan_in, fan_out) = {limit} for kernel "
+                f"{list(value.shape)} ({layout}); lower rank or set rank_pattern."
+            )
+            continue
+        layouts[path] = layout
+
+    trainable = set()
+    adapted_parents = {_parent(p) for p in layouts}
+    for path, leaf in leaves:
+        if path in selected:
+            continue
+        name = _leaf_name(path)
+        if config.train_bias == "all" and name == "bias":
+            trainable.add(path)
+        elif config.train_bias == "lora_only" and name == "bias":
+            if _parent(path) in adapted_parents:
+                trainable.add(path)
+        if path_matches(also, path, is_box(leaf)):
+            trainable.add(path)
+    for pattern in also:
+        if not any(path_matches((pattern,), p, is_box(leaf)) for p, leaf in leaves):
+            errors.append(
+                f"  LoraConfig.also_train pattern {pattern.pattern!r} matches no leaf; "
+                f"closest paths: {near_misses(pattern.pattern, paths)}"
+            )
+    if errors:
+        raise ValueError("jlora.init: cannot adapt these params:\n" + "\n".join(errors))
+
+    out = []
+    for path, leaf in leaves:
+        if path in layouts:
+            out.append(_wrap(key, path, leaf, layouts[path], config))
+        elif path in trainable:
+            out.append(_mark(leaf))
+        else:
+            out.append(leaf)
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def _mark(leaf):
+    from flax import nnx
+
+    if isinstance(leaf, nnx.Variable):
+        return rebox(leaf, Trainable(unbox(leaf)))
+    return Trainable(leaf)
+
+
+def _factors(key, path, w, layout: Layout, config: LoraConfig):
+    rank = config.rank_for(path)
+    a_shape, b_shape = layout.factor_shapes(w.shape, rank)
+    dtype = config.factor_dtype
+    ka, kb = jax.random.split(path_key(key, path))
+    if _leaf_name(path) == "embedding":
+        # The reference embedding adapter: `a` zeros, `b` standard normal.
+        return jnp.zeros(a_shape, dtype), jax.random.normal(kb, b_shape, dtype)
+    if config.init == "gaussian":
+        a = jax.random.normal(ka, a_shape, dtype) / rank
+    else:
+        # Kaiming-uniform with a = sqrt(5): gain^2 = 2 / 6, bound = 1 / sqrt(fan_in).
+        bound = 1.0 / (layout.fan_in(w.shape) ** 0.5)
+        a = jax.random.uniform(ka, a_shape, dtype, -bound, bound)
+    return a, jnp.zeros(b_shape, dtype)
+
+
+def _wrap(key, path, leaf, layout, config):
+    from flax import nnx
+    from flax.core import meta
+
+    w = unbox(leaf)
+    a, b = _factors(key, path, w, layout, config)
+    meta_kw = dict(
+        scale=config.scale_for(path), layout=layout, dropout=float(config.dropout)
+    )
+    if isinstance(leaf, nnx.Variable):
+        return rebox(leaf, LoraWeight(w, a, b, **meta_kw))
+    if isinstance(leaf, meta.Partitioned):
+        names = tuple(leaf.names)
+        a_names = tuple(names[i] for i in layout.stack_axes + layout.in_axes)
+        b_names = tuple(names[i] for i in layout.stack_axes) + (RANK_AXIS,)
+        b_names += tuple(names[i] for i in layout.out_axes)
+        a_box = dataclasses.replace(leaf, value=a, names=a_names + (RANK_AXIS,))
+        b_box = dataclasses.replace(leaf, value=b, names=b_names)
+        return LoraWeight(leaf, a_box, b_box, **meta_kw)
+    if isinstance(leaf, meta.AxisMetadata):
+        return LoraWeight(leaf, leaf.replace_boxed(a), leaf.replace_boxed(b), **meta_kw)
+    return LoraWeight(w, a, b, **meta_kw)
+
+
+def _probe_layouts(probe, params, selected):
+    from jlora._transform import infer_layouts
+
+    return infer_layouts(probe, params, set(selected))
