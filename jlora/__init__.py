@@ -4,6 +4,7 @@ from jlora._config import LoraConfig
 from jlora._init import init
 from jlora._merge import combine, merge, split, unmerge
 from jlora._optim import Summary, optimizer, summary
+from jlora._transform import RuleError, explain, lora
 from jlora._weight import Layout, LoraWeight, Trainable
 
 __version__ = "0.1.0"
@@ -12,10 +13,13 @@ __all__ = [
     "Layout",
     "LoraConfig",
     "LoraWeight",
+    "RuleError",
     "Summary",
     "Trainable",
     "combine",
+    "explain",
     "init",
+    "lora",
     "merge",
     "optimizer",
     "split",

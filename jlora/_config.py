@@ -82,9 +82,7 @@ class LoraConfig:
                 f"LoraConfig: dropout must be a number in [0, 1), got {self.dropout!r}."
             )
         if self.init not in INITS:
-            raise ValueError(
-                f"LoraConfig: init must be one of {INITS}, got {self.init!r}."
-            )
+            raise ValueError(f"LoraConfig: init must be one of {INITS}, got {self.init!r}.")
         if self.train_bias not in TRAIN_BIAS:
             raise ValueError(
                 f"LoraConfig: train_bias must be one of {TRAIN_BIAS}, "
@@ -102,9 +100,7 @@ class LoraConfig:
                     f"LoraConfig: dtype must be a dtype, got {self.dtype!r}."
                 ) from None
             if not jnp.issubdtype(dt, jnp.floating):
-                raise ValueError(
-                    f"LoraConfig: dtype must be a floating dtype, got {dt}."
-                )
+                raise ValueError(f"LoraConfig: dtype must be a floating dtype, got {dt}.")
         for name in ("targets", "exclude", "also_train"):
             compile_patterns(getattr(self, name), f"LoraConfig.{name}")
         for name, check in (
@@ -117,8 +113,7 @@ class LoraConfig:
                 continue
             if not isinstance(patterns, Mapping):
                 raise TypeError(
-                    f"LoraConfig: {name} must be a dict {{regex: value}}, "
-                    f"got {patterns!r}."
+                    f"LoraConfig: {name} must be a dict {{regex: value}}, got {patterns!r}."
                 )
             for key, value in patterns.items():
                 compile_patterns(key, f"LoraConfig.{name} key")

@@ -132,8 +132,10 @@ def _paired(adapters, base, fn_name: str, base_name: str):
         lines = [f"  in adapters but not in {base_name}: {p}" for p in missing]
         lines += [f"  in {base_name} but not in adapters: {p}" for p in extra]
         if not lines:
-            lines = ["  same paths, but containers differ: "
-                     f"adapters {a_def} vs {base_name} {b_def}"]
+            lines = [
+                "  same paths, but containers differ: "
+                f"adapters {a_def} vs {base_name} {b_def}"
+            ]
         raise ValueError(
             f"jlora.{fn_name}: adapters do not fit {base_name}; build both from the same "
             "model (the adapters from jlora.split of params initialised on it):\n"
@@ -146,8 +148,10 @@ def _check_factors(path, lw: LoraWeight, w, errors):
     shape = tuple(jnp.shape(unbox(w)))
     a, b = unbox(lw.a), unbox(lw.b)
     if lw.layout.ndim != len(shape):
-        errors.append(f"  {path}: layout {lw.layout} is for {lw.layout.ndim} axes, "
-                      f"kernel is {list(shape)}")
+        errors.append(
+            f"  {path}: layout {lw.layout} is for {lw.layout.ndim} axes, "
+            f"kernel is {list(shape)}"
+        )
         return
     rank = jnp.shape(a)[-1] if jnp.ndim(a) else 0
     want_a, want_b = lw.layout.factor_shapes(shape, rank)
@@ -167,8 +171,9 @@ def _join(adapters, base, fn_name, base_name, kernel_fn):
         if isinstance(a_inner, LoraWeight):
             w = b_inner.w if isinstance(b_inner, LoraWeight) else b_inner
             if w is None or isinstance(w, Trainable):
-                errors.append(f"  {path}: adapters have factors but {base_name} has no "
-                              "kernel here")
+                errors.append(
+                    f"  {path}: adapters have factors but {base_name} has no kernel here"
+                )
                 continue
             _check_factors(path, a_inner, w, errors)
             out.append(put_back(a_inner.replace(w=kernel_fn(w, a_inner))))
@@ -177,16 +182,18 @@ def _join(adapters, base, fn_name, base_name, kernel_fn):
                 want = jnp.shape(unbox(a_inner.value))
                 got = jnp.shape(unbox(b_inner))
                 if want != got:
-                    errors.append(f"  {path}: trained leaf {list(want)} vs "
-                                  f"{base_name} {list(got)}")
+                    errors.append(
+                        f"  {path}: trained leaf {list(want)} vs {base_name} {list(got)}"
+                    )
             out.append(a_leaf)
         elif a_inner is None:
             if b_leaf is None:
                 errors.append(f"  {path}: neither adapters nor {base_name} hold a value")
             out.append(b_leaf)
         else:
-            errors.append(f"  {path}: adapters hold a plain leaf; adapters come from "
-                          "jlora.split")
+            errors.append(
+                f"  {path}: adapters hold a plain leaf; adapters come from jlora.split"
+            )
     if errors:
         raise ValueError(
             f"jlora.{fn_name}: adapters do not fit {base_name}:\n" + "\n".join(errors)

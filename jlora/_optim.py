@@ -79,9 +79,7 @@ def optimizer(
             f"jlora.optimizer: tx must be an optax.GradientTransformation, got "
             f"{type(tx).__name__}."
         )
-    main = optax.multi_transform(
-        {TRAIN: tx, FROZEN: optax.set_to_zero()}, trainable_labels
-    )
+    main = optax.multi_transform({TRAIN: tx, FROZEN: optax.set_to_zero()}, trainable_labels)
     if lr_ratio_b is None:
         return main
     if not isinstance(lr_ratio_b, (int, float)) or lr_ratio_b <= 0:
@@ -121,8 +119,7 @@ class Summary(NamedTuple):
         lines = [
             f"trainable params: {self.trainable_params:,} || all params: "
             f"{self.total_params:,} || trainable%: {100 * self.trainable_fraction:.4f}",
-            f"trainable bytes: {self.trainable_bytes:,} || all bytes: "
-            f"{self.total_bytes:,}",
+            f"trainable bytes: {self.trainable_bytes:,} || all bytes: {self.total_bytes:,}",
         ]
         for p in self.adapted:
             lines.append(
@@ -169,8 +166,13 @@ def summary(params: Any) -> Summary:
         inner, _ = _open(leaf)
         if isinstance(inner, LoraWeight):
             adapted.append(
-                AdaptedPath(path, tuple(np.shape(unbox(inner.w))), inner.rank,
-                            inner.scale, inner.layout)
+                AdaptedPath(
+                    path,
+                    tuple(np.shape(unbox(inner.w))),
+                    inner.rank,
+                    inner.scale,
+                    inner.layout,
+                )
             )
         elif isinstance(inner, Trainable):
             trained.append(path)

@@ -153,8 +153,14 @@ class LoraWeight:
         return (self.scale, self.layout, self.dropout)
 
     def replace(self, **changes) -> LoraWeight:
-        fields = dict(w=self.w, a=self.a, b=self.b, scale=self.scale, layout=self.layout,
-                      dropout=self.dropout)
+        fields = dict(
+            w=self.w,
+            a=self.a,
+            b=self.b,
+            scale=self.scale,
+            layout=self.layout,
+            dropout=self.dropout,
+        )
         fields.update(changes)
         w, a, b = fields.pop("w"), fields.pop("a"), fields.pop("b")
         return LoraWeight(w, a, b, **fields)
@@ -256,22 +262,34 @@ def _register_export_serialization():
     def ser_lw(meta):
         scale, layout, dropout = meta
         return json.dumps(
-            {"scale": scale, "in": layout.in_axes, "out": layout.out_axes,
-             "stack": layout.stack_axes, "dropout": dropout}
+            {
+                "scale": scale,
+                "in": layout.in_axes,
+                "out": layout.out_axes,
+                "stack": layout.stack_axes,
+                "dropout": dropout,
+            }
         ).encode()
 
     def de_lw(data):
         d = json.loads(data.decode())
-        return (d["scale"], Layout(tuple(d["in"]), tuple(d["out"]), tuple(d["stack"])),
-                d["dropout"])
+        return (
+            d["scale"],
+            Layout(tuple(d["in"]), tuple(d["out"]), tuple(d["stack"])),
+            d["dropout"],
+        )
 
     export.register_pytree_node_serialization(
-        LoraWeight, serialized_name="jlora.LoraWeight",
-        serialize_auxdata=ser_lw, deserialize_auxdata=de_lw,
+        LoraWeight,
+        serialized_name="jlora.LoraWeight",
+        serialize_auxdata=ser_lw,
+        deserialize_auxdata=de_lw,
     )
     export.register_pytree_node_serialization(
-        Trainable, serialized_name="jlora.Trainable",
-        serialize_auxdata=lambda _: b"", deserialize_auxdata=lambda _: None,
+        Trainable,
+        serialized_name="jlora.Trainable",
+        serialize_auxdata=lambda _: b"",
+        deserialize_auxdata=lambda _: None,
     )
 
 

@@ -1,0 +1,57 @@
+"""Every touch of JAX internals, in one place.
+
+jaxpr details move between JAX releases (`Primitive.get_bind_params` changed its return
+in 0.10; the jit primitive was renamed from `pjit` to `jit`). The rest of jlora goes
+through these helpers and the public API only.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+from jax.extend import core as jex_core
+
+Literal = jex_core.Literal
+ClosedJaxpr = jex_core.ClosedJaxpr
+Jaxpr = jex_core.Jaxpr
+
+
+def is_literal(v) -> bool:
+    return isinstance(v, Literal)
+
+
+def bind(eqn, invals: list[Any]):
+    """Re-binds `eqn`'s primitive on new inputs; always returns a list of outputs."""
+    got = eqn.primitive.get_bind_params(eqn.params)
+    if isinstance(got, tuple) and len(got) == 2 and isinstance(got[1], dict):
+        subfuns, params = got  # jax < 0.10
+    else:
+        subfuns, params = (), got
+    out = eqn.primitive.bind(*subfuns, *invals, **params)
+    return list(out) if eqn.primitive.multiple_results else [out]
+
+
+def open_jaxpr(j) -> tuple[Any, list[Any]]:
+    """`(jaxpr, consts)` of a `ClosedJaxpr` or an open `Jaxpr` (no consts)."""
+    if isinstance(j, ClosedJaxpr):
+        return j.jaxpr, list(j.consts)
+    return j, []
+
+
+# Primitive names as they appear in jaxprs, across the supported releases.
+JIT_NAMES = ("jit", "pjit", "closed_call", "core_call")
+REMAT_NAMES = ("remat2", "checkpoint", "remat")
+CUSTOM_CALL_NAMES = ("custom_jvp_call", "custom_vjp_call", "custom_vjp_call_jaxpr")
+
+
+def call_jaxpr(eqn):
+    """The inner jaxpr of a call-like equation (jit, closed_call, remat)."""
+    for key in ("jaxpr", "call_jaxpr"):
+        if key in eqn.params:
+            return open_jaxpr(eqn.params[key])
+    raise KeyError(f"no inner jaxpr in {eqn.primitive.name} params {list(eqn.params)}")
+
+
+def is_tracer(x) -> bool:
+    return isinstance(x, jax.core.Tracer)

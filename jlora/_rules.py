@@ -1,0 +1,489 @@
+"""The rule table: how each primitive acts on a `LowRank` kernel.
+
+A rule takes `(ctx, eqn, invals)` (some inputs `LowRank`) and returns the list of
+outputs. Rules keep the low-rank form where it survives and otherwise call
+`ctx.materialize`, which warns (or raises in strict mode). Call-like rules re-enter
+through the public API (`jax.checkpoint`, `lax.scan`, `lax.switch`, `lax.while_loop`)
+with an interpreting closure.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.ad_checkpoint import checkpoint_name
+
+from jlora import _jax_compat as compat
+from jlora._transform import LowRank
+from jlora._weight import Layout
+
+RULES: dict = {}
+XA_NAME = "lora_xa"
+
+
+def rule(*names):
+    def register(fn):
+        for name in names:
+            RULES[name] = fn
+        return fn
+
+    return register
+
+
+def _fallback(ctx, eqn, invals, why=""):
+    name = eqn.primitive.name
+    return compat.bind(eqn, [ctx.materialize(v, name, why) for v in invals])
+
+
+def _dense(ctx, vals, primitive):
+    return [ctx.materialize(v, primitive) for v in vals]
+
+
+# dot_general ----------------------------------------------------------------------------
+
+
+def _contract_low_rank(ctx, eqn, x, lr: LowRank, x_contract, k_contract, x_batch, k_batch):
+    """`x . (scale * a @ b)` with the dot's kernel-free axes last (kernel as rhs)."""
+    lay = lr.layout
+    ns = len(lay.stack_axes)
+    forward = set(k_contract) == set(lay.in_axes)
+    if forward:
+        # x . a over the input axes, then . b over the rank axis.
+        first, first_axes = lr.a, lay.stack_axes + lay.in_axes
+        second, second_free = lr.b, lay.out_axes
+        second_free_start = ns + 1
+    else:
+        # The kernel used transposed (e.g. a tied embedding `x @ E.T`): x . b, then . a.
+        first = lr.b
+        first_axes = lay.stack_axes + (None,) + lay.out_axes
+        second = jnp.moveaxis(lr.a, -1, ns)
+        second_free = lay.in_axes
+        second_free_start = ns + 1
+    pos = {k: i for i, k in enumerate(first_axes) if k is not None}
+    dtype = x.dtype
+    pet = eqn.params.get("preferred_element_type")
+    precision = eqn.params.get("precision")
+    xd = ctx.dropout(x, lr)
+    h = lax.dot_general(
+        xd,
+        first.astype(dtype),
+        (
+            (tuple(x_contract), tuple(pos[k] for k in k_contract)),
+            (tuple(x_batch), tuple(pos[k] for k in k_batch)),
+        ),
+        precision=precision,
+        preferred_element_type=pet,
+    )
+    h = checkpoint_name(h * jnp.asarray(lr.scale, h.dtype), XA_NAME).astype(dtype)
+    # Arrange the second factor as [*batch (in the dot's order), r, *free ascending].
+    free_sorted = sorted(second_free)
+    perm = [lay.stack_axes.index(k) for k in k_batch] + [ns]
+    perm += [second_free_start + second_free.index(k) for k in free_sorted]
+    second = jnp.transpose(second, perm).astype(dtype)
+    nb = len(k_batch)
+    return lax.dot_general(
+        h,
+        second,
+        (((h.ndim - 1,), (nb,)), (tuple(range(nb)), tuple(range(nb)))),
+        precision=precision,
+        preferred_element_type=pet,
+    )
+
+
+@rule("dot_general")
+def dot_general_rule(ctx, eqn, invals):
+    lhs, rhs = invals
+    if isinstance(lhs, LowRank) and isinstance(rhs, LowRank):
+        return _fallback(ctx, eqn, invals, "both operands adapted")
+    side = 1 if isinstance(rhs, LowRank) else 0
+    lr, x = (rhs, lhs) if side == 1 else (lhs, rhs)
+    (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+    k_contract, x_contract = (rc, lc) if side == 1 else (lc, rc)
+    k_batch, x_batch = (rb, lb) if side == 1 else (lb, rb)
+    lay = lr.layout
+    ok_batch = set(k_batch) == set(lay.stack_axes)
+    forward = set(k_contract) == set(lay.in_axes)
+    backward = set(k_contract) == set(lay.out_axes)
+    if not ok_batch or not (forward or backward):
+        return _fallback(
+            ctx,
+            eqn,
+            invals,
+            f"contracts kernel axes {tuple(k_contract)} with batch {tuple(k_batch)}, "
+            f"layout {lay}",
+        )
+    ctx.note(lr, "dot_general")
+    base = compat.bind(eqn, [x, lr.w] if side == 1 else [lr.w, x])[0]
+    y = _contract_low_rank(ctx, eqn, x, lr, x_contract, k_contract, x_batch, k_batch)
+    if side == 0:
+        # dot_general(kernel, x) puts the kernel's free axes before x's.
+        nb = len(k_batch)
+        n_kfree = lr.w.ndim - len(k_contract) - nb
+        n_xfree = y.ndim - nb - n_kfree
+        perm = list(range(nb)) + [nb + n_xfree + i for i in range(n_kfree)]
+        perm += [nb + i for i in range(n_xfree)]
+        y = jnp.transpose(y, perm)
+    return [base + y.astype(base.dtype)]
+
+
+# Shape and dtype plumbing ---------------------------------------------------------------
+
+
+@rule("convert_element_type")
+def convert_rule(ctx, eqn, invals):
+    (lr,) = invals
+    ctx.note(lr, "convert_element_type")
+    return [lr.replace(w=compat.bind(eqn, [lr.w])[0])]
+
+
+@rule("copy", "copy_p", "optimization_barrier")
+def copy_rule(ctx, eqn, invals):
+    if len(invals) != 1:
+        return _fallback(ctx, eqn, invals)
+    (lr,) = invals
+    return [lr.replace(w=compat.bind(eqn, [lr.w])[0])]
+
+
+def _relayout(lay: Layout, old_to_new: dict[int, int]) -> Layout:
+    return Layout(
+        tuple(old_to_new[a] for a in lay.in_axes),
+        tuple(old_to_new[a] for a in lay.out_axes),
+        tuple(old_to_new[a] for a in lay.stack_axes),
+    )
+
+
+@rule("transpose")
+def transpose_rule(ctx, eqn, invals):
+    (lr,) = invals
+    perm = eqn.params["permutation"]
+    ctx.note(lr, "transpose")
+    old_to_new = {old: new for new, old in enumerate(perm)}
+    return [
+        lr.replace(w=compat.bind(eqn, [lr.w])[0], layout=_relayout(lr.layout, old_to_new))
+    ]
+
+
+def _drop_stack_axes(ctx, eqn, lr: LowRank, dropped: tuple[int, ...], new_w):
+    """Removes size-1 stacked axes (after indexing one layer out of a stack)."""
+    lay = lr.layout
+    if not set(dropped) <= set(lay.stack_axes):
+        return None
+    keep = [i for i in range(lr.w.ndim) if i not in dropped]
+    old_to_new = {old: new for new, old in enumerate(keep)}
+    f_drop = tuple(lay.stack_axes.index(d) for d in dropped)
+    stack = tuple(s for s in lay.stack_axes if s not in dropped)
+    layout = Layout(
+        tuple(old_to_new[a] for a in lay.in_axes),
+        tuple(old_to_new[a] for a in lay.out_axes),
+        tuple(old_to_new[a] for a in stack),
+    )
+    ctx.note(lr, eqn.primitive.name)
+    return lr.replace(
+        w=new_w, a=jnp.squeeze(lr.a, f_drop), b=jnp.squeeze(lr.b, f_drop), layout=layout
+    )
+
+
+@rule("squeeze")
+def squeeze_rule(ctx, eqn, invals):
+    (lr,) = invals
+    dims = tuple(d % lr.w.ndim for d in eqn.params["dimensions"])
+    out = _drop_stack_axes(ctx, eqn, lr, dims, compat.bind(eqn, [lr.w])[0])
+    return (
+        [out]
+        if out is not None
+        else _fallback(ctx, eqn, invals, "squeezes a non-stack axis")
+    )
+
+
+@rule("reshape")
+def reshape_rule(ctx, eqn, invals):
+    lr = invals[0]
+    if len(invals) != 1 or eqn.params.get("dimensions") is not None:
+        return _fallback(ctx, eqn, invals)
+    new_shape = tuple(eqn.params["new_sizes"])
+    old = tuple(lr.w.shape)
+    # Only the reshape that drops size-1 stacked axes (`ws[i]` on a stack) is low-rank.
+    for dropped in _size_one_drops(old, new_shape, lr.layout.stack_axes):
+        out = _drop_stack_axes(ctx, eqn, lr, dropped, compat.bind(eqn, [lr.w])[0])
+        if out is not None:
+            return [out]
+    return _fallback(ctx, eqn, invals, f"reshape {old} -> {new_shape}")
+
+
+def _size_one_drops(old, new, stack_axes):
+    drops = tuple(i for i in stack_axes if old[i] == 1)
+    if drops and tuple(s for i, s in enumerate(old) if i not in drops) == new:
+        yield drops
+
+
+def _stack_slice(ctx, eqn, lr, starts, sizes, dynamic):
+    """Slicing that only narrows stacked axes: slice `a` and `b` the same way."""
+    lay = lr.layout
+    for axis, (start, size) in enumerate(zip(starts, sizes)):
+        if axis not in lay.stack_axes and size != lr.w.shape[axis]:
+            return None
+    ns = len(lay.stack_axes)
+
+    def factor_slice(f, first_non_stack):
+        f_starts = [0] * f.ndim
+        f_sizes = list(f.shape)
+        for j, axis in enumerate(lay.stack_axes):
+            f_starts[j] = starts[axis]
+            f_sizes[j] = sizes[axis]
+        if dynamic:
+            f_starts = [jnp.asarray(s, jnp.int32) for s in f_starts]
+            return lax.dynamic_slice(f, f_starts, f_sizes)
+        return lax.slice(f, f_starts, [s + z for s, z in zip(f_starts, f_sizes)])
+
+    del ns
+    return lr.replace(a=factor_slice(lr.a, None), b=factor_slice(lr.b, None))
+
+
+@rule("dynamic_slice")
+def dynamic_slice_rule(ctx, eqn, invals):
+    lr, *starts = invals
+    if isinstance(starts and starts[0], LowRank) or any(
+        isinstance(s, LowRank) for s in starts
+    ):
+        return _fallback(ctx, eqn, invals)
+    out = _stack_slice(ctx, eqn, lr, starts, eqn.params["slice_sizes"], dynamic=True)
+    if out is None:
+        return _fallback(ctx, eqn, invals, "slices a non-stack axis")
+    ctx.note(lr, "dynamic_slice")
+    return [out.replace(w=compat.bind(eqn, [lr.w, *starts])[0])]
+
+
+@rule("slice")
+def slice_rule(ctx, eqn, invals):
+    (lr,) = invals
+    starts, limits = eqn.params["start_indices"], eqn.params["limit_indices"]
+    strides = eqn.params.get("strides")
+    if strides is not None and any(s != 1 for s in strides):
+        return _fallback(ctx, eqn, invals, "strided slice")
+    sizes = [lim - s for s, lim in zip(starts, limits)]
+    out = _stack_slice(ctx, eqn, lr, starts, sizes, dynamic=False)
+    if out is None:
+        return _fallback(ctx, eqn, invals, "slices a non-stack axis")
+    ctx.note(lr, "slice")
+    return [out.replace(w=compat.bind(eqn, [lr.w])[0])]
+
+
+# Embeddings and convolutions ------------------------------------------------------------
+
+
+@rule("gather")
+def gather_rule(ctx, eqn, invals):
+    lr, idx = invals
+    if isinstance(idx, LowRank):
+        return _fallback(ctx, eqn, invals)
+    p = eqn.params
+    dn = p["dimension_numbers"]
+    lay = lr.layout
+    table = (
+        lr.w.ndim == 2
+        and lay.in_axes == (0,)
+        and lay.out_axes == (1,)
+        and tuple(dn.collapsed_slice_dims) == (0,)
+        and tuple(dn.start_index_map) == (0,)
+        and len(dn.offset_dims) == 1
+        and tuple(p["slice_sizes"]) == (1, lr.w.shape[1])
+        and not getattr(dn, "operand_batching_dims", ())
+    )
+    if not table:
+        return _fallback(ctx, eqn, invals, "not a row lookup of an [in, out] table")
+    ctx.note(lr, "gather")
+    base = compat.bind(eqn, [lr.w, idx])[0]
+    rank = lr.a.shape[-1]
+    rows = lax.gather(
+        lr.a,
+        idx,
+        dimension_numbers=dn,
+        slice_sizes=(1, rank),
+        indices_are_sorted=p["indices_are_sorted"],
+        unique_indices=p["unique_indices"],
+        mode=p["mode"],
+        fill_value=p["fill_value"],
+    )
+    off = dn.offset_dims[0]
+    h = jnp.moveaxis(rows, off, -1).astype(base.dtype) * jnp.asarray(lr.scale, base.dtype)
+    y = jnp.matmul(h, lr.b.astype(base.dtype))
+    return [base + jnp.moveaxis(y, -1, off)]
+
+
+@rule("conv_general_dilated")
+def conv_rule(ctx, eqn, invals):
+    x, lr = invals
+    p = eqn.params
+    if isinstance(x, LowRank):
+        return _fallback(ctx, eqn, invals, "adapted kernel as the conv input")
+    lay = lr.layout
+    rhs_spec = p["dimension_numbers"].rhs_spec
+    out_feat = rhs_spec[0]
+    if (
+        lay.stack_axes
+        or lay.out_axes != (out_feat,)
+        or set(lay.in_axes) != set(rhs_spec[1:])
+        or p["feature_group_count"] != 1
+        or p["batch_group_count"] != 1
+    ):
+        return _fallback(ctx, eqn, invals, "grouped conv or unusual layout")
+    ctx.note(lr, "conv_general_dilated")
+    base = compat.bind(eqn, [x, lr.w])[0]
+    # `a` laid out like the kernel, with `r` output features: a conv with it, then B.
+    ni = len(lay.in_axes)
+    perm = [ni if k == out_feat else lay.in_axes.index(k) for k in range(lr.w.ndim)]
+    a_kernel = jnp.transpose(lr.a, perm).astype(x.dtype)
+    h = compat.bind(eqn, [ctx.dropout(x, lr), a_kernel])[0]
+    h = checkpoint_name(h * jnp.asarray(lr.scale, h.dtype), XA_NAME)
+    feat = p["dimension_numbers"].out_spec[1]
+    y = jnp.matmul(jnp.moveaxis(h, feat, -1), lr.b.astype(h.dtype))
+    return [base + jnp.moveaxis(y, -1, feat).astype(base.dtype)]
+
+
+# Call-like primitives -------------------------------------------------------------------
+
+
+@rule(*compat.JIT_NAMES)
+def jit_rule(ctx, eqn, invals):
+    # Inlined: a jit inside a traced function changes nothing but the name in profiles.
+    jaxpr, consts = compat.call_jaxpr(eqn)
+    for v in invals:
+        if isinstance(v, LowRank):
+            ctx.note(v, "jit")
+    return ctx.interpret(jaxpr, consts, invals)
+
+
+@rule(*compat.REMAT_NAMES)
+def remat_rule(ctx, eqn, invals):
+    jaxpr, consts = compat.call_jaxpr(eqn)
+    for v in invals:
+        if isinstance(v, LowRank):
+            ctx.note(v, "remat")
+
+    def body(*args):
+        return _dense(ctx, ctx.interpret(jaxpr, consts, args), "remat output")
+
+    fn = jax.checkpoint(
+        body,
+        prevent_cse=eqn.params.get("prevent_cse", True),
+        policy=eqn.params.get("policy"),
+    )
+    return list(fn(*invals))
+
+
+@rule("cond")
+def cond_rule(ctx, eqn, invals):
+    index, *ops = invals
+    if isinstance(index, LowRank):
+        return _fallback(ctx, eqn, invals)
+    for v in ops:
+        if isinstance(v, LowRank):
+            ctx.note(v, "cond")
+
+    def branch_fn(closed):
+        jaxpr, consts = compat.open_jaxpr(closed)
+        return lambda *args: _dense(ctx, ctx.interpret(jaxpr, consts, args), "cond output")
+
+    return list(lax.switch(index, [branch_fn(b) for b in eqn.params["branches"]], *ops))
+
+
+@rule("while")
+def while_rule(ctx, eqn, invals):
+    p = eqn.params
+    nc, nb = p["cond_nconsts"], p["body_nconsts"]
+    cond_consts, body_consts, init = invals[:nc], invals[nc : nc + nb], invals[nc + nb :]
+    init = _dense(ctx, init, "while carry")
+    for v in cond_consts + body_consts:
+        if isinstance(v, LowRank):
+            ctx.note(v, "while")
+    cj, cc = compat.open_jaxpr(p["cond_jaxpr"])
+    bj, bc = compat.open_jaxpr(p["body_jaxpr"])
+
+    def cond_fn(carry):
+        return ctx.interpret(cj, cc, [*cond_consts, *carry])[0]
+
+    def body_fn(carry):
+        return _dense(ctx, ctx.interpret(bj, bc, [*body_consts, *carry]), "while carry")
+
+    return list(lax.while_loop(cond_fn, body_fn, list(init)))
+
+
+def _unstack_first(lr: LowRank):
+    """`lr` as scan sees one slice of axis 0, if axis 0 is a stacked axis."""
+    lay = lr.layout
+    if 0 not in lay.stack_axes:
+        return None
+    j = lay.stack_axes.index(0)
+    a = jnp.moveaxis(lr.a, j, 0)
+    b = jnp.moveaxis(lr.b, j, 0)
+
+    def shift(axes):
+        return tuple(x - 1 for x in axes)
+
+    stack = tuple(s for s in lay.stack_axes if s != 0)
+    inner = Layout(shift(lay.in_axes), shift(lay.out_axes), shift(stack))
+    return (lr.w, a, b), inner
+
+
+@rule("scan")
+def scan_rule(ctx, eqn, invals):
+    p = eqn.params
+    n_consts, n_carry = p["num_consts"], p["num_carry"]
+    consts, init, xs = (
+        invals[:n_consts],
+        invals[n_consts : n_consts + n_carry],
+        invals[n_consts + n_carry :],
+    )
+    init = _dense(ctx, init, "scan carry")
+    xs_in, rebuild = [], []
+    for v in xs:
+        if isinstance(v, LowRank):
+            got = _unstack_first(v)
+            if got is None:
+                xs_in.append(ctx.materialize(v, "scan", "scanned over a non-stack axis"))
+                rebuild.append(None)
+            else:
+                ctx.note(v, "scan")
+                xs_in.append(got[0])
+                rebuild.append((v, got[1]))
+        else:
+            xs_in.append(v)
+            rebuild.append(None)
+    for v in consts:
+        if isinstance(v, LowRank):
+            ctx.note(v, "scan")
+    jaxpr, jconsts = compat.open_jaxpr(p["jaxpr"])
+    length = p["length"]
+    counter = jnp.arange(length, dtype=jnp.uint32) if ctx.rng is not None else None
+
+    def body(carry, x):
+        xs_vals, i = x
+        inner_ctx = ctx if i is None else ctx.child(jax.random.fold_in(ctx.rng, i))
+        vals = []
+        for val, rb in zip(xs_vals, rebuild):
+            if rb is None:
+                vals.append(val)
+            else:
+                src, layout = rb
+                w, a, b = val
+                vals.append(src.replace(w=w, a=a, b=b, layout=layout))
+        outs = inner_ctx.interpret(jaxpr, jconsts, [*consts, *carry, *vals])
+        outs = _dense(inner_ctx, outs, "scan output")
+        return outs[:n_carry], outs[n_carry:]
+
+    carry, ys = lax.scan(
+        body,
+        list(init),
+        (xs_in, counter),
+        length=length,
+        reverse=p["reverse"],
+        unroll=p["unroll"],
+    )
+    return [*carry, *ys]
+
+
+@rule(*compat.CUSTOM_CALL_NAMES)
+def custom_call_rule(ctx, eqn, invals):
+    # The custom rule sees a dense kernel: materialize for this call only.
+    return _fallback(ctx, eqn, invals, "custom derivative rule")
