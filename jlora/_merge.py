@@ -214,7 +214,7 @@ def combine(adapters: Any, base: Any) -> Any:
 
 
 def unmerge(merged: Any, adapters: Any) -> Any:
-    """From merged params and the adapters, the adapted params back (`w = merged - scale*a@b`).
+    """The adapted params back from merged params: `w = merged - scale * a @ b`.
 
     The subtraction runs in float32 and rounds once to the kernel's dtype, so in float32
     the round trip `unmerge(merge(p), split(p)[0])` gives `w` back to within a relative

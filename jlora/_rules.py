@@ -217,37 +217,32 @@ def _size_one_drops(old, new, stack_axes):
         yield drops
 
 
-def _stack_slice(ctx, eqn, lr, starts, sizes, dynamic):
+def _stack_slice(lr, starts, sizes, dynamic):
     """Slicing that only narrows stacked axes: slice `a` and `b` the same way."""
     lay = lr.layout
-    for axis, (start, size) in enumerate(zip(starts, sizes)):
+    for axis, size in enumerate(sizes):
         if axis not in lay.stack_axes and size != lr.w.shape[axis]:
             return None
-    ns = len(lay.stack_axes)
 
-    def factor_slice(f, first_non_stack):
-        f_starts = [0] * f.ndim
-        f_sizes = list(f.shape)
+    def factor_slice(f):
+        f_starts, f_sizes = [0] * f.ndim, list(f.shape)
         for j, axis in enumerate(lay.stack_axes):
-            f_starts[j] = starts[axis]
-            f_sizes[j] = sizes[axis]
+            f_starts[j], f_sizes[j] = starts[axis], sizes[axis]
         if dynamic:
-            f_starts = [jnp.asarray(s, jnp.int32) for s in f_starts]
-            return lax.dynamic_slice(f, f_starts, f_sizes)
+            return lax.dynamic_slice(
+                f, [jnp.asarray(s, jnp.int32) for s in f_starts], f_sizes
+            )
         return lax.slice(f, f_starts, [s + z for s, z in zip(f_starts, f_sizes)])
 
-    del ns
-    return lr.replace(a=factor_slice(lr.a, None), b=factor_slice(lr.b, None))
+    return lr.replace(a=factor_slice(lr.a), b=factor_slice(lr.b))
 
 
 @rule("dynamic_slice")
 def dynamic_slice_rule(ctx, eqn, invals):
     lr, *starts = invals
-    if isinstance(starts and starts[0], LowRank) or any(
-        isinstance(s, LowRank) for s in starts
-    ):
+    if any(isinstance(s, LowRank) for s in starts):
         return _fallback(ctx, eqn, invals)
-    out = _stack_slice(ctx, eqn, lr, starts, eqn.params["slice_sizes"], dynamic=True)
+    out = _stack_slice(lr, starts, eqn.params["slice_sizes"], dynamic=True)
     if out is None:
         return _fallback(ctx, eqn, invals, "slices a non-stack axis")
     ctx.note(lr, "dynamic_slice")
@@ -262,7 +257,7 @@ def slice_rule(ctx, eqn, invals):
     if strides is not None and any(s != 1 for s in strides):
         return _fallback(ctx, eqn, invals, "strided slice")
     sizes = [lim - s for s, lim in zip(starts, limits)]
-    out = _stack_slice(ctx, eqn, lr, starts, sizes, dynamic=False)
+    out = _stack_slice(lr, starts, sizes, dynamic=False)
     if out is None:
         return _fallback(ctx, eqn, invals, "slices a non-stack axis")
     ctx.note(lr, "slice")

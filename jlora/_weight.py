@@ -122,6 +122,10 @@ class LoraWeight:
     `PartitionSpec`, `ShapeDtypeStruct`, tracers): `jax.tree.map`, `jax.eval_shape`,
     `vmap(in_axes=LoraWeight(None, 0, 0))`, optax and orbax all work on it.
 
+    A `LoraWeight` built without `scale` (e.g. `LoraWeight(None, 0, 0)`) carries no
+    metadata and matches any `LoraWeight` as a tree prefix, so it serves directly as a
+    spec tree: `jax.vmap(f, in_axes=({"kernel": LoraWeight(None, 0, 0)}, None))`.
+
     Example:
       >>> import jax.numpy as jnp, jlora
       >>> lw = jlora.LoraWeight(jnp.zeros((4, 3)), jnp.ones((4, 2)), jnp.ones((2, 3)),
@@ -138,19 +142,19 @@ class LoraWeight:
         a: Any,
         b: Any,
         *,
-        scale: float = 1.0,
-        layout: Layout = DEFAULT_LAYOUT,
+        scale: float | None = None,
+        layout: Layout | None = None,
         dropout: float = 0.0,
     ):
         self.w = w
         self.a = a
         self.b = b
         self.scale = scale
-        self.layout = layout
+        self.layout = layout if layout is not None or scale is None else DEFAULT_LAYOUT
         self.dropout = dropout
 
     def _meta(self):
-        return (self.scale, self.layout, self.dropout)
+        return _Meta(self.scale, self.layout, self.dropout)
 
     def replace(self, **changes) -> LoraWeight:
         fields = dict(
@@ -179,6 +183,11 @@ class LoraWeight:
 
     def delta(self):
         """`scale * a @ b` in float32, arranged like the kernel."""
+        if self.scale is None:
+            raise ValueError(
+                "LoraWeight: this node has no scale/layout (a spec tree such as "
+                "LoraWeight(None, 0, 0)); build it with scale= and layout=."
+            )
         return low_rank_product(_unbox(self.a), _unbox(self.b), self.layout, self.scale)
 
     def materialize(self):
@@ -201,6 +210,28 @@ class LoraWeight:
         return self is other
 
     __hash__ = object.__hash__
+
+
+class _Meta(tuple):
+    """`(scale, layout, dropout)`; the all-unset metadata of a spec tree equals any."""
+
+    def __new__(cls, scale, layout, dropout):
+        return super().__new__(cls, (scale, layout, dropout))
+
+    @property
+    def wildcard(self) -> bool:
+        return self[0] is None
+
+    def __eq__(self, other):
+        if isinstance(other, _Meta) and (self.wildcard or other.wildcard):
+            return True
+        return tuple.__eq__(self, other)
+
+    def __ne__(self, other):
+        return not self.__eq__(other)
+
+    def __hash__(self):  # equal objects must hash equal, wildcards included
+        return hash(_Meta)
 
 
 def _flatten_with_keys(lw: LoraWeight):
