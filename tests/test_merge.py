@@ -1,0 +1,207 @@
+"""merge / unmerge / split / combine, and LoraWeight as a pytree node."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from helpers import perturb
+
+import jlora
+
+
+def _params(dtype=jnp.float32):
+    k = jax.random.split(jax.random.key(0), 4)
+    return {
+        "attn": {
+            "q": {
+                "kernel": jax.random.normal(k[0], (64, 48), dtype),
+                "bias": jnp.zeros(48, dtype),
+            },
+            "o": {"kernel": jax.random.normal(k[1], (4, 12, 64), dtype)},
+        },
+        "head": {
+            "kernel": jax.random.normal(k[2], (64, 10), dtype),
+            "bias": jax.random.normal(k[3], (10,), dtype),
+        },
+    }
+
+
+CFG = jlora.LoraConfig(
+    8,
+    16,
+    layout={"o/kernel": jlora.Layout((0, 1), (2,))},
+    train_bias="lora_only",
+    also_train="head/bias",
+    targets="attn/.*kernel",
+)
+
+
+def test_merge_unmerge_round_trip_float32():
+    lp = perturb(jlora.init(jax.random.key(1), _params(), CFG), jax.random.key(2), 0.5)
+    adapters, _ = jlora.split(lp)
+    back = jlora.unmerge(jlora.merge(lp), adapters)
+    for path in (("attn", "q", "kernel"), ("attn", "o", "kernel")):
+        w = lp[path[0]][path[1]][path[2]].w
+        w2 = back[path[0]][path[1]][path[2]].w
+        assert float(jnp.linalg.norm(w2 - w) / jnp.linalg.norm(w)) <= 1e-6
+
+
+def test_merge_unmerge_round_trip_bfloat16_within_stated_bound():
+    lp = perturb(
+        jlora.init(jax.random.key(1), _params(jnp.bfloat16), CFG), jax.random.key(2), 0.5
+    )
+    adapters, _ = jlora.split(lp)
+    back = jlora.unmerge(jlora.merge(lp), adapters)
+    for name in ("q", "o"):
+        lw = lp["attn"][name]["kernel"]
+        w = np.asarray(lw.w, np.float32)
+        err = np.abs(np.asarray(back["attn"][name]["kernel"].w, np.float32) - w)
+        delta = np.abs(np.asarray(lw.delta()))
+        # The documented bound: two roundings, each at most half an ulp of the larger.
+        assert (err <= 2.0**-8 * (np.abs(w) + delta) + 1e-30).all()
+        assert err.max() > 0  # bfloat16 does round: the bound is not vacuous
+
+
+def test_merge_keeps_structure_dtypes_and_hits_base_jit_cache():
+    params = _params(jnp.bfloat16)
+    lp = jlora.init(jax.random.key(1), params, CFG)
+    merged = jlora.merge(lp)
+    assert jax.tree.structure(merged) == jax.tree.structure(params)
+    for a, b in zip(jax.tree.leaves(merged), jax.tree.leaves(params)):
+        assert a.shape == b.shape and a.dtype == b.dtype
+
+    @jax.jit
+    def f(p):
+        return jax.tree.reduce(lambda s, x: s + x.astype(jnp.float32).sum(), p, 0.0)
+
+    f(params)
+    f(merged)
+    assert f._cache_size() == 1
+
+
+def test_merge_jit_donated_in_place():
+    lp = perturb(jlora.init(jax.random.key(1), _params(), CFG), jax.random.key(2))
+    expected = jax.tree.map(np.array, jlora.merge(lp))  # host copies: lp is donated
+    merge = jax.jit(jlora.merge, donate_argnums=0)
+    stats = merge.lower(lp).compile().memory_analysis()
+    kernel_bytes = sum(
+        lw.w.nbytes
+        for lw in jax.tree.leaves(lp, is_leaf=lambda x: isinstance(x, jlora.LoraWeight))
+        if isinstance(lw, jlora.LoraWeight)
+    )
+    assert stats.alias_size_in_bytes >= kernel_bytes  # outputs reuse the kernels' buffers
+    got = merge(lp)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_merge_safe_reports_nan_paths_and_is_eager_only():
+    lp = jlora.init(jax.random.key(1), _params(), CFG)
+    bad = jax.tree.map(lambda x: x, lp)
+    q = bad["attn"]["q"]["kernel"]
+    bad["attn"]["q"]["kernel"] = q.replace(b=q.b.at[0, 0].set(jnp.nan))
+    with pytest.raises(ValueError, match=r"NaN or Inf at \['attn/q/kernel'\]"):
+        jlora.merge(bad, safe=True)
+    jlora.merge(lp, safe=True)  # finite: no error
+    with pytest.raises(TypeError, match="eager-only"):
+        jax.jit(lambda p: jlora.merge(p, safe=True))(lp)
+
+
+def test_split_combine_exact_with_trained_biases():
+    lp = perturb(jlora.init(jax.random.key(1), _params(), CFG), jax.random.key(2))
+    adapters, base = jlora.split(lp)
+    trainable = jax.tree.leaves(adapters)
+    # a, b of both kernels + the q bias (lora_only) + the head bias (also_train)
+    assert len(trainable) == 6
+    assert jlora.summary(lp).trainable_params == sum(x.size for x in trainable)
+    assert not any(x is y for x in trainable for y in jax.tree.leaves(base))  # disjoint
+    back = jlora.combine(adapters, base)
+    assert jax.tree.structure(back) == jax.tree.structure(lp)
+    for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(lp)):
+        np.testing.assert_array_equal(a, b)
+    # Adapters go back onto the plain base params too.
+    onto_plain = jlora.combine(adapters, _params())
+    np.testing.assert_array_equal(
+        jlora.merge(onto_plain)["attn"]["q"]["kernel"],
+        jlora.merge(lp)["attn"]["q"]["kernel"],
+    )
+
+
+def test_combine_and_unmerge_list_every_mismatch():
+    lp = jlora.init(jax.random.key(1), _params(), CFG)
+    adapters, base = jlora.split(lp)
+    other = jlora.init(
+        jax.random.key(1),
+        {
+            **_params(),
+            "attn": {
+                **_params()["attn"],
+                "q": {"kernel": jnp.zeros((32, 48)), "bias": jnp.zeros(48)},
+                "o": {"kernel": jnp.zeros((4, 12, 60))},
+            },
+        },
+        CFG,
+    )
+    _, other_base = jlora.split(other)
+    with pytest.raises(ValueError) as err:
+        jlora.combine(adapters, other_base)
+    assert "attn/q/kernel" in str(err.value) and "attn/o/kernel" in str(err.value)
+    missing = {"attn": base["attn"]}
+    with pytest.raises(ValueError, match="in adapters but not in base: head/bias"):
+        jlora.combine(adapters, missing)
+    with pytest.raises(ValueError, match="in adapters but not in merged"):
+        jlora.unmerge({"attn": jlora.merge(lp)["attn"]}, adapters)
+
+
+def test_pytree_transforms_accept_lora_weight():
+    lp = jlora.init(jax.random.key(1), _params(), CFG)
+    shapes = jax.eval_shape(lambda p: p, lp)
+    lw = shapes["attn"]["q"]["kernel"]
+    assert isinstance(lw, jlora.LoraWeight) and lw.a.shape == (64, 8)
+    assert lw.scale == 2.0
+    paths = [
+        jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(lp)[0]
+    ]
+    assert "['attn']['q']['kernel'].a" in paths
+    masked = jax.tree.map(lambda x: optax.MaskedNode(), lp)  # children of any type
+    assert isinstance(masked["attn"]["q"]["kernel"], jlora.LoraWeight)
+    specs = jax.tree.map(lambda x: jax.sharding.PartitionSpec(), lp)
+    assert isinstance(specs["attn"]["q"]["kernel"].a, jax.sharding.PartitionSpec)
+
+
+def test_jax_export_round_trip():
+    lp = perturb(jlora.init(jax.random.key(1), _params(), CFG), jax.random.key(2))
+    x = jnp.ones((3, 64))
+
+    def fn(p, x):
+        q = p["attn"]["q"]
+        return x @ q["kernel"] + q["bias"]
+
+    applied = jax.jit(jlora.lora(fn))
+    exported = jax.export.export(applied)(lp, x)
+    restored = jax.export.deserialize(exported.serialize())
+    assert restored.in_tree == exported.in_tree
+    np.testing.assert_allclose(restored.call(lp, x), fn(jlora.merge(lp), x), rtol=1e-5)
+
+
+def test_linen_apply_on_merged_boxed_params_round_trip():
+    class Boxed(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            init = nn.with_partitioning(nn.initializers.lecun_normal(), (None, "mlp"))
+            return nn.Dense(8, kernel_init=init)(x)
+
+    m = Boxed()
+    v = m.init(jax.random.key(0), jnp.ones((1, 8)))
+    lp = perturb(
+        jlora.init(jax.random.key(1), v, jlora.LoraConfig(2, 2)), jax.random.key(2)
+    )
+    adapters, _ = jlora.split(lp)
+    back = jlora.unmerge(jlora.merge(lp), adapters)
+    np.testing.assert_allclose(
+        nn.unbox(back["params"]["Dense_0"]["kernel"].w),
+        nn.unbox(lp["params"]["Dense_0"]["kernel"].w),
+        atol=1e-6,
+    )
