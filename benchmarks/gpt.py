@@ -1,0 +1,99 @@
+"""A GPT-style Flax Linen model for the benchmarks, and a hand-written LoRA twin.
+
+`GPT(qv_dense=HandLoraDense)` puts explicit `lora_a` / `lora_b` params into the query
+and value projections: the hand-written baseline jlora is measured against.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+
+class HandLoraDense(nn.Module):
+    """Dense with explicit LoRA factors: `x @ W + (x @ a) * scale @ b`."""
+
+    features: int
+    rank: int = 8
+    alpha: float = 16.0
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        d_in = x.shape[-1]
+        kernel = self.param(
+            "kernel", nn.initializers.lecun_normal(), (d_in, self.features), self.dtype
+        )
+        bias = self.param("bias", nn.initializers.zeros, (self.features,), self.dtype)
+        bound = 1.0 / d_in**0.5
+        a = self.param(
+            "lora_a", nn.initializers.uniform(2 * bound), (d_in, self.rank), jnp.float32
+        )
+        b = self.param(
+            "lora_b", nn.initializers.zeros, (self.rank, self.features), jnp.float32
+        )
+        h = (x @ a.astype(x.dtype)) * jnp.asarray(self.alpha / self.rank, x.dtype)
+        return x @ kernel + h @ b.astype(x.dtype) + bias
+
+
+@dataclasses.dataclass(frozen=True)
+class GPTConfig:
+    vocab: int = 4096
+    d: int = 512
+    heads: int = 8
+    layers: int = 4
+    seq: int = 128
+    dtype: Any = jnp.float32
+
+
+class Block(nn.Module):
+    cfg: GPTConfig
+    qv_dense: Any = None
+
+    @nn.compact
+    def __call__(self, x):
+        c = self.cfg
+        dense = lambda n, name: nn.Dense(n, name=name, dtype=c.dtype, param_dtype=c.dtype)  # noqa: E731
+        qv = self.qv_dense or (lambda name: dense(c.d, name))
+        h = nn.LayerNorm(dtype=c.dtype, param_dtype=c.dtype)(x)
+        b, t, _ = h.shape
+        split = lambda y: y.reshape(b, t, c.heads, c.d // c.heads)  # noqa: E731
+        q, k, v = split(qv("query")(h)), split(dense(c.d, "key")(h)), split(qv("value")(h))
+        mask = nn.make_causal_mask(jnp.ones((b, t), jnp.int32))
+        att = nn.dot_product_attention(q, k, v, mask=mask, dtype=c.dtype)
+        x = x + dense(c.d, "out")(att.reshape(b, t, c.d))
+        h = nn.LayerNorm(dtype=c.dtype, param_dtype=c.dtype)(x)
+        return x + dense(c.d, "fc2")(nn.gelu(dense(4 * c.d, "fc1")(h)))
+
+
+class GPT(nn.Module):
+    cfg: GPTConfig
+    hand_lora_rank: int = 0
+
+    @nn.compact
+    def __call__(self, ids, delta=None):
+        c = self.cfg
+        qv = None
+        if self.hand_lora_rank:
+            r = self.hand_lora_rank
+            qv = lambda name: HandLoraDense(c.d, r, 2.0 * r, c.dtype, name=name)  # noqa: E731
+        x = nn.Embed(c.vocab, c.d, dtype=c.dtype, param_dtype=c.dtype)(ids)
+        if delta is not None:  # the floor: one small trainable vector at the embedding
+            x = x + delta.astype(x.dtype)
+        pos = self.param("pos", nn.initializers.normal(0.02), (c.seq, c.d), c.dtype)
+        x = x + pos[: ids.shape[1]]
+        for i in range(c.layers):
+            x = Block(c, qv, name=f"block_{i}")(x)
+        x = nn.LayerNorm(dtype=c.dtype, param_dtype=c.dtype)(x)
+        return nn.Dense(c.vocab, name="lm_head", dtype=c.dtype, param_dtype=c.dtype)(x)
+
+
+def next_token_loss(logits, ids):
+    logits = logits[:, :-1].astype(jnp.float32)
+    targets = ids[:, 1:]
+    logp = jax.nn.log_softmax(logits)
+    return -jnp.mean(jnp.take_along_axis(logp, targets[..., None], axis=-1))

@@ -1,0 +1,300 @@
+"""jlora benchmarks: training step, inference and compile time, side by side.
+
+    python benchmarks/run.py            # GPT 4 x 512, seq 128, batch 8, LoRA r=8 on q, v
+    python benchmarks/run.py --quick    # a small model, for a smoke run (< 1 minute)
+
+Candidates, one jitted AdamW step each, same model, data and dtypes, timed in one
+process, alternating, after warm-up; medians over rounds and ratios to full fine-tuning:
+  full          gradients over every parameter
+  jlora         jlora.lora(model.apply), gradients over jlora.split adapters only (lean)
+  hand-written  a Linen module with explicit lora_a / lora_b, gradients over them only
+  materialized  gradients through model.apply(jlora.merge(params))
+  floor         the frozen model's backprop with no weight gradient at all (one trainable
+                vector at the embedding): no LoRA can beat it
+The tables are printed and written into docs/benchmarks.md between markers for this
+platform (cpu or gpu), so the file holds only numbers this command produced.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pathlib
+import platform
+import re
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import traverse_util
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from gpt import GPT, GPTConfig, next_token_loss  # noqa: E402
+
+import jlora  # noqa: E402
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _block(tree):
+    jax.block_until_ready(tree)
+    return tree
+
+
+def make_step(loss_fn, tx):
+    """A jitted step over `(trainable, opt_state, frozen, ids)`; donates trainable + state."""
+
+    def step(trainable, opt_state, frozen, ids):
+        value, grads = jax.value_and_grad(loss_fn)(trainable, frozen, ids)
+        updates, opt_state = tx.update(grads, opt_state, trainable)
+        return optax.apply_updates(trainable, updates), opt_state, value
+
+    return jax.jit(step, donate_argnums=(0, 1))
+
+
+def build(cfg: GPTConfig, rank: int, batch: int):
+    key = jax.random.key(0)
+    ids = jax.random.randint(key, (batch, cfg.seq), 0, cfg.vocab)
+    model = GPT(cfg)
+    params = model.init(jax.random.key(1), ids)["params"]
+    lcfg = jlora.LoraConfig(rank, 2 * rank, targets=r"(query|value)/kernel$")
+    adapters, base = jlora.split(jlora.init(jax.random.key(2), params, lcfg))
+    apply = jlora.lora(model.apply)
+
+    hand = GPT(cfg, hand_lora_rank=rank)
+    flat = traverse_util.flatten_dict(hand.init(jax.random.key(1), ids)["params"])
+    hand_train = traverse_util.unflatten_dict(
+        {k: v for k, v in flat.items() if k[-1].startswith("lora_")}
+    )
+    hand_frozen = traverse_util.unflatten_dict(
+        {k: v for k, v in flat.items() if not k[-1].startswith("lora_")}
+    )
+
+    def merge_dicts(a, b):
+        return traverse_util.unflatten_dict(
+            {**traverse_util.flatten_dict(a), **traverse_util.flatten_dict(b)}
+        )
+
+    losses = {
+        "full": (
+            lambda p, _, x: next_token_loss(model.apply({"params": p}, x), x),
+            params,
+            None,
+        ),
+        "jlora": (
+            lambda ad, base, x: next_token_loss(
+                apply({"params": jlora.combine(ad, base)}, x), x
+            ),
+            adapters,
+            base,
+        ),
+        "hand-written": (
+            lambda t, f, x: next_token_loss(
+                hand.apply({"params": merge_dicts(t, f)}, x), x
+            ),
+            hand_train,
+            hand_frozen,
+        ),
+        "materialized": (
+            lambda ad, base, x: next_token_loss(
+                model.apply({"params": jlora.merge(jlora.combine(ad, base))}, x), x
+            ),
+            adapters,
+            base,
+        ),
+        "floor": (
+            lambda d, p, x: next_token_loss(model.apply({"params": p}, x, d), x),
+            jnp.zeros((cfg.d,), cfg.dtype),
+            params,
+        ),
+    }
+    return model, params, ids, losses, (adapters, base)
+
+
+def bench_train(cfg, rank, batch, rounds, steps_per_round):
+    model, params, ids, losses, _ = build(cfg, rank, batch)
+    tx = optax.adamw(1e-4)
+    cands = {}
+    for name, (loss_fn, trainable, frozen) in losses.items():
+        step = make_step(loss_fn, tx)
+        trainable = jax.tree.map(jnp.copy, trainable)
+        opt_state = tx.init(trainable)
+        t0 = time.perf_counter()
+        compiled = step.lower(trainable, opt_state, frozen, ids).compile()
+        compile_s = time.perf_counter() - t0
+        mem = compiled.memory_analysis()
+        state = [trainable, opt_state]
+        for _ in range(2):  # warm-up
+            state[0], state[1], _ = _block(step(state[0], state[1], frozen, ids))
+        opt_bytes = sum(x.nbytes for x in jax.tree.leaves(state[1]))
+        n_train = sum(x.size for x in jax.tree.leaves(state[0]))
+        cands[name] = dict(
+            step=step,
+            state=state,
+            frozen=frozen,
+            compile_s=compile_s,
+            temp=getattr(mem, "temp_size_in_bytes", 0),
+            times=[],
+            opt_bytes=opt_bytes,
+            n_train=n_train,
+        )
+    names = list(cands)
+    for r in range(rounds):
+        order = names[r % len(names) :] + names[: r % len(names)]
+        for name in order:
+            c = cands[name]
+            t0 = time.perf_counter()
+            for _ in range(steps_per_round):
+                c["state"][0], c["state"][1], _ = c["step"](
+                    c["state"][0], c["state"][1], c["frozen"], ids
+                )
+            _block(c["state"])
+            c["times"].append((time.perf_counter() - t0) / steps_per_round)
+    n_total = sum(x.size for x in jax.tree.leaves(params))
+    return cands, n_total
+
+
+def _q(xs, q):
+    return float(np.percentile(xs, q))
+
+
+def bench_inference(cfg, rank, batches, rounds):
+    rows = []
+    for batch in batches:
+        model, params, ids, _, (adapters, base) = build(cfg, rank, batch)
+        lp = jlora.combine(adapters, base)
+        fwd_base = jax.jit(lambda p, x: model.apply({"params": p}, x))
+        fwd_lora = jax.jit(lambda p, x: jlora.lora(model.apply)({"params": p}, x))
+        for f, p in ((fwd_base, params), (fwd_lora, lp)):
+            for _ in range(3):
+                _block(f(p, ids))
+        times = {"base": [], "lora": []}
+        reps = 5
+        for _ in range(rounds):
+            for name, f, p in (("base", fwd_base, params), ("lora", fwd_lora, lp)):
+                t0 = time.perf_counter()
+                for _ in range(reps):
+                    out = f(p, ids)
+                _block(out)
+                times[name].append((time.perf_counter() - t0) / reps)
+        ratios = [lo / b for lo, b in zip(times["lora"], times["base"])]
+        # Merged params must hit the base's compiled executable.
+        fwd_base(jlora.merge(lp), ids)
+        cache_hit = fwd_base._cache_size() == 1
+        assert cache_hit, "merged params missed the base's jit cache"
+        rows.append(
+            (
+                batch,
+                statistics.median(times["base"]),
+                statistics.median(times["lora"]),
+                statistics.median(ratios),
+                _q(ratios, 25),
+                _q(ratios, 75),
+                cache_hit,
+            )
+        )
+    return rows
+
+
+def device_line():
+    d = jax.devices()[0]
+    kind = getattr(d, "device_kind", d.platform)
+    return (
+        f"{d.platform} ({kind}), {len(jax.devices())} device(s), jax {jax.__version__}, "
+        f"{os.cpu_count()} host cores, {platform.machine()}"
+    )
+
+
+def render(args, cfg, cands, n_total, inf_rows):
+    full = cands["full"]["times"]
+    lines = [
+        f"Device: {device_line()}. Model: GPT {cfg.layers} x {cfg.d}, {cfg.heads} heads, "
+        f"seq {cfg.seq}, batch {args.batch}, vocab {cfg.vocab}, {jnp.dtype(cfg.dtype).name}; "
+        f"LoRA r={args.rank} on query and value; AdamW. {args.rounds} alternated rounds of "
+        f"{args.steps} steps after 2 warm-up steps.",
+        "",
+        "| candidate | step ms (median) | ratio to full (median of per-round ratios) "
+        "| ratio IQR | trace+compile s | compile ratio | temp MiB | trainable params "
+        "| optimizer-state bytes |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, c in cands.items():
+        ratios = [t / f for t, f in zip(c["times"], full)]
+        lines.append(
+            f"| {name} | {1e3 * statistics.median(c['times']):.1f} | "
+            f"{statistics.median(ratios):.3f} | {_q(ratios, 25):.3f}–{_q(ratios, 75):.3f} | "
+            f"{c['compile_s']:.2f} | {c['compile_s'] / cands['full']['compile_s']:.2f} | "
+            f"{c['temp'] / 2**20:.1f} | {c['n_train']:,} ({100 * c['n_train'] / n_total:.3f}%) "
+            f"| {c['opt_bytes']:,} |"
+        )
+    jl, hw, fl = (cands[n]["times"] for n in ("jlora", "hand-written", "floor"))
+    vs_hand = [a / b for a, b in zip(jl, hw)]
+    vs_floor = [a / b for a, b in zip(jl, fl)]
+    lines += [
+        "",
+        f"jlora / hand-written: median {statistics.median(vs_hand):.3f} "
+        f"(IQR {_q(vs_hand, 25):.3f}–{_q(vs_hand, 75):.3f}); jlora / floor: median "
+        f"{statistics.median(vs_floor):.3f} (IQR {_q(vs_floor, 25):.3f}–"
+        f"{_q(vs_floor, 75):.3f}).",
+        "",
+        "| inference batch | base ms | unmerged LoRA ms | LoRA / base (median) | IQR "
+        "| merged params hit base's jit cache |",
+        "|---|---|---|---|---|---|",
+    ]
+    for batch, b, lo, r, q1, q3, hit in inf_rows:
+        lines.append(
+            f"| {batch} | {1e3 * b:.1f} | {1e3 * lo:.1f} | {r:.3f} | "
+            f"{q1:.3f}–{q3:.3f} | {'yes' if hit else 'NO'} |"
+        )
+    return "\n".join(lines)
+
+
+def write_section(text, tag, command):
+    path = ROOT / "docs" / "benchmarks.md"
+    body = path.read_text() if path.exists() else "# Benchmarks\n"
+    block = f"<!-- {tag} -->\nCommand: `{command}`\n\n{text}\n<!-- /{tag} -->"
+    pattern = re.compile(rf"<!-- {tag} -->.*?<!-- /{tag} -->", re.S)
+    body = (
+        pattern.sub(lambda _: block, body)
+        if pattern.search(body)
+        else (body.rstrip() + "\n\n" + block + "\n")
+    )
+    path.write_text(body)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="small model, few rounds")
+    p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--steps", type=int, default=3, help="steps per round and candidate")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--no-write", action="store_true", help="print only")
+    args = p.parse_args(argv)
+    dtype = jnp.dtype(args.dtype)
+    if args.quick:
+        cfg = GPTConfig(vocab=512, d=64, heads=4, layers=2, seq=32, dtype=dtype)
+        args.rounds, args.steps = min(args.rounds, 3), 1
+    else:
+        cfg = GPTConfig(dtype=dtype)
+    with jax.numpy_dtype_promotion("standard"):
+        cands, n_total = bench_train(cfg, args.rank, args.batch, args.rounds, args.steps)
+        inf_rows = bench_inference(cfg, args.rank, (1, args.batch), args.rounds)
+    text = render(args, cfg, cands, n_total, inf_rows)
+    print(text)
+    if not args.no_write:
+        tag = f"{jax.devices()[0].platform}-{args.dtype}" + ("-quick" if args.quick else "")
+        command = "python benchmarks/run.py " + " ".join(
+            argv if argv is not None else sys.argv[1:]
+        )
+        write_section(text, tag, command.strip())
+    return cands, inf_rows
+
+
+if __name__ == "__main__":
+    main()
