@@ -46,7 +46,7 @@ def _block(tree):
 
 
 def make_step(loss_fn, tx):
-    """A jitted step over `(trainable, opt_state, frozen, ids)`; donates trainable + state."""
+    """A jitted step over `(trainable, opt_state, frozen, ids)`; donates the first two."""
 
     def step(trainable, opt_state, frozen, ids):
         value, grads = jax.value_and_grad(loss_fn)(trainable, frozen, ids)
@@ -167,8 +167,8 @@ def bench_inference(cfg, rank, batches, rounds):
     for batch in batches:
         model, params, ids, _, (adapters, base) = build(cfg, rank, batch)
         lp = jlora.combine(adapters, base)
-        fwd_base = jax.jit(lambda p, x: model.apply({"params": p}, x))
-        fwd_lora = jax.jit(lambda p, x: jlora.lora(model.apply)({"params": p}, x))
+        fwd_base = jax.jit(lambda p, x, m=model: m.apply({"params": p}, x))
+        fwd_lora = jax.jit(lambda p, x, m=model: jlora.lora(m.apply)({"params": p}, x))
         for f, p in ((fwd_base, params), (fwd_lora, lp)):
             for _ in range(3):
                 _block(f(p, ids))
@@ -213,7 +213,8 @@ def render(args, cfg, cands, n_total, inf_rows):
     full = cands["full"]["times"]
     lines = [
         f"Device: {device_line()}. Model: GPT {cfg.layers} x {cfg.d}, {cfg.heads} heads, "
-        f"seq {cfg.seq}, batch {args.batch}, vocab {cfg.vocab}, {jnp.dtype(cfg.dtype).name}; "
+        f"seq {cfg.seq}, batch {args.batch}, vocab {cfg.vocab}, "
+        f"{jnp.dtype(cfg.dtype).name}; "
         f"LoRA r={args.rank} on query and value; AdamW. {args.rounds} alternated rounds of "
         f"{args.steps} steps after 2 warm-up steps.",
         "",
@@ -224,11 +225,13 @@ def render(args, cfg, cands, n_total, inf_rows):
     ]
     for name, c in cands.items():
         ratios = [t / f for t, f in zip(c["times"], full)]
+        iqr = f"{_q(ratios, 25):.3f}–{_q(ratios, 75):.3f}"
+        share = 100 * c["n_train"] / n_total
         lines.append(
             f"| {name} | {1e3 * statistics.median(c['times']):.1f} | "
-            f"{statistics.median(ratios):.3f} | {_q(ratios, 25):.3f}–{_q(ratios, 75):.3f} | "
+            f"{statistics.median(ratios):.3f} | {iqr} | "
             f"{c['compile_s']:.2f} | {c['compile_s'] / cands['full']['compile_s']:.2f} | "
-            f"{c['temp'] / 2**20:.1f} | {c['n_train']:,} ({100 * c['n_train'] / n_total:.3f}%) "
+            f"{c['temp'] / 2**20:.1f} | {c['n_train']:,} ({share:.3f}%) "
             f"| {c['opt_bytes']:,} |"
         )
     jl, hw, fl = (cands[n]["times"] for n in ("jlora", "hand-written", "floor"))
