@@ -53,5 +53,18 @@ def call_jaxpr(eqn):
     raise KeyError(f"no inner jaxpr in {eqn.primitive.name} params {list(eqn.params)}")
 
 
+def scan_split(params) -> tuple[int, int]:
+    """`(num_consts, num_carry)` of a scan equation.
+
+    jax <= 0.10 stores them as params; jax 0.11 packs the operand groups into
+    `ft_in = (consts, carry, xs)` flat trees, whose lengths are the counts.
+    """
+    if "num_consts" in params:
+        return params["num_consts"], params["num_carry"]
+    ft_in = params["ft_in"]
+    parts = ft_in.unpack() if hasattr(ft_in, "unpack") else tuple(ft_in)
+    return len(parts[0]), len(parts[1])
+
+
 def is_tracer(x) -> bool:
     return isinstance(x, jax.core.Tracer)

@@ -95,7 +95,7 @@ def _walk(jaxpr, tracked_in: dict, obs: dict) -> None:
             _walk(inner, _bind(inner.invars, ins), obs)
         elif name == "scan":
             inner, _ = compat.open_jaxpr(p["jaxpr"])
-            n_fixed = p["num_consts"] + p["num_carry"]
+            n_fixed = sum(compat.scan_split(p))
             mapped = list(ins[:n_fixed])
             for t in ins[n_fixed:]:
                 mapped.append(

@@ -424,7 +424,7 @@ def _unstack_first(lr: LowRank):
 @rule("scan")
 def scan_rule(ctx, eqn, invals):
     p = eqn.params
-    n_consts, n_carry = p["num_consts"], p["num_carry"]
+    n_consts, n_carry = compat.scan_split(p)
     consts, init, xs = (
         invals[:n_consts],
         invals[n_consts : n_consts + n_carry],

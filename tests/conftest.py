@@ -8,6 +8,8 @@ import jax  # noqa: E402
 import pytest  # noqa: E402
 
 jax.config.update("jax_numpy_dtype_promotion", "strict")
+# Oracle comparisons need true float32 products; GPUs default to TF32 for float32 dots.
+jax.config.update("jax_default_matmul_precision", "highest")
 
 
 @pytest.fixture
