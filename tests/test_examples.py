@@ -20,3 +20,21 @@ def test_quickstart_lora_fixes_the_shifted_task_and_merge_agrees():
         base_loss, lora_loss, gap = _load("quickstart").main([])
     assert lora_loss < 0.5 * base_loss
     assert gap <= 1e-4
+
+
+def test_benchmark_quick_mode_runs_every_candidate():
+    import sys
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    spec = importlib.util.spec_from_file_location(
+        "bench_run", ROOT / "benchmarks" / "run.py"
+    )
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    cands, inf_rows = bench.main(["--quick", "--no-write", "--rounds", "2"])
+    assert set(cands) == {"full", "jlora", "hand-written", "materialized", "floor"}
+    assert all(len(c["times"]) == 2 and min(c["times"]) > 0 for c in cands.values())
+    # LoRA trains far fewer parameters, and jlora's optimizer state is the hand-written's.
+    assert cands["jlora"]["n_train"] == cands["hand-written"]["n_train"]
+    assert cands["jlora"]["opt_bytes"] < cands["full"]["opt_bytes"] / 10
+    assert all(row[-1] for row in inf_rows)  # merged params hit the base's jit cache

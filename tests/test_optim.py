@@ -171,3 +171,44 @@ def test_summary_counts(setup):
     assert s.total_params == total_base + 8 * 4 + 4 * 32
     assert s.trainable_bytes == 4 * expected
     assert "trainable params: 196" in str(s) and "hidden/kernel: [8, 32] rank 4" in str(s)
+
+
+def test_whole_tree_step_hlo_has_no_kernel_sized_dot():
+    """No `A@B` product and no dead frozen-kernel gradient survive compilation.
+
+    The targeted kernel is 48 x 80, a shape no activation has, so any dot producing
+    [48, 80] (or [80, 48]) in the optimized HLO is one of the two.
+    """
+    import re
+
+    class Odd(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(3, name="head")(jnp.tanh(nn.Dense(80, name="mid")(x)))
+
+    m = Odd()
+    x = jnp.ones((5, 48))
+    params = m.init(jax.random.key(0), x)["params"]
+    lp = jlora.init(jax.random.key(1), params, jlora.LoraConfig(4, 8, targets="mid/kernel"))
+    tx = jlora.optimizer(optax.adamw(1e-3))
+    apply = jlora.lora(m.apply)
+
+    def step(p, opt_state):
+        grads = jax.grad(lambda p: jnp.sum(apply({"params": p}, x) ** 2))(p)
+        updates, opt_state = tx.update(grads, opt_state, p)
+        return optax.apply_updates(p, updates), opt_state
+
+    hlo = jax.jit(step, donate_argnums=(0, 1)).lower(lp, tx.init(lp)).compile().as_text()
+    dots = re.findall(r"= (f32\[[0-9,]*\])\{?[^ ]* (?:dot|convolution)\(", hlo)
+    assert dots, "expected dots in the compiled step"
+    assert not {"f32[48,80]", "f32[80,48]"} & set(dots), dots
+    # The materialized route does form the product: the check can fail.
+    mat = (
+        jax.jit(jax.grad(lambda p: jnp.sum(m.apply({"params": jlora.merge(p)}, x) ** 2)))
+        .lower(lp)
+        .compile()
+        .as_text()
+    )
+    assert {"f32[48,80]", "f32[80,48]"} & set(
+        re.findall(r"= (f32\[[0-9,]*\])\{?[^ ]* (?:dot|convolution)\(", mat)
+    )
