@@ -242,6 +242,6 @@ def _wrap(key, path, leaf, layout, config):
 
 
 def _probe_layouts(probe, params, selected):
-    from jlora._transform import infer_layouts
+    from jlora._probe import infer
 
-    return infer_layouts(probe, params, set(selected))
+    return infer(probe, params, set(selected))

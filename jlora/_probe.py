@@ -52,7 +52,7 @@ def _walk(jaxpr, tracked_in: dict, obs: dict) -> None:
                 b = {t.axes[i] for i in batch}
                 free = set(t.axes) - c - b
                 _observe(obs, t, c, free, b)
-        elif name in ("convert_element_type", "copy", "copy_p"):
+        elif name in ("convert_element_type", "copy"):
             env[eqn.outvars[0]] = ins[0]
         elif name == "transpose":
             t = ins[0]

@@ -137,10 +137,8 @@ def convert_rule(ctx, eqn, invals):
     return [lr.replace(w=compat.bind(eqn, [lr.w])[0])]
 
 
-@rule("copy", "copy_p", "optimization_barrier")
+@rule("copy")
 def copy_rule(ctx, eqn, invals):
-    if len(invals) != 1:
-        return _fallback(ctx, eqn, invals)
     (lr,) = invals
     return [lr.replace(w=compat.bind(eqn, [lr.w])[0])]
 

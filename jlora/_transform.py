@@ -293,13 +293,3 @@ def explain(fn: Callable, *args, **kwargs) -> dict[str, tuple[str, ...]]:
         warnings.simplefilter("ignore")
         jax.eval_shape(traced, *[leaves[i] for i in array_idx])
     return {lr.path: tuple(ctx.record.get(lr.path, ())) for lr in lowrank}
-
-
-# Layout inference by tracing ------------------------------------------------------------
-
-
-def infer_layouts(probe: Callable, params, targets: set[str]) -> dict[str, Layout]:
-    """Input/output/stacked axes of each target, read off how `probe(params)` uses it."""
-    from jlora._probe import infer
-
-    return infer(probe, params, targets)
