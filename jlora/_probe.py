@@ -63,23 +63,14 @@ def _walk(jaxpr, tracked_in: dict, obs: dict) -> None:
                 env[eqn.outvars[0]] = ins[0]
         elif name == "squeeze":
             t = ins[0]
-            dims = {d % len(t.axes) for d in p["dimensions"]}
-            env[eqn.outvars[0]] = Tracked(
-                t.path,
-                tuple(a for i, a in enumerate(t.axes) if i not in dims),
-                t.stacked | {t.axes[i] for i in dims},
-            )
+            env[eqn.outvars[0]] = _drop(t, {d % len(t.axes) for d in p["dimensions"]})
         elif name == "reshape" and ins[0] is not None:
-            t = ins[0]
             old = eqn.invars[0].aval.shape
-            new = tuple(p["new_sizes"])
-            ones = [i for i, s in enumerate(old) if s == 1]
-            if tuple(s for i, s in enumerate(old) if i not in ones) == new:
-                env[eqn.outvars[0]] = Tracked(
-                    t.path,
-                    tuple(a for i, a in enumerate(t.axes) if i not in ones),
-                    t.stacked | {t.axes[i] for i in ones},
-                )
+            ones = {i for i, s in enumerate(old) if s == 1}
+            if tuple(s for i, s in enumerate(old) if i not in ones) == tuple(
+                p["new_sizes"]
+            ):
+                env[eqn.outvars[0]] = _drop(ins[0], ones)
         elif name == "gather" and ins[0] is not None:
             t = ins[0]
             dn = p["dimension_numbers"]
@@ -114,6 +105,15 @@ def _walk(jaxpr, tracked_in: dict, obs: dict) -> None:
             bj, _ = compat.open_jaxpr(p["body_jaxpr"])
             _walk(cj, _bind(cj.invars[:nc], ins[:nc]), obs)
             _walk(bj, _bind(bj.invars[:nb], ins[nc : nc + nb]), obs)
+
+
+def _drop(t: Tracked, dims) -> Tracked:
+    """`t` with the axes `dims` indexed away (a layer taken out of a stack)."""
+    return Tracked(
+        t.path,
+        tuple(a for i, a in enumerate(t.axes) if i not in dims),
+        t.stacked | {t.axes[i] for i in dims},
+    )
 
 
 def _bind(invars, tracked):

@@ -341,18 +341,14 @@ def conv_rule(ctx, eqn, invals):
 def jit_rule(ctx, eqn, invals):
     # Inlined: a jit inside a traced function changes nothing but the name in profiles.
     jaxpr, consts = compat.call_jaxpr(eqn)
-    for v in invals:
-        if isinstance(v, LowRank):
-            ctx.note(v, "jit")
+    ctx.note_all(invals, "jit")
     return ctx.interpret(jaxpr, consts, invals)
 
 
 @rule(*compat.REMAT_NAMES)
 def remat_rule(ctx, eqn, invals):
     jaxpr, consts = compat.call_jaxpr(eqn)
-    for v in invals:
-        if isinstance(v, LowRank):
-            ctx.note(v, "remat")
+    ctx.note_all(invals, "remat")
 
     def body(*args):
         return _dense(ctx, ctx.interpret(jaxpr, consts, args), "remat output")
@@ -370,9 +366,7 @@ def cond_rule(ctx, eqn, invals):
     index, *ops = invals
     if isinstance(index, LowRank):
         return _fallback(ctx, eqn, invals)
-    for v in ops:
-        if isinstance(v, LowRank):
-            ctx.note(v, "cond")
+    ctx.note_all(ops, "cond")
 
     def branch_fn(closed):
         jaxpr, consts = compat.open_jaxpr(closed)
@@ -387,9 +381,7 @@ def while_rule(ctx, eqn, invals):
     nc, nb = p["cond_nconsts"], p["body_nconsts"]
     cond_consts, body_consts, init = invals[:nc], invals[nc : nc + nb], invals[nc + nb :]
     init = _dense(ctx, init, "while carry")
-    for v in cond_consts + body_consts:
-        if isinstance(v, LowRank):
-            ctx.note(v, "while")
+    ctx.note_all(cond_consts + body_consts, "while")
     cj, cc = compat.open_jaxpr(p["cond_jaxpr"])
     bj, bc = compat.open_jaxpr(p["body_jaxpr"])
 
@@ -443,9 +435,7 @@ def scan_rule(ctx, eqn, invals):
         else:
             xs_in.append(v)
             rebuild.append(None)
-    for v in consts:
-        if isinstance(v, LowRank):
-            ctx.note(v, "scan")
+    ctx.note_all(consts, "scan")
     jaxpr, jconsts = compat.open_jaxpr(p["jaxpr"])
     length = p["length"]
     counter = jnp.arange(length, dtype=jnp.uint32) if ctx.rng is not None else None

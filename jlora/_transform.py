@@ -79,6 +79,11 @@ class Context:
         if rule not in seen:
             seen.append(rule)
 
+    def note_all(self, values, rule: str) -> None:
+        for v in values:
+            if isinstance(v, LowRank):
+                self.note(v, rule)
+
     def child(self, rng) -> Context:
         """Same records and warnings, another dropout key (a scan iteration)."""
         return dataclasses.replace(self, rng=rng)
