@@ -84,10 +84,12 @@ def split(params: Any) -> tuple[Any, Any]:
     """Splits adapted params into `(adapters, base)`, both pytrees of the same structure.
 
     `adapters` holds every trainable leaf: `LoraWeight(None, a, b)` (scale and layout
-    kept as metadata, so `unmerge(merged, adapters)` needs nothing else) and the
-    `Trainable` leaves; `None` elsewhere. `base` holds the rest: `LoraWeight(w, None,
-    None)` at the adapted kernels and `None` where a leaf is trained. Differentiate and
-    update `adapters` only; `combine(adapters, base)` gives the params back exactly.
+    kept as metadata, so `combine` and `unmerge(merged, adapters)` need nothing else)
+    and the `Trainable` leaves; `None` elsewhere. `base` holds the rest as plain leaves
+    (the frozen kernels `w` where the adapters are) and `None` where a leaf is trained:
+    it is the frozen model, with no jlora nodes, so passing it into a jitted step costs
+    no more than passing the base params. Differentiate and update `adapters` only;
+    `combine(adapters, base)` gives the params back exactly.
 
     Example:
       >>> import jax, jax.numpy as jnp, jlora
@@ -103,7 +105,7 @@ def split(params: Any) -> tuple[Any, Any]:
         inner, put_back = _open(leaf)
         if isinstance(inner, LoraWeight):
             adapters.append(put_back(inner.replace(w=None)))
-            base.append(put_back(inner.replace(a=None, b=None)))
+            base.append(put_back(inner.w))
         elif isinstance(inner, Trainable):
             adapters.append(leaf)
             base.append(None)

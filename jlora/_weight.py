@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import string
 from typing import Any
 
@@ -11,8 +10,16 @@ import jax.numpy as jnp
 import numpy as np
 
 
-@dataclasses.dataclass(frozen=True)
-class Layout:
+def _axes(name, value) -> tuple[int, ...]:
+    if isinstance(value, (int, np.integer)):
+        value = (value,)
+    try:
+        return tuple(int(v) for v in value)
+    except TypeError:
+        raise TypeError(f"Layout.{name} must be a tuple of ints, got {value!r}.") from None
+
+
+class Layout(tuple):
     """Which axes of a kernel are inputs, outputs and stacked (layer) axes.
 
     A kernel `w` of shape `S` with this layout has factors
@@ -23,28 +30,38 @@ class Layout:
     Example: `nn.DenseGeneral` output projection with kernel `[heads, head_dim, d]` is
     `Layout(in_axes=(0, 1), out_axes=(2,))`; a scanned stack `[L, d_in, d_out]` is
     `Layout(in_axes=(1,), out_axes=(2,), stack_axes=(0,))`.
+
+    (A tuple `(in_axes, out_axes, stack_axes)` underneath, so that comparing and hashing
+    the static metadata of adapted params stays in C on every jit dispatch.)
     """
 
-    in_axes: tuple[int, ...]
-    out_axes: tuple[int, ...]
-    stack_axes: tuple[int, ...] = ()
+    __slots__ = ()
 
-    def __post_init__(self):
-        for name in ("in_axes", "out_axes", "stack_axes"):
-            value = getattr(self, name)
-            if isinstance(value, int):
-                value = (value,)
-            try:
-                value = tuple(int(v) for v in value)
-            except TypeError:
-                raise TypeError(
-                    f"Layout.{name} must be a tuple of ints, got {value!r}."
-                ) from None
-            object.__setattr__(self, name, value)
-        if not self.in_axes or not self.out_axes:
+    def __new__(cls, in_axes, out_axes, stack_axes=()):
+        value = (
+            _axes("in_axes", in_axes),
+            _axes("out_axes", out_axes),
+            _axes("stack_axes", stack_axes),
+        )
+        if not value[0] or not value[1]:
             raise ValueError(
-                f"Layout needs at least one input and one output axis, got {self}."
+                f"Layout needs at least one input and one output axis, got in_axes="
+                f"{value[0]}, out_axes={value[1]}."
             )
+        return tuple.__new__(cls, value)
+
+    def __getnewargs__(self):
+        return tuple(self)
+
+    in_axes = property(lambda self: tuple.__getitem__(self, 0))
+    out_axes = property(lambda self: tuple.__getitem__(self, 1))
+    stack_axes = property(lambda self: tuple.__getitem__(self, 2))
+
+    def __repr__(self):
+        return (
+            f"Layout(in_axes={self.in_axes}, out_axes={self.out_axes}, "
+            f"stack_axes={self.stack_axes})"
+        )
 
     @property
     def ndim(self) -> int:
@@ -149,12 +166,11 @@ class LoraWeight:
         self.w = w
         self.a = a
         self.b = b
+        if scale is None:  # a spec tree: metadata that matches any LoraWeight's
+            scale, layout = ANY, ANY
         self.scale = scale
-        self.layout = layout if layout is not None or scale is None else DEFAULT_LAYOUT
+        self.layout = DEFAULT_LAYOUT if layout is None else layout
         self.dropout = dropout
-
-    def _meta(self):
-        return _Meta(self.scale, self.layout, self.dropout)
 
     def replace(self, **changes) -> LoraWeight:
         fields = dict(
@@ -183,7 +199,7 @@ class LoraWeight:
 
     def delta(self):
         """`scale * a @ b` in float32, arranged like the kernel."""
-        if self.scale is None:
+        if self.scale is ANY:
             raise ValueError(
                 "LoraWeight: this node has no scale/layout (a spec tree such as "
                 "LoraWeight(None, 0, 0)); build it with scale= and layout=."
@@ -212,48 +228,35 @@ class LoraWeight:
     __hash__ = object.__hash__
 
 
-class _Meta(tuple):
-    """`(scale, layout, dropout)`; the all-unset metadata of a spec tree equals any."""
+class _Any:
+    """Metadata of a spec tree (`LoraWeight(None, 0, 0)`): equal to any value.
 
-    def __new__(cls, scale, layout, dropout):
-        return super().__new__(cls, (scale, layout, dropout))
+    jax compares the static metadata of prefix trees (e.g. `vmap`'s `in_axes`) with
+    `==`; this sentinel makes a metadata-free `LoraWeight` match any adapted kernel.
+    """
 
-    @property
-    def wildcard(self) -> bool:
-        return self[0] is None
+    __slots__ = ()
 
     def __eq__(self, other):
-        if isinstance(other, _Meta) and (self.wildcard or other.wildcard):
-            return True
-        return tuple.__eq__(self, other)
+        return True
 
     def __ne__(self, other):
-        return not self.__eq__(other)
+        return False
 
-    def __hash__(self):  # equal objects must hash equal, wildcards included
-        return hash(_Meta)
+    def __hash__(self):
+        return 0
 
+    def __repr__(self):
+        return "ANY"
 
-def _flatten_with_keys(lw: LoraWeight):
-    keys = jax.tree_util.GetAttrKey
-    children = ((keys("w"), lw.w), (keys("a"), lw.a), (keys("b"), lw.b))
-    return children, lw._meta()
-
-
-def _flatten(lw: LoraWeight):
-    return (lw.w, lw.a, lw.b), lw._meta()
+    def __reduce__(self):
+        return "ANY"
 
 
-def _unflatten(meta, children):
-    scale, layout, dropout = meta
-    obj = object.__new__(LoraWeight)
-    obj.w, obj.a, obj.b = children
-    obj.scale, obj.layout, obj.dropout = scale, layout, dropout
-    return obj
+ANY = _Any()
 
-
-jax.tree_util.register_pytree_with_keys(
-    LoraWeight, _flatten_with_keys, _unflatten, flatten_func=_flatten
+jax.tree_util.register_dataclass(
+    LoraWeight, data_fields=["w", "a", "b"], meta_fields=["scale", "layout", "dropout"]
 )
 
 
@@ -276,12 +279,7 @@ class Trainable:
         return f"Trainable({shown})"
 
 
-jax.tree_util.register_pytree_with_keys(
-    Trainable,
-    lambda t: (((jax.tree_util.GetAttrKey("value"), t.value),), None),
-    lambda _, children: Trainable(children[0]),
-    flatten_func=lambda t: ((t.value,), None),
-)
+jax.tree_util.register_dataclass(Trainable, data_fields=["value"], meta_fields=[])
 
 
 def _register_export_serialization():
@@ -315,12 +313,16 @@ def _register_export_serialization():
         serialized_name="jlora.LoraWeight",
         serialize_auxdata=ser_lw,
         deserialize_auxdata=de_lw,
+        from_children=lambda meta, ch: LoraWeight(
+            *ch, scale=meta[0], layout=meta[1], dropout=meta[2]
+        ),
     )
     export.register_pytree_node_serialization(
         Trainable,
         serialized_name="jlora.Trainable",
         serialize_auxdata=lambda _: b"",
-        deserialize_auxdata=lambda _: None,
+        deserialize_auxdata=lambda _: (),
+        from_children=lambda _, ch: Trainable(*ch),
     )
 
 
