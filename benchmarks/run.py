@@ -18,6 +18,7 @@ platform (cpu or gpu), so the file holds only numbers this command produced.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import pathlib
 import platform
@@ -38,6 +39,7 @@ from gpt import GPT, GPTConfig, next_token_loss  # noqa: E402
 import jlora  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+MIN_ROUND_S = 0.25  # each timed round of a candidate lasts at least this long
 
 
 def _block(tree):
@@ -143,6 +145,16 @@ def bench_train(cfg, rank, batch, rounds, steps_per_round):
             n_train=n_train,
         )
     names = list(cands)
+    # Size rounds by time, not by count: on a GPU a step takes ~1 ms, and a round of a
+    # few steps would time Python dispatch and the final sync instead of the step.
+    c = cands["full"]
+    t0 = time.perf_counter()
+    c["state"][0], c["state"][1], _ = _block(
+        c["step"](c["state"][0], c["state"][1], c["frozen"], ids)
+    )
+    steps_per_round = max(
+        steps_per_round, math.ceil(MIN_ROUND_S / (time.perf_counter() - t0))
+    )
     for r in range(rounds):
         order = names[r % len(names) :] + names[: r % len(names)]
         for name in order:
@@ -155,7 +167,7 @@ def bench_train(cfg, rank, batch, rounds, steps_per_round):
             _block(c["state"])
             c["times"].append((time.perf_counter() - t0) / steps_per_round)
     n_total = sum(x.size for x in jax.tree.leaves(params))
-    return cands, n_total
+    return cands, n_total, steps_per_round
 
 
 def _q(xs, q):
@@ -173,7 +185,9 @@ def bench_inference(cfg, rank, batches, rounds):
             for _ in range(3):
                 _block(f(p, ids))
         times = {"base": [], "lora": []}
-        reps = 5
+        t0 = time.perf_counter()
+        _block(fwd_base(params, ids))
+        reps = max(5, math.ceil(MIN_ROUND_S / (time.perf_counter() - t0)))
         for _ in range(rounds):
             for name, f, p in (("base", fwd_base, params), ("lora", fwd_lora, lp)):
                 t0 = time.perf_counter()
@@ -216,7 +230,7 @@ def render(args, cfg, cands, n_total, inf_rows):
         f"seq {cfg.seq}, batch {args.batch}, vocab {cfg.vocab}, "
         f"{jnp.dtype(cfg.dtype).name}; "
         f"LoRA r={args.rank} on query and value; AdamW. {args.rounds} alternated rounds of "
-        f"{args.steps} steps after 2 warm-up steps.",
+        f"{args.steps} steps (rounds of >= {MIN_ROUND_S} s) after 2 warm-up steps.",
         "",
         "| candidate | step ms (median) | ratio to full (median of per-round ratios) "
         "| ratio IQR | trace+compile s | compile ratio | temp MiB | trainable params "
@@ -286,7 +300,9 @@ def main(argv=None):
     else:
         cfg = GPTConfig(dtype=dtype)
     with jax.numpy_dtype_promotion("standard"):
-        cands, n_total = bench_train(cfg, args.rank, args.batch, args.rounds, args.steps)
+        cands, n_total, args.steps = bench_train(
+            cfg, args.rank, args.batch, args.rounds, args.steps
+        )
         inf_rows = bench_inference(cfg, args.rank, (1, args.batch), args.rounds)
     text = render(args, cfg, cands, n_total, inf_rows)
     print(text)
