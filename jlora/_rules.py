@@ -194,6 +194,49 @@ def squeeze_rule(ctx, eqn, invals):
     )
 
 
+def _add_stack_axes(ctx, eqn, lr: LowRank, old_to_new, new_shape):
+    """New leading stacked axes (a broadcast or an inserted size-1 axis): the factors
+    are broadcast along them, so each new slice keeps the same low-rank update."""
+    lay = lr.layout
+    new_axes = tuple(d for d in range(len(new_shape)) if d not in set(old_to_new))
+    layout = Layout(
+        tuple(old_to_new[a] for a in lay.in_axes),
+        tuple(old_to_new[a] for a in lay.out_axes),
+        new_axes + tuple(old_to_new[a] for a in lay.stack_axes),
+    )
+    lead = tuple(new_shape[d] for d in new_axes)
+    ctx.note(lr, eqn.primitive.name)
+    return lr.replace(
+        w=compat.bind(eqn, [lr.w])[0],
+        a=jnp.broadcast_to(lr.a, lead + lr.a.shape),
+        b=jnp.broadcast_to(lr.b, lead + lr.b.shape),
+        layout=layout,
+    )
+
+
+def _inserted_ones(old, new):
+    """Where `old`'s axes land in `new` if `new` only inserts size-1 axes, else None."""
+    if len(new) <= len(old):
+        return None
+    pos, j = [], 0
+    for i, size in enumerate(new):
+        if j < len(old) and size == old[j]:
+            pos.append(i)
+            j += 1
+        elif size != 1:
+            return None
+    return pos if j == len(old) else None
+
+
+@rule("broadcast_in_dim")
+def broadcast_rule(ctx, eqn, invals):
+    lr, *dynamic = invals
+    shape, dims = tuple(eqn.params["shape"]), tuple(eqn.params["broadcast_dimensions"])
+    if dynamic or any(shape[d] != lr.w.shape[i] for i, d in enumerate(dims)):
+        return _fallback(ctx, eqn, invals, "broadcasts an existing axis")
+    return [_add_stack_axes(ctx, eqn, lr, list(dims), shape)]
+
+
 @rule("reshape")
 def reshape_rule(ctx, eqn, invals):
     lr = invals[0]
@@ -201,11 +244,15 @@ def reshape_rule(ctx, eqn, invals):
         return _fallback(ctx, eqn, invals)
     new_shape = tuple(eqn.params["new_sizes"])
     old = tuple(lr.w.shape)
-    # Only the reshape that drops size-1 stacked axes (`ws[i]` on a stack) is low-rank.
+    # Low-rank reshapes: dropping size-1 stacked axes (`ws[i]` on a stack), or
+    # inserting size-1 axes (`w[None]`), which become stacked axes.
     for dropped in _size_one_drops(old, new_shape, lr.layout.stack_axes):
         out = _drop_stack_axes(ctx, eqn, lr, dropped, compat.bind(eqn, [lr.w])[0])
         if out is not None:
             return [out]
+    inserted = _inserted_ones(old, new_shape)
+    if inserted is not None:
+        return [_add_stack_axes(ctx, eqn, lr, inserted, new_shape)]
     return _fallback(ctx, eqn, invals, f"reshape {old} -> {new_shape}")
 
 

@@ -153,10 +153,11 @@ def test_einsum_module_and_raw_einsum():
     check(fn, lp, (x,), ["dot_general"])
 
 
-def test_kernel_on_the_left_and_transposed_tied_embedding():
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_kernel_on_the_left_and_transposed_tied_embedding(dtype):
     params = {
-        "emb": jax.random.normal(jax.random.key(0), (12, 6)),
-        "proj": jax.random.normal(jax.random.key(1), (6, 5)),
+        "emb": jax.random.normal(jax.random.key(0), (12, 6), dtype),
+        "proj": jax.random.normal(jax.random.key(1), (6, 5), dtype),
     }
     cfg = jlora.LoraConfig(2, 2, targets=["emb", "proj"])
     lp = adapt(params, cfg)
@@ -168,7 +169,7 @@ def test_kernel_on_the_left_and_transposed_tied_embedding():
         return jnp.concatenate([logits, left], -1)
 
     ids = jnp.array([[1, 3, 5], [0, 11, 2]])
-    check(fn, lp, (ids,), ["gather", "dot_general"])
+    check(fn, lp, (ids,), ["gather", "dot_general"], dtype)
 
 
 def test_embed_module_init_and_lookup():
@@ -199,23 +200,28 @@ def test_conv(dtype):
 
 
 class Block(nn.Module):
+    dtype: jnp.dtype = jnp.float32
+
     @nn.compact
     def __call__(self, h, _):
-        return jnp.tanh(nn.Dense(8, name="fc")(h)), None
+        return jnp.tanh(nn.Dense(8, name="fc", param_dtype=self.dtype)(h)), None
 
 
 class Scanned(nn.Module):
+    dtype: jnp.dtype = jnp.float32
+
     @nn.compact
     def __call__(self, x):
         stack = nn.scan(
             Block, variable_axes={"params": 0}, split_rngs={"params": True}, length=3
         )
-        return stack(name="layers")(x, None)[0]
+        return stack(self.dtype, name="layers")(x, None)[0]
 
 
-def test_nn_scan_stacked_kernels_each_layer_own_factors():
-    m = Scanned()
-    x = jax.random.normal(jax.random.key(0), (2, 8))
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_nn_scan_stacked_kernels_each_layer_own_factors(dtype):
+    m = Scanned(dtype)
+    x = jax.random.normal(jax.random.key(0), (2, 8), dtype)
     params = m.init(jax.random.key(0), x)["params"]
 
     def fn(p, x):
@@ -225,12 +231,13 @@ def test_nn_scan_stacked_kernels_each_layer_own_factors():
     lw = lp["layers"]["fc"]["kernel"]
     assert lw.layout == jlora.Layout((1,), (2,), (0,))
     assert lw.a.shape == (3, 8, 2) and lw.b.shape == (3, 2, 8)
-    check(fn, lp, (x,), ["scan", "dot_general"])
+    check(fn, lp, (x,), ["scan", "dot_general"], dtype)
 
 
-def test_fori_loop_over_stacked_layers_and_cond_while_remat():
-    ws = jax.random.normal(jax.random.key(0), (3, 6, 6)) * 0.3
-    params = {"ws": ws, "head": jax.random.normal(jax.random.key(1), (6, 4))}
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fori_loop_over_stacked_layers_and_cond_remat(dtype):
+    ws = (jax.random.normal(jax.random.key(0), (3, 6, 6)) * 0.3).astype(dtype)
+    params = {"ws": ws, "head": jax.random.normal(jax.random.key(1), (6, 4), dtype)}
 
     def fn(p, x):
         def layer(i, h):
@@ -250,7 +257,7 @@ def test_fori_loop_over_stacked_layers_and_cond_while_remat():
         2, 4, targets=["ws", "head"], layout={"ws": jlora.Layout((1,), (2,), (0,))}
     )
     lp = adapt(params, cfg)
-    x = jax.random.normal(jax.random.key(2), (2, 6))
+    x = jax.random.normal(jax.random.key(2), (2, 6), dtype)
     check(
         fn,
         lp,
@@ -265,7 +272,24 @@ def test_fori_loop_over_stacked_layers_and_cond_while_remat():
             "slice",
             "reshape",
         ],
+        dtype,
     )
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_broadcast_and_inserted_axes_become_stacked(dtype):
+    params = {"kernel": jax.random.normal(jax.random.key(0), (6, 5), dtype)}
+    lp = adapt(params, jlora.LoraConfig(2, 4))
+
+    def fn(p, xs):
+        w = p["kernel"]
+        batched = jnp.einsum("lbi,lio->lbo", xs, jnp.broadcast_to(w, (3, 6, 5)))
+        single = jnp.einsum("lbi,lio->lbo", xs[:1], w[None])
+        reshaped = jnp.einsum("lbi,lio->lbo", xs[:1], jnp.reshape(w, (1, 6, 5)))
+        return jnp.concatenate([batched, single, reshaped], 0)
+
+    xs = jax.random.normal(jax.random.key(1), (3, 2, 6), dtype)
+    check(fn, lp, (xs,), ["broadcast_in_dim", "reshape", "dot_general"], dtype)
 
 
 def test_while_loop_over_stacked_layers_forward():
