@@ -214,6 +214,48 @@ def bench_inference(cfg, rank, batches, rounds):
     return rows
 
 
+def _dir_bytes(path):
+    return sum(
+        os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs
+    )
+
+
+def bench_checkpoint(cfg, rank, rounds):
+    """Adapter checkpoint vs full-params checkpoint: bytes on disk, save and load time."""
+    import shutil
+    import tempfile
+
+    import orbax.checkpoint as ocp
+
+    _, params, _, _, (adapters, base) = build(cfg, rank, 1)
+    lp = jlora.combine(adapters, base)
+    root = tempfile.mkdtemp(prefix="jlora-bench-")
+    times = {k: [] for k in ("adapter save", "adapter load", "full save", "full load")}
+    sizes = {}
+    try:
+        for r in range(rounds):
+            a_dir, f_dir = os.path.join(root, f"a{r}"), os.path.join(root, f"f{r}")
+            t0 = time.perf_counter()
+            jlora.save_adapter(a_dir, lp)
+            times["adapter save"].append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            with ocp.StandardCheckpointer() as c:
+                c.save(f_dir, params)
+                c.wait_until_finished()
+            times["full save"].append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            _block(jlora.load_adapter(a_dir, params))
+            times["adapter load"].append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            with ocp.StandardCheckpointer() as c:
+                _block(c.restore(f_dir, jax.eval_shape(lambda p: p, params)))
+            times["full load"].append(time.perf_counter() - t0)
+            sizes = {"adapter": _dir_bytes(a_dir), "full": _dir_bytes(f_dir)}
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    return sizes, {k: statistics.median(v) for k, v in times.items()}
+
+
 def device_line():
     d = jax.devices()[0]
     kind = getattr(d, "device_kind", d.platform)
@@ -223,7 +265,7 @@ def device_line():
     )
 
 
-def render(args, cfg, cands, n_total, inf_rows):
+def render(args, cfg, cands, n_total, inf_rows, ckpt=None):
     full = cands["full"]["times"]
     lines = [
         f"Device: {device_line()}. Model: GPT {cfg.layers} x {cfg.d}, {cfg.heads} heads, "
@@ -267,6 +309,20 @@ def render(args, cfg, cands, n_total, inf_rows):
             f"| {batch} | {1e3 * b:.1f} | {1e3 * lo:.1f} | {r:.3f} | "
             f"{q1:.3f}–{q3:.3f} | {'yes' if hit else 'NO'} |"
         )
+    if ckpt is not None:
+        sizes, t = ckpt
+        lines += [
+            "",
+            "| checkpoint (orbax, medians) | bytes on disk | save s | load s |",
+            "|---|---|---|---|",
+            f"| adapters (`jlora.save_adapter` / `load_adapter`) | {sizes['adapter']:,} | "
+            f"{t['adapter save']:.3f} | {t['adapter load']:.3f} |",
+            f"| full params (`StandardCheckpointer`) | {sizes['full']:,} | "
+            f"{t['full save']:.3f} | {t['full load']:.3f} |",
+            "",
+            f"Adapter checkpoint / full checkpoint: {sizes['adapter'] / sizes['full']:.4f} "
+            f"of the bytes (trainable fraction {cands['jlora']['n_train'] / n_total:.4f}).",
+        ]
     return "\n".join(lines)
 
 
@@ -304,7 +360,8 @@ def main(argv=None):
             cfg, args.rank, args.batch, args.rounds, args.steps
         )
         inf_rows = bench_inference(cfg, args.rank, (1, args.batch), args.rounds)
-    text = render(args, cfg, cands, n_total, inf_rows)
+        ckpt = bench_checkpoint(cfg, args.rank, 3)
+    text = render(args, cfg, cands, n_total, inf_rows, ckpt)
     print(text)
     if not args.no_write:
         tag = f"{jax.devices()[0].platform}-{args.dtype}" + ("-quick" if args.quick else "")
@@ -312,7 +369,7 @@ def main(argv=None):
             argv if argv is not None else sys.argv[1:]
         )
         write_section(text, tag, command.strip())
-    return cands, inf_rows
+    return cands, inf_rows, ckpt
 
 
 if __name__ == "__main__":

@@ -1,5 +1,12 @@
 """jlora: LoRA for JAX as pure functions over parameter pytrees."""
 
+from jlora._checkpoint import (
+    CheckpointManager,
+    load_adapter,
+    read_adapter_metadata,
+    save_adapter,
+    save_merged,
+)
 from jlora._config import LoraConfig
 from jlora._init import init
 from jlora._merge import combine, merge, split, unmerge
@@ -10,6 +17,7 @@ from jlora._weight import Layout, LoraWeight, Trainable
 __version__ = "0.1.0"
 
 __all__ = [
+    "CheckpointManager",
     "Layout",
     "LoraConfig",
     "LoraWeight",
@@ -19,9 +27,13 @@ __all__ = [
     "combine",
     "explain",
     "init",
+    "load_adapter",
     "lora",
     "merge",
     "optimizer",
+    "read_adapter_metadata",
+    "save_adapter",
+    "save_merged",
     "split",
     "summary",
     "unmerge",

@@ -31,10 +31,11 @@ def test_benchmark_quick_mode_runs_every_candidate():
     )
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    cands, inf_rows = bench.main(["--quick", "--no-write", "--rounds", "2"])
+    cands, inf_rows, (sizes, _) = bench.main(["--quick", "--no-write", "--rounds", "2"])
     assert set(cands) == {"full", "jlora", "hand-written", "materialized", "floor"}
     assert all(len(c["times"]) == 2 and min(c["times"]) > 0 for c in cands.values())
     # LoRA trains far fewer parameters, and jlora's optimizer state is the hand-written's.
     assert cands["jlora"]["n_train"] == cands["hand-written"]["n_train"]
     assert cands["jlora"]["opt_bytes"] < cands["full"]["opt_bytes"] / 10
     assert all(row[-1] for row in inf_rows)  # merged params hit the base's jit cache
+    assert 0 < sizes["adapter"] < sizes["full"] / 5  # the adapter checkpoint is small
