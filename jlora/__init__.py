@@ -11,12 +11,14 @@ from jlora._config import LoraConfig
 from jlora._init import init
 from jlora._merge import combine, merge, split, unmerge
 from jlora._optim import Summary, optimizer, summary
+from jlora._sharding import adapter_specs
 from jlora._transform import RuleError, explain, lora
 from jlora._weight import Layout, LoraWeight, Trainable
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "adapter_specs",
     "CheckpointManager",
     "Layout",
     "LoraConfig",

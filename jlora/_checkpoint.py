@@ -21,6 +21,7 @@ import numpy as np
 
 from jlora._config import LoraConfig
 from jlora._merge import _open, combine, merge
+from jlora._sharding import factor_shardings, named_sharding_of
 from jlora._targets import flatten, unbox
 from jlora._weight import Layout, LoraWeight, Trainable
 
@@ -236,6 +237,9 @@ def load_adapter(path, base_params: Any, *, sharding: Any = None) -> Any:
       path: a directory written by `save_adapter`.
       base_params: the plain base params (e.g. freshly loaded) or `split`'s base.
       sharding: optional `jax.sharding.Sharding` to restore every adapter array into.
+        By default each array is restored straight into the sharding its base leaf
+        implies: `a` the kernel's input axes, `b` its output axes (see
+        `jlora.adapter_specs`), a trained leaf its base leaf's.
 
     Returns:
       adapted params, as `combine(adapters, base_params)`.
@@ -281,7 +285,8 @@ def load_adapter(path, base_params: Any, *, sharding: Any = None) -> Any:
                 )
                 continue
             nodes[p] = (entry, len(targets))
-            targets += [entry["a"], entry["b"]]
+            a_sh, b_sh = factor_shardings(unbox(inner), layout)
+            targets += [(entry["a"], sharding or a_sh), (entry["b"], sharding or b_sh)]
         elif entry["kind"] == "full":
             if tuple(entry["value"]["shape"]) != shape:
                 errors.append(
@@ -289,7 +294,7 @@ def load_adapter(path, base_params: Any, *, sharding: Any = None) -> Any:
                 )
                 continue
             nodes[p] = (entry, len(targets))
-            targets.append(entry["value"])
+            targets.append((entry["value"], sharding or named_sharding_of(unbox(inner))))
         else:
             errors.append(f"  {p}: unknown leaf kind {entry.get('kind')!r}")
     if errors:
@@ -298,10 +303,8 @@ def load_adapter(path, base_params: Any, *, sharding: Any = None) -> Any:
             + "\n".join(errors)
         )
     abstract = {
-        _key(i): jax.ShapeDtypeStruct(
-            tuple(t["shape"]), np.dtype(t["dtype"]), sharding=sharding
-        )
-        for i, t in enumerate(targets)
+        _key(i): jax.ShapeDtypeStruct(tuple(t["shape"]), np.dtype(t["dtype"]), sharding=s)
+        for i, (t, s) in enumerate(targets)
     }
     ocp = _ocp()
     with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from jlora._config import LoraConfig
+from jlora._sharding import factor_shardings
 from jlora._targets import (
     compile_patterns,
     flatten,
@@ -223,6 +224,9 @@ def _wrap(key, path, leaf, layout, config):
 
     w = unbox(leaf)
     a, b = _factors(key, path, w, layout, config)
+    a_sharding, b_sharding = factor_shardings(w, layout)
+    if a_sharding is not None:  # `a` follows the kernel's inputs, `b` its outputs
+        a, b = jax.device_put(a, a_sharding), jax.device_put(b, b_sharding)
     meta_kw = dict(
         scale=config.scale_for(path), layout=layout, dropout=float(config.dropout)
     )

@@ -21,7 +21,9 @@ def _open(leaf):
 
 
 def _merged_kernel(lw: LoraWeight):
-    return rebox(lw.w, lw.materialize())
+    from jlora._sharding import place_like
+
+    return rebox(lw.w, place_like(lw.materialize(), unbox(lw.w)))
 
 
 def merge(params: Any, *, safe: bool = False) -> Any:
@@ -235,9 +237,11 @@ def unmerge(merged: Any, adapters: Any) -> Any:
 
     def kernel(w, lw):
         value = unbox(w)
+        from jlora._sharding import place_like
+
         restored = (value.astype(jnp.float32) - lw.replace(w=value).delta()).astype(
             value.dtype
         )
-        return rebox(w, restored)
+        return rebox(w, place_like(restored, value))
 
     return _join(adapters, merged, "unmerge", "merged", kernel)

@@ -39,3 +39,24 @@ def test_benchmark_quick_mode_runs_every_candidate():
     assert cands["jlora"]["opt_bytes"] < cands["full"]["opt_bytes"] / 10
     assert all(row[-1] for row in inf_rows)  # merged params hit the base's jit cache
     assert 0 < sizes["adapter"] < sizes["full"] / 5  # the adapter checkpoint is small
+
+
+def test_checkpointing_example_round_trips(tmp_path):
+    with jax.numpy_dtype_promotion("standard"):
+        summary = _load("checkpointing").main(["--dir", str(tmp_path), "--steps", "3"])
+    assert len(summary["losses"]) == 3
+
+
+def test_sharded_training_example_matches_replicated_and_saves_memory():
+    if len(jax.devices()) < 8:
+        import pytest
+
+        pytest.skip("needs 8 devices")
+    rep, fsdp, mem = _load("sharded_training").main(
+        ["--steps", "2", "--d", "64", "--layers", "1"]
+    )
+    assert len(rep) == len(fsdp) == 2
+    assert (
+        mem["fsdp over 8"].argument_size_in_bytes
+        < mem["replicated"].argument_size_in_bytes / 3
+    )

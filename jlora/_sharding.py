@@ -1,0 +1,125 @@
+"""Adapter shardings from the kernel's: `a` follows its input axes, `b` its outputs.
+
+A kernel sharded as `P(*spec)` gives `a: [*stack, *in, r]` the kernel's entries for the
+stacked and input axes and an unsharded rank axis, and `b: [*stack, r, *out]` the
+stacked and output entries. `x @ a` then needs exactly the collectives `x @ W` needs
+for its contraction, and `(x @ a) @ b` produces the layout `x @ W` produces; no
+collective ever moves a full `[in, out]` kernel.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+from jax.sharding import NamedSharding, PartitionSpec
+
+from jlora._jax_compat import is_tracer
+from jlora._merge import _open
+from jlora._targets import flatten, unbox
+from jlora._weight import Layout, LoraWeight, Trainable
+
+
+def factor_specs(kernel_spec, ndim: int, layout: Layout):
+    """`(a_spec, b_spec)` from a kernel's `PartitionSpec` (None: replicated)."""
+    spec = tuple(kernel_spec or ())
+    spec = spec + (None,) * (ndim - len(spec))
+    a = PartitionSpec(*(spec[i] for i in layout.stack_axes + layout.in_axes), None)
+    b = PartitionSpec(
+        *(spec[i] for i in layout.stack_axes), None, *(spec[i] for i in layout.out_axes)
+    )
+    return a, b
+
+
+def named_sharding_of(x):
+    """`x`'s `NamedSharding`, if it is a concrete (or abstract) array that has one."""
+    if is_tracer(x):
+        return None
+    sharding = getattr(x, "sharding", None)
+    return sharding if isinstance(sharding, NamedSharding) else None
+
+
+def factor_shardings(w, layout: Layout):
+    """`(a_sharding, b_sharding)` for kernel `w`, or `(None, None)` if it has none."""
+    sharding = named_sharding_of(w)
+    if sharding is None:
+        return None, None
+    a, b = factor_specs(sharding.spec, len(w.shape), layout)
+    return NamedSharding(sharding.mesh, a), NamedSharding(sharding.mesh, b)
+
+
+def _spec_of(x):
+    if isinstance(x, PartitionSpec):
+        return x
+    sharding = named_sharding_of(x)
+    return sharding.spec if sharding is not None else PartitionSpec()
+
+
+def adapter_specs(params: Any, base_specs: Any = None) -> Any:
+    """The `PartitionSpec` tree of `jlora.split(params)[0]` (the adapters).
+
+    For `jax.jit(step, in_shardings=..., out_shardings=...)`. Kernel specs come from
+    `base_specs` (a tree of `PartitionSpec` over the base params, e.g.
+    `nn.get_partition_spec(variables)` after `nn.logical_to_mesh`) when given, else
+    from the shardings of the kernels in `params` (concrete or abstract arrays).
+
+    Args:
+      params: adapted params (concrete, or abstract from `jax.eval_shape`).
+      base_specs: optional `PartitionSpec` tree with the base params' structure.
+
+    Returns:
+      a tree with the adapters' structure: `LoraWeight(None, a_spec, b_spec)`,
+      `Trainable(spec)`, and `None` elsewhere.
+
+    Raises:
+      ValueError: `base_specs` lacks the path of an adapted or trained leaf.
+
+    Example::
+
+      specs = jlora.adapter_specs(params)
+      shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), specs)
+    """
+    given = None
+    if base_specs is not None:
+        leaves, _ = jax.tree_util.tree_flatten_with_path(
+            base_specs, is_leaf=lambda x: isinstance(x, PartitionSpec) or x is None
+        )
+        from jlora._targets import path_str
+
+        given = {path_str(p).removesuffix("/value"): s for p, s in leaves}
+    leaves, treedef = flatten(params)
+    out, missing = [], []
+    for path, leaf in leaves:
+        inner, put_back = _open(leaf)
+        if isinstance(inner, LoraWeight):
+            if given is not None and path not in given:
+                missing.append(path)
+                out.append(None)
+                continue
+            w = unbox(inner.w)
+            kernel_spec = given[path] if given is not None else _spec_of(w)
+            a, b = factor_specs(kernel_spec, len(w.shape), inner.layout)
+            out.append(put_back(inner.replace(w=None, a=a, b=b)))
+        elif isinstance(inner, Trainable):
+            if given is not None and path not in given:
+                missing.append(path)
+                out.append(None)
+                continue
+            spec = given[path] if given is not None else _spec_of(unbox(inner.value))
+            out.append(put_back(Trainable(spec or PartitionSpec())))
+        else:
+            out.append(None)
+    if missing:
+        raise ValueError(
+            f"jlora.adapter_specs: base_specs has no spec for {missing}; pass the spec "
+            "tree of the base params (same paths)."
+        )
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def place_like(value, like):
+    """`value` put on `like`'s `NamedSharding` (concrete arrays only; else unchanged)."""
+    sharding = named_sharding_of(like)
+    if sharding is None or is_tracer(value):
+        return value
+    return jax.device_put(value, sharding)
