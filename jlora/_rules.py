@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.ad_checkpoint import checkpoint_name
+from jax.sharding import NamedSharding, PartitionSpec
 
 from jlora import _jax_compat as compat
 from jlora._transform import LowRank
@@ -43,8 +44,30 @@ def _dense(ctx, vals, primitive):
 # dot_general ----------------------------------------------------------------------------
 
 
-def _contract_low_rank(ctx, eqn, x, lr: LowRank, x_contract, k_contract, x_batch, k_batch):
-    """`x . (scale * a @ b)` with the dot's kernel-free axes last (kernel as rhs)."""
+def _derived_sharding(out_sharding, ndim: int, dims):
+    """`out_sharding` re-indexed: entry `d` of `dims` takes the original's axis `d`
+    (None: a new, unsharded axis such as the rank)."""
+    if out_sharding is None:
+        return None
+    named = isinstance(out_sharding, NamedSharding)
+    spec = tuple(out_sharding.spec if named else out_sharding)
+    spec += (None,) * (ndim - len(spec))
+    new = PartitionSpec(*(None if d is None else spec[d] for d in dims))
+    return NamedSharding(out_sharding.mesh, new) if named else new
+
+
+def _sharding_kw(sharding):
+    return {} if sharding is None else {"out_sharding": sharding}
+
+
+def _contract_low_rank(
+    ctx, eqn, x, lr: LowRank, x_contract, k_contract, x_batch, k_batch, y_to_out
+):
+    """`x . (scale * a @ b)` with the dot's kernel-free axes last (kernel as rhs).
+
+    `y_to_out[i]` is the axis of the dot's output that this result's axis `i` becomes;
+    it carries an explicit `out_sharding` of the dot (explicit-axis meshes) over to the
+    two low-rank dots."""
     lay = lr.layout
     ns = len(lay.stack_axes)
     forward = set(k_contract) == set(lay.in_axes)
@@ -65,6 +88,10 @@ def _contract_low_rank(ctx, eqn, x, lr: LowRank, x_contract, k_contract, x_batch
     pet = eqn.params.get("preferred_element_type")
     precision = eqn.params.get("precision")
     xd = ctx.dropout(x, lr)
+    out_sharding = eqn.params.get("out_sharding")
+    n_out = len(y_to_out)
+    n_h = len(x_batch) + x.ndim - len(x_contract) - len(x_batch)  # batch + x free axes
+    h_sharding = _derived_sharding(out_sharding, n_out, [*y_to_out[:n_h], None])
     h = lax.dot_general(
         xd,
         first.astype(dtype),
@@ -74,6 +101,7 @@ def _contract_low_rank(ctx, eqn, x, lr: LowRank, x_contract, k_contract, x_batch
         ),
         precision=precision,
         preferred_element_type=pet,
+        **_sharding_kw(h_sharding),
     )
     h = checkpoint_name(h * jnp.asarray(lr.scale, h.dtype), XA_NAME).astype(dtype)
     # Arrange the second factor as [*batch (in the dot's order), r, *free ascending].
@@ -88,6 +116,7 @@ def _contract_low_rank(ctx, eqn, x, lr: LowRank, x_contract, k_contract, x_batch
         (((h.ndim - 1,), (nb,)), (tuple(range(nb)), tuple(range(nb)))),
         precision=precision,
         preferred_element_type=pet,
+        **_sharding_kw(_derived_sharding(out_sharding, n_out, y_to_out)),
     )
 
 
@@ -115,15 +144,19 @@ def dot_general_rule(ctx, eqn, invals):
         )
     ctx.note(lr, "dot_general")
     base = compat.bind(eqn, [x, lr.w] if side == 1 else [lr.w, x])[0]
-    y = _contract_low_rank(ctx, eqn, x, lr, x_contract, k_contract, x_batch, k_batch)
+    nb = len(k_batch)
+    n_kfree = lr.w.ndim - len(k_contract) - nb
+    n_xfree = x.ndim - len(x_contract) - nb
+    if side == 1:
+        y_to_out = list(range(nb + n_xfree + n_kfree))
+    else:  # dot_general(kernel, x) puts the kernel's free axes before x's
+        y_to_out = list(range(nb)) + [nb + n_kfree + i for i in range(n_xfree)]
+        y_to_out += [nb + i for i in range(n_kfree)]
+    y = _contract_low_rank(
+        ctx, eqn, x, lr, x_contract, k_contract, x_batch, k_batch, y_to_out
+    )
     if side == 0:
-        # dot_general(kernel, x) puts the kernel's free axes before x's.
-        nb = len(k_batch)
-        n_kfree = lr.w.ndim - len(k_contract) - nb
-        n_xfree = y.ndim - nb - n_kfree
-        perm = list(range(nb)) + [nb + n_xfree + i for i in range(n_kfree)]
-        perm += [nb + i for i in range(n_xfree)]
-        y = jnp.transpose(y, perm)
+        y = jnp.transpose(y, [y_to_out.index(i) for i in range(len(y_to_out))])
     return [base + y.astype(base.dtype)]
 
 

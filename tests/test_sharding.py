@@ -256,3 +256,92 @@ def test_sharded_adapters_save_and_load_into_derived_shardings(tmp_path):
     assert back["down"]["bias"].value.sharding.spec == P("data")
     for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(lp)):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("row_parallel", [False, True])
+def test_explicit_axis_mesh_low_rank_dots_carry_out_sharding(row_parallel):
+    """Under explicit axis types a dot over a sharded contraction needs `out_sharding`;
+    the LoRA branch's dots take theirs from the user's dot."""
+    from jax.sharding import AxisType
+
+    msh = jax.make_mesh(
+        (2, 4), ("data", "model"), axis_types=(AxisType.Explicit, AxisType.Explicit)
+    )
+    with jax.set_mesh(msh):
+        if row_parallel:  # contraction over "model": the user's dot names out_sharding
+            w = jax.device_put(
+                jax.random.normal(jax.random.key(0), (16, 32)), P("model", None)
+            )
+            x = jax.device_put(
+                jax.random.normal(jax.random.key(1), (8, 16)), P("data", "model")
+            )
+
+            def fn(p, x):
+                return jnp.tanh(jnp.matmul(x, p["kernel"], out_sharding=P("data", None)))
+        else:
+            w = jax.device_put(
+                jax.random.normal(jax.random.key(0), (16, 32)), P(None, "model")
+            )
+            x = jax.device_put(
+                jax.random.normal(jax.random.key(1), (8, 16)), P("data", None)
+            )
+
+            def fn(p, x):
+                return jnp.tanh(x @ p["kernel"])
+
+        lp = jlora.init(jax.random.key(2), {"kernel": w}, jlora.LoraConfig(2, 2))
+        lp = {"kernel": lp["kernel"].replace(b=lp["kernel"].b + 0.1)}
+        y = jax.jit(jlora.lora(fn, strict=True))(lp, x)
+        ref = jax.jit(fn)(jlora.merge(lp), x)
+        assert y.sharding.spec == ref.sharding.spec
+        np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5)  # sums split over shards
+        adapters, _ = jlora.split(lp)
+
+        def loss(ad, f):
+            return f(jlora.combine(ad, {"kernel": w}), x).sum()
+
+        g = jax.jit(jax.grad(lambda ad: loss(ad, jlora.lora(fn))))(adapters)
+        gr = jax.jit(
+            jax.grad(lambda ad: fn(jlora.merge(jlora.combine(ad, {"kernel": w})), x).sum())
+        )(adapters)
+        for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(gr)):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_nnx_sharding_metadata_gives_adapter_specs_and_trains_sharded():
+    from flax import nnx
+
+    msh = mesh((2, 4), ("data", "model"))
+    init = nnx.with_partitioning(nnx.initializers.lecun_normal(), ("data", "model"))
+    with jax.set_mesh(msh):  # NNX creates the variables sharded, under the mesh
+        model = nnx.Linear(16, 32, kernel_init=init, rngs=nnx.Rngs(0))
+    graphdef, state = nnx.split(model)
+    base_specs = nnx.get_partition_spec(state)
+    assert state["kernel"].get_value().sharding.spec == P("data", "model")
+    lp = jlora.init(jax.random.key(1), state, jlora.LoraConfig(4, 4))
+    lw = lp["kernel"].get_value()
+    assert lw.a.sharding.spec == P("data", None) and lw.b.sharding.spec == P(None, "model")
+    specs = jlora.adapter_specs(lp, base_specs)
+    assert specs["kernel"].get_value().a == P("data", None)
+    assert specs["kernel"].get_value().b == P(None, "model")
+    x = jax.device_put(
+        jax.random.normal(jax.random.key(2), (8, 16)), NamedSharding(msh, P())
+    )
+    adapters, base = jlora.split(lp)
+
+    def loss(ad):
+        s = jlora.combine(ad, base)
+        return jnp.sum(jlora.lora(lambda s, x: nnx.merge(graphdef, s)(x))(s, x) ** 2)
+
+    out_sh = jax.tree.map(
+        lambda s: NamedSharding(msh, s), specs, is_leaf=lambda s: isinstance(s, P)
+    )
+    grads = jax.jit(jax.grad(loss), out_shardings=out_sh)(adapters)
+    g = grads["kernel"].get_value()
+    assert g.a.sharding.spec == P("data", None)
+    ref = jax.grad(
+        lambda ad: jnp.sum(
+            nnx.merge(graphdef, jlora.merge(jlora.combine(ad, base)))(x) ** 2
+        )
+    )(adapters)
+    np.testing.assert_allclose(g.b, ref["kernel"].get_value().b, rtol=1e-4, atol=1e-5)
