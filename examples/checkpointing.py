@@ -95,22 +95,29 @@ def main(argv=None):
     )
     merged_dir = jlora.save_merged(os.path.join(args.dir, "merged"), params, overwrite=True)
 
-    # Reload both onto a fresh base and check they agree with the trained model.
+    # Reload both onto a fresh base: the adapters must come back exactly, and the
+    # exported kernels must be exactly jlora.merge of the trained params.
     import orbax.checkpoint as ocp
 
-    x, _ = batch(10_000)
     reloaded = jlora.load_adapter(adapter_dir, base_params)
     with ocp.StandardCheckpointer() as c:
         merged = c.restore(merged_dir)
-    with jax.default_matmul_precision("highest"):
-        expected = apply({"params": params}, x)
-        gap_adapter = float(jnp.max(jnp.abs(apply({"params": reloaded}, x) - expected)))
-        gap_merged = float(jnp.max(jnp.abs(model.apply({"params": merged}, x) - expected)))
-    print(
-        f"reloaded adapters vs trained: {gap_adapter:.2e}; merged export: {gap_merged:.2e}"
+    same_adapters = all(
+        np.array_equal(a, b)
+        for a, b in zip(jax.tree.leaves(reloaded), jax.tree.leaves(params))
     )
-    if gap_adapter != 0.0 or gap_merged > 1e-5:
+    same_merged = all(
+        np.array_equal(a, b)
+        for a, b in zip(jax.tree.leaves(merged), jax.tree.leaves(jlora.merge(params)))
+    )
+    print(
+        f"reloaded adapters identical: {same_adapters}; merged export identical: "
+        f"{same_merged}"
+    )
+    if not (same_adapters and same_merged):
         raise SystemExit("reloaded checkpoints disagree with the trained model")
+    x, _ = batch(10_000)
+    print("serving output:", np.asarray(model.apply({"params": merged}, x))[0, :4])
     digest = hashlib.sha256(
         b"".join(np.asarray(x).tobytes() for x in jax.tree.leaves(adapters))
     ).hexdigest()
