@@ -8,7 +8,9 @@ process, alternating, after warm-up; medians over rounds and ratios to full fine
   full          gradients over every parameter
   jlora         jlora.lora(model.apply), gradients over jlora.split adapters only (lean)
   hand-written  a Linen module with explicit lora_a / lora_b, gradients over them only
+  jlora whole-tree  gradients over the whole adapted tree + jlora.optimizer, donated
   materialized  gradients through model.apply(jlora.merge(params))
+  qwix          qwix.LoraProvider on the same Linen model (when qwix is installed)
   floor         the frozen model's backprop with no weight gradient at all (one trainable
                 vector at the embedding): no LoRA can beat it
 The tables are printed and written into docs/benchmarks.md between markers for this
@@ -108,6 +110,12 @@ def build(cfg: GPTConfig, rank: int, batch: int):
             adapters,
             base,
         ),
+        "jlora whole-tree": (
+            lambda p, _, x: next_token_loss(apply({"params": p}, x), x),
+            jlora.combine(adapters, base),
+            None,
+        ),
+        **_qwix_candidate(model, cfg, rank, ids, merge_dicts),
         "floor": (
             lambda d, p, x: next_token_loss(model.apply({"params": p}, x, d), x),
             jnp.zeros((cfg.d,), cfg.dtype),
@@ -117,14 +125,42 @@ def build(cfg: GPTConfig, rank: int, batch: int):
     return model, params, ids, losses, (adapters, base)
 
 
+def _qwix_candidate(model, cfg, rank, ids, merge_dicts):
+    """qwix's LoRA on the same model, gradients over its lora params only (if installed)."""
+    try:
+        import qwix
+    except ImportError:
+        return {}
+    provider = qwix.LoraProvider(
+        module_path=r".*(query|value)", rank=rank, alpha=2.0 * rank
+    )
+    lora_model = qwix.apply_lora_to_model(model, provider)
+    flat = traverse_util.flatten_dict(lora_model.init(jax.random.key(1), ids)["params"])
+    train = traverse_util.unflatten_dict({k: v for k, v in flat.items() if "lora" in k[-1]})
+    frozen = traverse_util.unflatten_dict(
+        {k: v for k, v in flat.items() if "lora" not in k[-1]}
+    )
+    return {
+        "qwix": (
+            lambda t, f, x: next_token_loss(
+                lora_model.apply({"params": merge_dicts(t, f)}, x), x
+            ),
+            train,
+            frozen,
+        )
+    }
+
+
 def bench_train(cfg, rank, batch, rounds, steps_per_round):
     model, params, ids, losses, _ = build(cfg, rank, batch)
     tx = optax.adamw(1e-4)
     cands = {}
     for name, (loss_fn, trainable, frozen) in losses.items():
-        step = make_step(loss_fn, tx)
+        # The whole-tree route: gradients over every leaf, jlora.optimizer, donated.
+        cand_tx = jlora.optimizer(tx) if name == "jlora whole-tree" else tx
+        step = make_step(loss_fn, cand_tx)
         trainable = jax.tree.map(jnp.copy, trainable)
-        opt_state = tx.init(trainable)
+        opt_state = cand_tx.init(trainable)
         t0 = time.perf_counter()
         compiled = step.lower(trainable, opt_state, frozen, ids).compile()
         compile_s = time.perf_counter() - t0
@@ -133,7 +169,10 @@ def bench_train(cfg, rank, batch, rounds, steps_per_round):
         for _ in range(2):  # warm-up
             state[0], state[1], _ = _block(step(state[0], state[1], frozen, ids))
         opt_bytes = sum(x.nbytes for x in jax.tree.leaves(state[1]))
-        n_train = sum(x.size for x in jax.tree.leaves(state[0]))
+        # Trainable leaves: jlora's adapters for the whole-tree route, else every leaf.
+        n_train = sum(x.size for x in jax.tree.leaves(jlora.split(state[0])[0])) or sum(
+            x.size for x in jax.tree.leaves(state[0])
+        )
         cands[name] = dict(
             step=step,
             state=state,
@@ -256,6 +295,57 @@ def bench_checkpoint(cfg, rank, rounds):
     return sizes, {k: statistics.median(v) for k, v in times.items()}
 
 
+def bench_merge(n_kernels, dim, rank, rounds):
+    """`jit(jlora.merge, donate)` on a big tree vs a memory-bound floor, and peak memory.
+
+    The floor is a donated elementwise pass over the same kernels (each read once and
+    written once, as merge must); peak extra memory is output - aliased + temp bytes
+    from XLA's memory analysis, with and without donation.
+    """
+    rng = np.random.default_rng(0)
+    host = {
+        f"k{i}": rng.standard_normal((dim, dim), dtype=np.float32) for i in range(n_kernels)
+    }
+    cfg = jlora.LoraConfig(rank, 2 * rank, targets="k")
+    template = jlora.init(jax.random.key(0), jax.tree.map(jnp.asarray, host), cfg)
+    template = jax.tree.map(np.asarray, template)
+
+    def fresh():
+        return jax.tree.map(jnp.asarray, template)
+
+    merge_d = jax.jit(jlora.merge, donate_argnums=0)
+    floor_d = jax.jit(lambda t: jax.tree.map(lambda x: x * 2.0, t), donate_argnums=0)
+    kernels = {k: v.w for k, v in template.items()}
+    stats = {
+        "donated": merge_d.lower(fresh()).compile().memory_analysis(),
+        "not donated": jax.jit(jlora.merge).lower(fresh()).compile().memory_analysis(),
+    }
+    _block(merge_d(fresh()))
+    _block(floor_d(jax.tree.map(jnp.asarray, kernels)))
+    t_merge, t_floor = [], []
+    for _ in range(rounds):
+        args = _block(fresh())  # host-to-device copies are async: finish them first
+        t0 = time.perf_counter()
+        _block(merge_d(args))
+        t_merge.append(time.perf_counter() - t0)
+        args = _block(jax.tree.map(jnp.asarray, kernels))
+        t0 = time.perf_counter()
+        _block(floor_d(args))
+        t_floor.append(time.perf_counter() - t0)
+    total = n_kernels * dim * dim * 4
+    largest_product = dim * dim * 4
+    return {
+        "bytes": total,
+        "merge_s": statistics.median(t_merge),
+        "floor_s": statistics.median(t_floor),
+        "largest_product": largest_product,
+        "extra": {
+            k: m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
+            for k, m in stats.items()
+        },
+    }
+
+
 def device_line():
     d = jax.devices()[0]
     kind = getattr(d, "device_kind", d.platform)
@@ -265,7 +355,7 @@ def device_line():
     )
 
 
-def render(args, cfg, cands, n_total, inf_rows, ckpt=None):
+def render(args, cfg, cands, n_total, inf_rows, ckpt=None, merge_row=None):
     full = cands["full"]["times"]
     lines = [
         f"Device: {device_line()}. Model: GPT {cfg.layers} x {cfg.d}, {cfg.heads} heads, "
@@ -309,6 +399,20 @@ def render(args, cfg, cands, n_total, inf_rows, ckpt=None):
             f"| {batch} | {1e3 * b:.1f} | {1e3 * lo:.1f} | {r:.3f} | "
             f"{q1:.3f}–{q3:.3f} | {'yes' if hit else 'NO'} |"
         )
+    if merge_row is not None:
+        m = merge_row
+        lines += [
+            "",
+            f"`jax.jit(jlora.merge, donate_argnums=0)` on {m['bytes'] / 2**30:.2f} GiB of "
+            f"float32 kernels (r={args.rank}): {m['merge_s']:.3f} s; memory-bound floor "
+            f"(a donated elementwise pass, same bytes read and written) "
+            f"{m['floor_s']:.3f} s = {2 * m['bytes'] / m['floor_s'] / 1e9:.1f} GB/s; "
+            f"merge / floor {m['merge_s'] / m['floor_s']:.2f}. Peak extra memory "
+            f"(output − aliased + temp, XLA memory analysis): donated "
+            f"{m['extra']['donated'] / 2**20:.1f} MiB, not donated "
+            f"{m['extra']['not donated'] / 2**20:.1f} MiB; the largest kernel's "
+            f"float32 product is {m['largest_product'] / 2**20:.1f} MiB.",
+        ]
     if ckpt is not None:
         sizes, t = ckpt
         lines += [
@@ -361,7 +465,13 @@ def main(argv=None):
         )
         inf_rows = bench_inference(cfg, args.rank, (1, args.batch), args.rounds)
         ckpt = bench_checkpoint(cfg, args.rank, 3)
-    text = render(args, cfg, cands, n_total, inf_rows, ckpt)
+        # >= 1 GiB of kernels in the full run; 64 MiB in --quick.
+        merge_row = (
+            bench_merge(4, 2048, args.rank, 3)
+            if args.quick
+            else bench_merge(16, 4096, args.rank, 3)
+        )
+    text = render(args, cfg, cands, n_total, inf_rows, ckpt, merge_row)
     print(text)
     if not args.no_write:
         tag = f"{jax.devices()[0].platform}-{args.dtype}" + ("-quick" if args.quick else "")
@@ -369,7 +479,7 @@ def main(argv=None):
             argv if argv is not None else sys.argv[1:]
         )
         write_section(text, tag, command.strip())
-    return cands, inf_rows, ckpt
+    return cands, inf_rows, ckpt, merge_row
 
 
 if __name__ == "__main__":

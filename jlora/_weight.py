@@ -118,15 +118,37 @@ def _unbox(x):
     return x.unbox() if isinstance(x, meta.AxisMetadata) else x
 
 
+FUSED_RANK_MAX = 32  # up to this rank, merge's product is a fused multiply-sum
+
+
+def _to_kernel_axes(f, axes, ndim):
+    """`f` with leading axes `axes` (kernel axis ids) and the rank last, laid out as
+    `[*kernel axes (size 1 where absent), r]`."""
+    order = sorted(range(len(axes)), key=lambda i: axes[i])
+    f = jnp.transpose(f, [*order, len(axes)])
+    present = sorted(axes)
+    shape = [f.shape[present.index(k)] if k in present else 1 for k in range(ndim)]
+    return f.reshape([*shape, f.shape[-1]])
+
+
 def low_rank_product(a, b, layout: Layout, scale: float, dtype=jnp.float32):
-    """`scale * a @ b` arranged like the kernel, accumulated in `dtype`."""
-    delta = jnp.einsum(
-        layout.product_subscripts(),
-        jnp.asarray(a, dtype),
-        jnp.asarray(b, dtype),
-        preferred_element_type=dtype,
+    """`scale * a @ b` arranged like the kernel, accumulated in `dtype`.
+
+    At small rank the product is written as a broadcast multiply and a sum over the
+    rank axis, which XLA fuses with whatever consumes it (the add in `merge`): one pass
+    over the kernel, no `[in, out]` temporary, in place under donation. Larger ranks
+    use a dot.
+    """
+    a, b = jnp.asarray(a, dtype), jnp.asarray(b, dtype)
+    if a.shape[-1] > FUSED_RANK_MAX:
+        delta = jnp.einsum(layout.product_subscripts(), a, b, preferred_element_type=dtype)
+        return delta * jnp.asarray(scale, dtype)
+    ns = len(layout.stack_axes)
+    a_k = _to_kernel_axes(a, layout.stack_axes + layout.in_axes, layout.ndim)
+    b_k = _to_kernel_axes(
+        jnp.moveaxis(b, ns, -1), layout.stack_axes + layout.out_axes, layout.ndim
     )
-    return delta * jnp.asarray(scale, dtype)
+    return jnp.sum(a_k * b_k, axis=-1) * jnp.asarray(scale, dtype)
 
 
 class LoraWeight:

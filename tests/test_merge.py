@@ -94,7 +94,9 @@ def test_merge_jit_donated_in_place():
     assert stats.alias_size_in_bytes >= kernel_bytes  # outputs reuse the kernels' buffers
     got = merge(lp)
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected)):
-        np.testing.assert_array_equal(a, b)
+        # jit fuses (and may contract into FMAs) what eager runs op by op: equal to
+        # float32 rounding, not bitwise.
+        np.testing.assert_allclose(a, b, rtol=2e-7, atol=1e-6)
 
 
 def test_merge_safe_reports_nan_paths_and_is_eager_only():
