@@ -18,7 +18,6 @@ from jlora._weight import Layout, LoraWeight, Trainable
 __version__ = "0.1.0"
 
 __all__ = [
-    "adapter_specs",
     "CheckpointManager",
     "Layout",
     "LoraConfig",
@@ -26,6 +25,7 @@ __all__ = [
     "RuleError",
     "Summary",
     "Trainable",
+    "adapter_specs",
     "combine",
     "explain",
     "init",
