@@ -97,3 +97,55 @@ def next_token_loss(logits, ids):
     targets = ids[:, 1:]
     logp = jax.nn.log_softmax(logits)
     return -jnp.mean(jnp.take_along_axis(logp, targets[..., None], axis=-1))
+
+
+def make_nnx_gpt(cfg: GPTConfig, lora_rank: int, seed: int = 1):
+    """The same GPT in Flax NNX, with `nnx.LoRALinear` as the query and value layers."""
+    from flax import nnx
+
+    d, dt = cfg.d, cfg.dtype
+
+    class Block(nnx.Module):
+        def __init__(self, rngs):
+            def lin(i, o):
+                return nnx.Linear(i, o, dtype=dt, param_dtype=dt, rngs=rngs)
+
+            def lora(i, o):
+                return nnx.LoRALinear(
+                    i, o, lora_rank=lora_rank, dtype=dt, param_dtype=dt, rngs=rngs
+                )
+
+            self.ln1 = nnx.LayerNorm(d, dtype=dt, param_dtype=dt, rngs=rngs)
+            self.query, self.key, self.value = lora(d, d), lin(d, d), lora(d, d)
+            self.out = lin(d, d)
+            self.ln2 = nnx.LayerNorm(d, dtype=dt, param_dtype=dt, rngs=rngs)
+            self.fc1, self.fc2 = lin(d, 4 * d), lin(4 * d, d)
+
+        def __call__(self, x):
+            h = self.ln1(x)
+            b, t, _ = h.shape
+
+            def split(y):
+                return y.reshape(b, t, cfg.heads, d // cfg.heads)
+
+            q, k, v = split(self.query(h)), split(self.key(h)), split(self.value(h))
+            mask = nnx.make_causal_mask(jnp.ones((b, t), jnp.int32))
+            att = nnx.dot_product_attention(q, k, v, mask=mask, dtype=dt)
+            x = x + self.out(att.reshape(b, t, d))
+            return x + self.fc2(nnx.gelu(self.fc1(self.ln2(x))))
+
+    class NNXGPT(nnx.Module):
+        def __init__(self, rngs):
+            self.embed = nnx.Embed(cfg.vocab, d, dtype=dt, param_dtype=dt, rngs=rngs)
+            self.pos = nnx.Param(jax.random.normal(rngs.params(), (cfg.seq, d), dt) * 0.02)
+            self.blocks = nnx.List([Block(rngs) for _ in range(cfg.layers)])
+            self.ln = nnx.LayerNorm(d, dtype=dt, param_dtype=dt, rngs=rngs)
+            self.lm_head = nnx.Linear(d, cfg.vocab, dtype=dt, param_dtype=dt, rngs=rngs)
+
+        def __call__(self, ids):
+            x = self.embed(ids) + self.pos[...][: ids.shape[1]]
+            for block in self.blocks:
+                x = block(x)
+            return self.lm_head(self.ln(x))
+
+    return NNXGPT(nnx.Rngs(seed))

@@ -11,6 +11,7 @@ process, alternating, after warm-up; medians over rounds and ratios to full fine
   jlora whole-tree  gradients over the whole adapted tree + jlora.optimizer, donated
   materialized  gradients through model.apply(jlora.merge(params))
   qwix          qwix.LoraProvider on the same Linen model (when qwix is installed)
+  nnx.LoRALinear  flax.nnx.LoRALinear on q, v of the same model written in NNX
   floor         the frozen model's backprop with no weight gradient at all (one trainable
                 vector at the embedding): no LoRA can beat it
 The tables are printed and written into docs/benchmarks.md between markers for this
@@ -36,7 +37,7 @@ import optax
 from flax import traverse_util
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from gpt import GPT, GPTConfig, next_token_loss  # noqa: E402
+from gpt import GPT, GPTConfig, make_nnx_gpt, next_token_loss  # noqa: E402
 
 import jlora  # noqa: E402
 
@@ -116,6 +117,7 @@ def build(cfg: GPTConfig, rank: int, batch: int):
             None,
         ),
         **_qwix_candidate(model, cfg, rank, ids, merge_dicts),
+        **_nnx_lora_candidate(cfg, rank),
         "floor": (
             lambda d, p, x: next_token_loss(model.apply({"params": p}, x, d), x),
             jnp.zeros((cfg.d,), cfg.dtype),
@@ -149,6 +151,18 @@ def _qwix_candidate(model, cfg, rank, ids, merge_dicts):
             frozen,
         )
     }
+
+
+def _nnx_lora_candidate(cfg, rank):
+    """`flax.nnx.LoRALinear` on q, v of the NNX twin; gradients over LoRAParam only."""
+    from flax import nnx
+
+    graphdef, lora_state, rest = nnx.split(make_nnx_gpt(cfg, rank), nnx.LoRAParam, ...)
+
+    def loss(lora_state, rest, x):
+        return next_token_loss(nnx.merge(graphdef, lora_state, rest)(x), x)
+
+    return {"nnx.LoRALinear": (loss, lora_state, rest)}
 
 
 def bench_train(cfg, rank, batch, rounds, steps_per_round):

@@ -38,6 +38,7 @@ def test_benchmark_quick_mode_runs_every_candidate():
         "full",
         "jlora",
         "jlora whole-tree",
+        "nnx.LoRALinear",
         "hand-written",
         "materialized",
         "floor",
