@@ -22,7 +22,7 @@ import numpy as np
 
 from jlora import _jax_compat as compat
 from jlora._targets import path_str, unbox
-from jlora._weight import Layout, LoraWeight, Trainable, is_node, low_rank_product
+from jlora._weight import Layout, LoraWeight, Trainable, is_node, materialize
 
 
 class RuleError(RuntimeError):
@@ -53,8 +53,7 @@ class LowRank:
         return dataclasses.replace(self, **kw)
 
     def materialize(self):
-        delta = low_rank_product(self.a, self.b, self.layout, self.scale)
-        return (self.w.astype(jnp.float32) + delta).astype(self.w.dtype)
+        return materialize(self.w, self.a, self.b, self.layout, self.scale)
 
 
 jax.tree_util.register_pytree_node(

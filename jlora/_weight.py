@@ -151,6 +151,11 @@ def low_rank_product(a, b, layout: Layout, scale: float, dtype=jnp.float32):
     return jnp.sum(a_k * b_k, axis=-1) * jnp.asarray(scale, dtype)
 
 
+def materialize(w, a, b, layout: Layout, scale: float):
+    """`w + scale * a @ b` in `w`'s dtype, the sum accumulated in float32."""
+    return (w.astype(jnp.float32) + low_rank_product(a, b, layout, scale)).astype(w.dtype)
+
+
 class LoraWeight:
     """A frozen kernel `w` with trainable low-rank factors `a` and `b`.
 
@@ -219,19 +224,24 @@ class LoraWeight:
     def dtype(self):
         return _unbox(self.w).dtype
 
-    def delta(self):
-        """`scale * a @ b` in float32, arranged like the kernel."""
+    def _require_meta(self):
         if self.scale is ANY:
             raise ValueError(
                 "LoraWeight: this node has no scale/layout (a spec tree such as "
                 "LoraWeight(None, 0, 0)); build it with scale= and layout=."
             )
+
+    def delta(self):
+        """`scale * a @ b` in float32, arranged like the kernel."""
+        self._require_meta()
         return low_rank_product(_unbox(self.a), _unbox(self.b), self.layout, self.scale)
 
     def materialize(self):
         """`w + scale * a @ b` in `w`'s dtype, the sum accumulated in float32."""
-        w = _unbox(self.w)
-        return (w.astype(jnp.float32) + self.delta()).astype(w.dtype)
+        self._require_meta()
+        return materialize(
+            _unbox(self.w), _unbox(self.a), _unbox(self.b), self.layout, self.scale
+        )
 
     def __repr__(self):
         def show(x):
