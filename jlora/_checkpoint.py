@@ -20,9 +20,9 @@ import jax
 import numpy as np
 
 from jlora._config import LoraConfig
-from jlora._merge import _open, combine, merge
+from jlora._merge import combine, merge
 from jlora._sharding import factor_shardings, named_sharding_of
-from jlora._targets import flatten, unbox
+from jlora._targets import flatten, open_node, unbox
 from jlora._weight import Layout, LoraWeight, Trainable
 
 FORMAT = "jlora-adapter"
@@ -69,7 +69,7 @@ def _collect(params):
     """Adapter arrays in tree order and their metadata entries."""
     arrays, entries = [], []
     for path, leaf in flatten(params)[0]:
-        inner, _ = _open(leaf)
+        inner, _ = open_node(leaf)
         if isinstance(inner, LoraWeight):
             a, b = unbox(inner.a), unbox(inner.b)
             entries.append(
@@ -259,7 +259,7 @@ def load_adapter(path, base_params: Any, *, sharding: Any = None) -> Any:
         if p not in by_path:
             errors.append(f"  {p}: not in the base params")
             continue
-        inner, _ = _open(by_path[p])
+        inner, _ = open_node(by_path[p])
         if isinstance(inner, (LoraWeight, Trainable)):
             errors.append(
                 f"  {p}: the base already holds an adapter here; pass plain base params"
@@ -317,7 +317,7 @@ def load_adapter(path, base_params: Any, *, sharding: Any = None) -> Any:
             out.append(None)
             continue
         entry, i = nodes[p]
-        _, put_back = _open(leaf)
+        _, put_back = open_node(leaf)
         if entry["kind"] == "lora":
             node = LoraWeight(
                 None,

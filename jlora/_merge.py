@@ -7,22 +7,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jlora._targets import flatten, is_stop, path_str, rebox, unbox
+from jlora._sharding import place_like
+from jlora._targets import flatten, is_stop, open_node, path_str, rebox, unbox
 from jlora._weight import LoraWeight, Trainable
 
 
-def _open(leaf):
-    """`(inner, put_back)` for a leaf that may be an NNX Variable around a jlora node."""
-    from flax import nnx
-
-    if isinstance(leaf, nnx.Variable):
-        return leaf.get_value(), lambda v: None if v is None else leaf.replace(value=v)
-    return leaf, lambda v: v
-
-
 def _merged_kernel(lw: LoraWeight):
-    from jlora._sharding import place_like
-
     return rebox(lw.w, place_like(lw.materialize(), unbox(lw.w)))
 
 
@@ -64,7 +54,7 @@ def merge(params: Any, *, safe: bool = False) -> Any:
         )
     out, bad = [], []
     for path, leaf in leaves:
-        inner, put_back = _open(leaf)
+        inner, put_back = open_node(leaf)
         if isinstance(inner, LoraWeight):
             merged = _merged_kernel(inner)
             if safe and not bool(jnp.isfinite(unbox(merged)).all()):
@@ -104,7 +94,7 @@ def split(params: Any) -> tuple[Any, Any]:
     leaves, treedef = flatten(params)
     adapters, base = [], []
     for _, leaf in leaves:
-        inner, put_back = _open(leaf)
+        inner, put_back = open_node(leaf)
         if isinstance(inner, LoraWeight):
             adapters.append(put_back(inner.replace(w=None)))
             base.append(put_back(inner.w))
@@ -170,8 +160,8 @@ def _join(adapters, base, fn_name, base_name, kernel_fn):
     treedef, pairs = _paired(adapters, base, fn_name, base_name)
     out, errors = [], []
     for path, a_leaf, b_leaf in pairs:
-        a_inner, put_back = _open(a_leaf)
-        b_inner, _ = _open(b_leaf)
+        a_inner, put_back = open_node(a_leaf)
+        b_inner, _ = open_node(b_leaf)
         if isinstance(a_inner, LoraWeight):
             w = b_inner.w if isinstance(b_inner, LoraWeight) else b_inner
             if w is None or isinstance(w, Trainable):
@@ -237,8 +227,6 @@ def unmerge(merged: Any, adapters: Any) -> Any:
 
     def kernel(w, lw):
         value = unbox(w)
-        from jlora._sharding import place_like
-
         restored = (value.astype(jnp.float32) - lw.replace(w=value).delta()).astype(
             value.dtype
         )

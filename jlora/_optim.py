@@ -9,8 +9,7 @@ import numpy as np
 import optax
 
 from jlora._config import LoraConfig
-from jlora._merge import _open
-from jlora._targets import flatten, unbox
+from jlora._targets import flatten, open_node, unbox
 from jlora._weight import Layout, LoraWeight, Trainable
 
 TRAIN, FROZEN, B_FACTOR, OTHER = "train", "frozen", "b", "other"
@@ -20,7 +19,7 @@ def _labels(params, *, b_label: str, train: str, frozen: str):
     leaves, treedef = flatten(params)
     out = []
     for _, leaf in leaves:
-        inner, put_back = _open(leaf)
+        inner, put_back = open_node(leaf)
         if isinstance(inner, LoraWeight):
             out.append(put_back(inner.replace(w=frozen, a=train, b=b_label)))
         elif isinstance(inner, Trainable):
@@ -163,7 +162,7 @@ def summary(params: Any) -> Summary:
     n, b = _size_bytes(params)
     adapted, trained = [], []
     for path, leaf in flatten(params)[0]:
-        inner, _ = _open(leaf)
+        inner, _ = open_node(leaf)
         if isinstance(inner, LoraWeight):
             adapted.append(
                 AdaptedPath(

@@ -15,8 +15,7 @@ import jax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from jlora._jax_compat import is_tracer
-from jlora._merge import _open
-from jlora._targets import flatten, unbox
+from jlora._targets import flatten, open_node, unbox
 from jlora._weight import Layout, LoraWeight, Trainable
 
 
@@ -90,7 +89,7 @@ def adapter_specs(params: Any, base_specs: Any = None) -> Any:
     leaves, treedef = flatten(params)
     out, missing = [], []
     for path, leaf in leaves:
-        inner, put_back = _open(leaf)
+        inner, put_back = open_node(leaf)
         if isinstance(inner, LoraWeight):
             if given is not None and path not in given:
                 missing.append(path)

@@ -56,6 +56,15 @@ def rebox(box, value):
     return value
 
 
+def open_node(leaf):
+    """`(inner, put_back)` for a leaf that may be an NNX Variable around a jlora node."""
+    from flax import nnx
+
+    if isinstance(leaf, nnx.Variable):
+        return leaf.get_value(), lambda v: None if v is None else leaf.replace(value=v)
+    return leaf, lambda v: v
+
+
 def is_stop(x) -> bool:
     """Stop a walk at jlora nodes and at boxes (whose inner value is the leaf)."""
     return is_node(x) or is_box(x)
