@@ -1,0 +1,8 @@
+"""Importable pieces of the Alpaca main job (`examples/alpaca.py`).
+
+- `data`: Alpaca-format records, prompt templates, tokenization and loss masks.
+- `model`: a GPT-2-architecture causal LM in Flax Linen, with a KV cache for generation.
+- `gpt2`: read and write GPT-2 checkpoints in the Hugging Face layout.
+- `world`: the generated pretraining corpus and the shipped instruction sample.
+- `base`: pretrain the small embedded base model and cache it on disk.
+"""

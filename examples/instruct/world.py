@@ -1,0 +1,212 @@
+"""A small made-up world: the pretraining corpus and the instruction sample.
+
+The corpus is plain declarative text about people, things, places, jobs, animals and
+counting ("Mia has a green lamp. Tom lives in Oslo. After seven comes eight."). It has
+no questions, no instructions and never the word "Answer", so a base model pretrained
+on it knows the world but not the behaviour the instruction sample teaches: to answer
+an Alpaca-format instruction with exactly `Answer: <word>.`
+
+`python -m instruct.world` (from `examples/`) rewrites `examples/data/alpaca_sample.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+
+NAMES = (
+    "Mia Tom Ava Leo Zoe Sam Ivy Max Eva Ben Lily Noah Ella Jack Ruby Owen Nina "
+    "Hugo Rosa Finn"
+).split()
+COLORS = "red blue green yellow black white brown pink purple orange gray".split()
+THINGS = (
+    "cup lamp hat book chair ball kite bag box car coat bike door bowl pen boat".split()
+)
+CITIES = (
+    "Oslo Paris Rome Cairo Lima Tokyo Dublin Madrid Vienna Berlin Athens Prague Quito Delhi"
+).split()
+JOBS = (
+    "baker doctor farmer teacher painter driver pilot nurse singer tailor cook writer"
+).split()
+ANIMALS = "cat dog horse bird fox goat duck sheep cow mouse".split()
+NUMBERS = (
+    "one two three four five six seven eight nine ten eleven twelve thirteen "
+    "fourteen fifteen sixteen seventeen eighteen nineteen twenty"
+).split()
+
+ANSWER = re.compile(r"^The answer is [A-Za-z]+\.$")
+SAMPLE_PATH = os.path.join(
+    os.path.dirname(__file__), os.pardir, "data", "alpaca_sample.json"
+)
+
+
+def _a(word: str) -> str:
+    return ("an " if word[0] in "aeiou" else "a ") + word
+
+
+def _facts(r: random.Random, name: str) -> dict[str, str]:
+    return {
+        "color": r.choice(COLORS),
+        "thing": r.choice(THINGS),
+        "city": r.choice(CITIES),
+        "job": r.choice(JOBS),
+        "animal": r.choice(ANIMALS),
+        "seen": r.choice(COLORS),
+    }
+
+
+def _state(name: str, f: dict, kind: str) -> str:
+    """A sentence that introduces one fact about `name`."""
+    return {
+        "thing": f"{name} has {_a(f['color'])} {f['thing']}.",
+        "city": f"{name} lives in {f['city']}.",
+        "job": f"{name} works as a {f['job']}.",
+        "animal": f"{name} saw {_a(f['seen'])} {f['animal']} near the {f['thing']}.",
+    }[kind]
+
+
+def _recall(r: random.Random, name: str, f: dict, kind: str) -> str:
+    """A later sentence that repeats a stated fact in other words."""
+    return r.choice(
+        {
+            "thing": [
+                f"The {f['thing']} of {name} is {f['color']}.",
+                f"The {f['color']} {f['thing']} belongs to {name}.",
+            ],
+            "city": [
+                f"{name} went home to {f['city']}.",
+                f"In {f['city']}, {name} was happy.",
+            ],
+            "job": [f"{name} is a good {f['job']}.", f"As a {f['job']}, {name} was busy."],
+            "animal": [f"The {f['animal']} that {name} saw was {f['seen']}."],
+        }[kind]
+    )
+
+
+def _filler(r: random.Random, cast: list[str]) -> str:
+    i = r.randrange(len(NUMBERS) - 3)
+    name = r.choice(cast)
+    return r.choice(
+        [
+            f"After {NUMBERS[i]} comes {NUMBERS[i + 1]}.",
+            f"Before {NUMBERS[i + 1]} comes {NUMBERS[i]}.",
+            ", ".join(NUMBERS[i : i + 4]).capitalize() + ".",
+            f"{name} counted to {NUMBERS[i]}.",
+            f"{name} knew the answer.",
+            f"The answer of {name} was short.",
+        ]
+    )
+
+
+def _document(r: random.Random) -> str:
+    """Facts about a small cast, then some of them again in other words: reading a
+    document well means looking facts up earlier in it."""
+    cast = r.sample(NAMES, r.randint(2, 3))
+    facts = {n: _facts(r, n) for n in cast}
+    stated = [
+        (r.choice(cast), r.choice(("thing", "city", "job", "animal")))
+        for _ in range(r.randint(2, 5))
+    ]
+    sentences = [_state(n, facts[n], k) for n, k in stated]
+    sentences += [_recall(r, n, facts[n], k) for n, k in r.sample(stated, r.randint(1, 2))]
+    for _ in range(r.randint(0, 2)):
+        sentences.insert(r.randint(0, len(sentences)), _filler(r, cast))
+    return " ".join(sentences)
+
+
+def corpus(n_docs: int, seed: int = 0) -> list[str]:
+    """`n_docs` generated documents, deterministic in `seed`."""
+    r = random.Random(seed)
+    return [_document(r) for _ in range(n_docs)]
+
+
+def _record(r: random.Random) -> dict[str, str]:
+    a, b = r.sample(NAMES, 2)
+    (c1, c2), (t1, t2) = r.sample(COLORS, 2), r.sample(THINGS, 2)
+    (city1, city2), (j1, j2) = r.sample(CITIES, 2), r.sample(JOBS, 2)
+    animal = r.choice(ANIMALS)
+    i = r.randrange(1, len(NUMBERS) - 1)
+    kind = r.randrange(7)
+    if kind == 0:
+        q = r.choice(
+            [
+                "What color is the {t}?",
+                "Tell me the color of the {t}.",
+                "Which color does the {t} have?",
+            ]
+        ).format(t=t1)
+        pair = [f"{a} has {_a(c1)} {t1}.", f"{b} has {_a(c2)} {t2}."]
+        r.shuffle(pair)
+        return {"instruction": q, "input": " ".join(pair), "output": f"The answer is {c1}."}
+    if kind == 1:
+        q = r.choice(
+            [
+                "Where does {n} live?",
+                "Name the city where {n} lives.",
+                "In which city does {n} live?",
+            ]
+        ).format(n=a)
+        pair = [f"{a} lives in {city1}.", f"{b} lives in {city2}."]
+        r.shuffle(pair)
+        return {
+            "instruction": q,
+            "input": " ".join(pair),
+            "output": f"The answer is {city1}.",
+        }
+    if kind == 2:
+        q = r.choice(
+            ["What is the job of {n}?", "What does {n} work as?", "Name the job of {n}."]
+        ).format(n=a)
+        pair = [f"{a} works as a {j1}.", f"{b} works as a {j2}."]
+        r.shuffle(pair)
+        return {"instruction": q, "input": " ".join(pair), "output": f"The answer is {j1}."}
+    if kind == 3:
+        q = r.choice(["Who has the {t}?", "Name the person who has the {t}."]).format(t=t1)
+        pair = [f"{a} has {_a(c1)} {t1}.", f"{b} has {_a(c2)} {t2}."]
+        r.shuffle(pair)
+        return {"instruction": q, "input": " ".join(pair), "output": f"The answer is {a}."}
+    if kind == 4:
+        q = r.choice(["Which animal did {n} see?", "What animal did {n} see?"]).format(n=a)
+        return {
+            "instruction": q,
+            "input": f"{a} saw {_a(c1)} {animal} near the {t1}.",
+            "output": f"The answer is {animal}.",
+        }
+    if kind == 5:
+        q = r.choice(
+            [
+                "What number comes after {x}?",
+                "Which number follows {x}?",
+                "Count one step up from {x}.",
+            ]
+        ).format(x=NUMBERS[i])
+        return {"instruction": q, "input": "", "output": f"The answer is {NUMBERS[i + 1]}."}
+    q = r.choice(["What number comes before {x}?", "Which number precedes {x}?"]).format(
+        x=NUMBERS[i]
+    )
+    return {"instruction": q, "input": "", "output": f"The answer is {NUMBERS[i - 1]}."}
+
+
+def sample(n: int = 600, seed: int = 1) -> list[dict[str, str]]:
+    """The instruction sample: `n` Alpaca-format records with `Answer: <word>.` outputs."""
+    r = random.Random(seed)
+    return [_record(r) for _ in range(n)]
+
+
+def score(responses: list[str], expected: list[str]) -> dict[str, float]:
+    """Behaviour score: the share of responses in the `Answer: <word>.` format, and the
+    share that are exactly the expected answer."""
+    n = max(len(responses), 1)
+    return {
+        "format": sum(bool(ANSWER.match(x.strip())) for x in responses) / n,
+        "exact": sum(x.strip() == y.strip() for x, y in zip(responses, expected)) / n,
+    }
+
+
+if __name__ == "__main__":
+    with open(SAMPLE_PATH, "w", encoding="utf-8") as f:
+        json.dump(sample(), f, indent=1)
+        f.write("\n")
+    print(f"wrote {os.path.normpath(SAMPLE_PATH)}")
