@@ -1,7 +1,10 @@
 """jlora benchmarks: training step, inference and compile time, side by side.
 
     python benchmarks/run.py            # GPT 4 x 512, seq 128, batch 8, LoRA r=8 on q, v
-    python benchmarks/run.py --quick    # a small model, for a smoke run (< 1 minute)
+    python benchmarks/run.py --quick    # small models, for a smoke run (< 1 minute)
+
+Training is measured on two models: GPT 4 x 512 and a larger GPT 12 x 768 (same seq,
+batch and LoRA); inference, checkpoints and the merge on the first.
 
 Candidates, one jitted AdamW step each, same model, data and dtypes, timed in one
 process, alternating, after warm-up; medians over rounds and ratios to full fine-tuning:
@@ -12,6 +15,7 @@ process, alternating, after warm-up; medians over rounds and ratios to full fine
   materialized  gradients through model.apply(jlora.merge(params))
   qwix          qwix.LoraProvider on the same Linen model (when qwix is installed)
   nnx.LoRALinear  flax.nnx.LoRALinear on q, v of the same model written in NNX
+  pytorch+peft  the same model in PyTorch with PEFT LoRA (with the [torch] extra)
   floor         the frozen model's backprop with no weight gradient at all (one trainable
                 vector at the embedding): no LoRA can beat it
 The tables are printed and written into docs/benchmarks.md between markers for this
@@ -37,6 +41,7 @@ import optax
 from flax import traverse_util
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import torch_peft  # noqa: E402
 from gpt import GPT, GPTConfig, make_nnx_gpt, next_token_loss  # noqa: E402
 
 import jlora  # noqa: E402
@@ -165,11 +170,14 @@ def _nnx_lora_candidate(cfg, rank):
     return {"nnx.LoRALinear": (loss, lora_state, rest)}
 
 
-def bench_train(cfg, rank, batch, rounds, steps_per_round):
+def bench_train(cfg, rank, batch, rounds, steps_per_round, torch=False, only=None):
+    """Time one AdamW step of each candidate (or of those named in `only`)."""
     model, params, ids, losses, _ = build(cfg, rank, batch)
     tx = optax.adamw(1e-4)
     cands = {}
     for name, (loss_fn, trainable, frozen) in losses.items():
+        if only is not None and name not in only:
+            continue
         # The whole-tree route: gradients over every leaf, jlora.optimizer, donated.
         cand_tx = jlora.optimizer(tx) if name == "jlora whole-tree" else tx
         step = make_step(loss_fn, cand_tx)
@@ -180,31 +188,35 @@ def bench_train(cfg, rank, batch, rounds, steps_per_round):
         compile_s = time.perf_counter() - t0
         mem = compiled.memory_analysis()
         state = [trainable, opt_state]
-        for _ in range(2):  # warm-up
-            state[0], state[1], _ = _block(step(state[0], state[1], frozen, ids))
+
+        def run(n, step=step, state=state, frozen=frozen):
+            for _ in range(n):
+                state[0], state[1], _ = step(state[0], state[1], frozen, ids)
+            _block(state)
+
+        run(2)  # warm-up
         opt_bytes = sum(x.nbytes for x in jax.tree.leaves(state[1]))
         # Trainable leaves: jlora's adapters for the whole-tree route, else every leaf.
         n_train = sum(x.size for x in jax.tree.leaves(jlora.split(state[0])[0])) or sum(
             x.size for x in jax.tree.leaves(state[0])
         )
         cands[name] = dict(
-            step=step,
-            state=state,
-            frozen=frozen,
+            run=run,
             compile_s=compile_s,
             temp=getattr(mem, "temp_size_in_bytes", 0),
             times=[],
             opt_bytes=opt_bytes,
             n_train=n_train,
         )
+    if torch and (only is None or "pytorch+peft" in only):
+        c = torch_peft.make_candidate(cfg, rank, np.asarray(ids), jnp.dtype(cfg.dtype).name)
+        c["run"](1)  # warm-up (one more step than the one make_candidate took)
+        cands["pytorch+peft"] = dict(c, compile_s=None, temp=None, times=[])
     names = list(cands)
     # Size rounds by time, not by count: on a GPU a step takes ~1 ms, and a round of a
     # few steps would time Python dispatch and the final sync instead of the step.
-    c = cands["full"]
     t0 = time.perf_counter()
-    c["state"][0], c["state"][1], _ = _block(
-        c["step"](c["state"][0], c["state"][1], c["frozen"], ids)
-    )
+    cands["full"]["run"](1)
     steps_per_round = max(
         steps_per_round, math.ceil(MIN_ROUND_S / (time.perf_counter() - t0))
     )
@@ -213,11 +225,7 @@ def bench_train(cfg, rank, batch, rounds, steps_per_round):
         for name in order:
             c = cands[name]
             t0 = time.perf_counter()
-            for _ in range(steps_per_round):
-                c["state"][0], c["state"][1], _ = c["step"](
-                    c["state"][0], c["state"][1], c["frozen"], ids
-                )
-            _block(c["state"])
+            c["run"](steps_per_round)
             c["times"].append((time.perf_counter() - t0) / steps_per_round)
     n_total = sum(x.size for x in jax.tree.leaves(params))
     return cands, n_total, steps_per_round
@@ -369,14 +377,21 @@ def device_line():
     )
 
 
-def render(args, cfg, cands, n_total, inf_rows, ckpt=None, merge_row=None):
+def _ratio_line(label, num, den):
+    r = [a / b for a, b in zip(num, den)]
+    med, q1, q3 = statistics.median(r), _q(r, 25), _q(r, 75)
+    return f"{label}: median {med:.3f} (IQR {q1:.3f}–{q3:.3f})"
+
+
+def train_table(args, cfg, cands, n_total, steps):
+    """The training-step table of one model, and the ratios the targets are about."""
     full = cands["full"]["times"]
     lines = [
-        f"Device: {device_line()}. Model: GPT {cfg.layers} x {cfg.d}, {cfg.heads} heads, "
-        f"seq {cfg.seq}, batch {args.batch}, vocab {cfg.vocab}, "
-        f"{jnp.dtype(cfg.dtype).name}; "
-        f"LoRA r={args.rank} on query and value; AdamW. {args.rounds} alternated rounds of "
-        f"{args.steps} steps (rounds of >= {MIN_ROUND_S} s) after 2 warm-up steps.",
+        f"Model: GPT {cfg.layers} x {cfg.d}, {cfg.heads} heads, seq {cfg.seq}, batch "
+        f"{args.batch}, vocab {cfg.vocab}, {jnp.dtype(cfg.dtype).name}, {n_total:,} "
+        f"parameters; LoRA r={args.rank} on query and value; AdamW. {args.rounds} "
+        f"alternated rounds of {steps} steps (rounds of >= {MIN_ROUND_S} s) after "
+        "warm-up.",
         "",
         "| candidate | step ms (median) | ratio to full (median of per-round ratios) "
         "| ratio IQR | trace+compile s | compile ratio | temp MiB | trainable params "
@@ -387,22 +402,52 @@ def render(args, cfg, cands, n_total, inf_rows, ckpt=None, merge_row=None):
         ratios = [t / f for t, f in zip(c["times"], full)]
         iqr = f"{_q(ratios, 25):.3f}–{_q(ratios, 75):.3f}"
         share = 100 * c["n_train"] / n_total
+        if c["compile_s"] is None:  # PyTorch: eager, no XLA memory analysis
+            compile_cols = "n/a | n/a | n/a"
+        else:
+            compile_cols = (
+                f"{c['compile_s']:.2f} | {c['compile_s'] / cands['full']['compile_s']:.2f}"
+                f" | {c['temp'] / 2**20:.1f}"
+            )
         lines.append(
             f"| {name} | {1e3 * statistics.median(c['times']):.1f} | "
-            f"{statistics.median(ratios):.3f} | {iqr} | "
-            f"{c['compile_s']:.2f} | {c['compile_s'] / cands['full']['compile_s']:.2f} | "
-            f"{c['temp'] / 2**20:.1f} | {c['n_train']:,} ({share:.3f}%) "
-            f"| {c['opt_bytes']:,} |"
+            f"{statistics.median(ratios):.3f} | {iqr} | {compile_cols} | "
+            f"{c['n_train']:,} ({share:.3f}%) | {c['opt_bytes']:,} |"
         )
-    jl, hw, fl = (cands[n]["times"] for n in ("jlora", "hand-written", "floor"))
-    vs_hand = [a / b for a, b in zip(jl, hw)]
-    vs_floor = [a / b for a, b in zip(jl, fl)]
+    jl = cands["jlora"]["times"]
     lines += [
         "",
-        f"jlora / hand-written: median {statistics.median(vs_hand):.3f} "
-        f"(IQR {_q(vs_hand, 25):.3f}–{_q(vs_hand, 75):.3f}); jlora / floor: median "
-        f"{statistics.median(vs_floor):.3f} (IQR {_q(vs_floor, 25):.3f}–"
-        f"{_q(vs_floor, 75):.3f}).",
+        _ratio_line("jlora / hand-written", jl, cands["hand-written"]["times"]) + "; "
+        + _ratio_line("jlora / floor", jl, cands["floor"]["times"]) + ".",
+    ]
+    if "pytorch+peft" in cands:
+        import peft
+        import torch
+
+        c = cands["pytorch+peft"]
+        lines += [
+            "",
+            _ratio_line(
+                f"PyTorch {torch.__version__} + PEFT {peft.__version__} "
+                f"({c['threads']} intra-op threads) step / jlora step",
+                c["times"],
+                jl,
+            ) + "; the PyTorch model is the same architecture, LoRA config, AdamW and "
+            "token ids (benchmarks/torch_peft.py), run eagerly.",
+        ]
+    return lines
+
+
+def render(args, main, inf_rows, ckpt=None, merge_row=None, large=None):
+    """`main` and `large`: `(cfg, cands, n_total, steps_per_round)` of a model."""
+    cfg, cands, n_total, _ = main
+    lines = [f"Device: {device_line()}.", "", *train_table(args, *main)]
+    if large is not None:
+        lines += ["", "Larger model:", "", *train_table(args, *large)]
+    lines += [
+        "",
+        f"Inference, GPT {cfg.layers} x {cfg.d} (median of {args.rounds} alternated "
+        "rounds):",
         "",
         "| inference batch | base ms | unmerged LoRA ms | LoRA / base (median) | IQR "
         "| merged params hit base's jit cache |",
@@ -466,17 +511,33 @@ def main(argv=None):
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--no-write", action="store_true", help="print only")
+    p.add_argument("--no-large", action="store_true", help="skip the larger model")
+    p.add_argument(
+        "--no-torch", action="store_true", help="skip PyTorch + PEFT even if installed"
+    )
     args = p.parse_args(argv)
     dtype = jnp.dtype(args.dtype)
     if args.quick:
         cfg = GPTConfig(vocab=512, d=64, heads=4, layers=2, seq=32, dtype=dtype)
+        large_cfg = GPTConfig(vocab=512, d=96, heads=4, layers=3, seq=32, dtype=dtype)
         args.rounds, args.steps = min(args.rounds, 3), 1
     else:
         cfg = GPTConfig(dtype=dtype)
+        large_cfg = GPTConfig(d=768, heads=12, layers=12, dtype=dtype)
+    torch = not args.no_torch and torch_peft.available()
     with jax.numpy_dtype_promotion("standard"):
-        cands, n_total, args.steps = bench_train(
-            cfg, args.rank, args.batch, args.rounds, args.steps
+        cands, n_total, steps = bench_train(
+            cfg, args.rank, args.batch, args.rounds, args.steps, torch
         )
+        main_row = (cfg, cands, n_total, steps)
+        large = None
+        if not args.no_large:
+            # One step per round: a step of the larger model takes seconds on a CPU.
+            # --quick, a smoke run, times the candidates the targets name.
+            only = ("full", "jlora", "hand-written", "floor") if args.quick else None
+            large = (large_cfg, *bench_train(
+                large_cfg, args.rank, args.batch, args.rounds, 1, torch, only
+            ))
         inf_rows = bench_inference(cfg, args.rank, (1, args.batch), args.rounds)
         ckpt = bench_checkpoint(cfg, args.rank, 3)
         # >= 1 GiB of kernels in the full run; 64 MiB in --quick.
@@ -485,7 +546,7 @@ def main(argv=None):
             if args.quick
             else bench_merge(16, 4096, args.rank, 3)
         )
-    text = render(args, cfg, cands, n_total, inf_rows, ckpt, merge_row)
+    text = render(args, main_row, inf_rows, ckpt, merge_row, large)
     print(text)
     if not args.no_write:
         tag = f"{jax.devices()[0].platform}-{args.dtype}" + ("-quick" if args.quick else "")
@@ -493,7 +554,13 @@ def main(argv=None):
             argv if argv is not None else sys.argv[1:]
         )
         write_section(text, tag, command.strip())
-    return cands, inf_rows, ckpt, merge_row
+    return {
+        "cands": cands,
+        "large": None if large is None else large[1],
+        "inference": inf_rows,
+        "checkpoint": ckpt,
+        "merge": merge_row,
+    }
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ import importlib.util
 import pathlib
 
 import jax
+import numpy as np
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -31,8 +32,9 @@ def test_benchmark_quick_mode_runs_every_candidate():
     )
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    cands, inf_rows, (sizes, _), merge_row = bench.main(
-        ["--quick", "--no-write", "--rounds", "2"]
+    out = bench.main(["--quick", "--no-write", "--no-torch", "--rounds", "2"])
+    cands, inf_rows, (sizes, _), merge_row = (
+        out["cands"], out["inference"], out["checkpoint"], out["merge"]
     )
     expected = {
         "full",
@@ -46,7 +48,9 @@ def test_benchmark_quick_mode_runs_every_candidate():
     if importlib.util.find_spec("qwix") is not None:  # qwix is in the [bench] extra
         expected.add("qwix")
     assert set(cands) == expected
-    assert all(len(c["times"]) == 2 and min(c["times"]) > 0 for c in cands.values())
+    assert set(out["large"]) == {"full", "jlora", "hand-written", "floor"}
+    for c in [*cands.values(), *out["large"].values()]:
+        assert len(c["times"]) == 2 and min(c["times"]) > 0
     # LoRA trains far fewer parameters, and jlora's optimizer state is the hand-written's.
     assert cands["jlora"]["n_train"] == cands["hand-written"]["n_train"]
     assert cands["jlora"]["opt_bytes"] < cands["full"]["opt_bytes"] / 10
@@ -75,3 +79,25 @@ def test_sharded_training_example_matches_replicated_and_saves_memory():
         mem["fsdp over 8"].argument_size_in_bytes
         < mem["replicated"].argument_size_in_bytes / 3
     )
+
+
+def test_pytorch_peft_candidate_trains_the_same_adapter_size():
+    import sys
+
+    import pytest
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import torch_peft
+    from gpt import GPTConfig
+
+    if not torch_peft.available():  # torch and peft are in the [torch] extra
+        pytest.skip("needs torch and peft")
+    cfg = GPTConfig(vocab=64, d=32, heads=2, layers=2, seq=16)
+    ids = np.random.default_rng(0).integers(0, 64, (2, 16))
+    c = torch_peft.make_candidate(cfg, 4, ids)
+    # LoRA r=4 on query and value of 2 layers: a [32, 4] and b [4, 32] each.
+    assert c["n_train"] == 2 * 2 * (32 * 4 + 4 * 32)
+    # AdamW: two float32 moments per parameter and a float32 step count per tensor (8).
+    assert c["opt_bytes"] == 2 * 4 * c["n_train"] + 8 * 4
+    first = c["run"](1)
+    assert c["run"](5) < first  # it trains
