@@ -1,10 +1,12 @@
 """A small made-up world: the pretraining corpus and the instruction sample.
 
 The corpus is plain declarative text about people, things, places, jobs, animals and
-counting ("Mia has a green lamp. Tom lives in Oslo. After seven comes eight."). It has
-no questions, no instructions and never the word "Answer", so a base model pretrained
-on it knows the world but not the behaviour the instruction sample teaches: to answer
-an Alpaca-format instruction with exactly `Answer: <word>.`
+counting ("Mia has a green lamp. Tom lives in Oslo. After seven comes eight."), each
+document stating a few facts and later repeating some in other words. It has no
+questions, no instructions, and "answer" only in other phrases, never "The answer
+is", so a base model pretrained on it knows the world but not the behaviour the
+instruction sample teaches: to answer an Alpaca-format instruction with exactly
+`The answer is <word>.`
 
 `python -m instruct.world` (from `examples/`) rewrites `examples/data/alpaca_sample.json`.
 """
@@ -128,76 +130,72 @@ def _record(r: random.Random) -> dict[str, str]:
     (city1, city2), (j1, j2) = r.sample(CITIES, 2), r.sample(JOBS, 2)
     animal = r.choice(ANIMALS)
     i = r.randrange(1, len(NUMBERS) - 1)
-    kind = r.randrange(7)
-    if kind == 0:
-        q = r.choice(
+    has = [f"{a} has {_a(c1)} {t1}.", f"{b} has {_a(c2)} {t2}."]
+    tasks = [  # (ways to ask, the sentences of the input, the answer)
+        (
             [
                 "What color is the {t}?",
                 "Tell me the color of the {t}.",
                 "Which color does the {t} have?",
-            ]
-        ).format(t=t1)
-        pair = [f"{a} has {_a(c1)} {t1}.", f"{b} has {_a(c2)} {t2}."]
-        r.shuffle(pair)
-        return {"instruction": q, "input": " ".join(pair), "output": f"The answer is {c1}."}
-    if kind == 1:
-        q = r.choice(
+            ],
+            has,
+            c1,
+        ),
+        (
             [
                 "Where does {n} live?",
                 "Name the city where {n} lives.",
                 "In which city does {n} live?",
-            ]
-        ).format(n=a)
-        pair = [f"{a} lives in {city1}.", f"{b} lives in {city2}."]
-        r.shuffle(pair)
-        return {
-            "instruction": q,
-            "input": " ".join(pair),
-            "output": f"The answer is {city1}.",
-        }
-    if kind == 2:
-        q = r.choice(
-            ["What is the job of {n}?", "What does {n} work as?", "Name the job of {n}."]
-        ).format(n=a)
-        pair = [f"{a} works as a {j1}.", f"{b} works as a {j2}."]
-        r.shuffle(pair)
-        return {"instruction": q, "input": " ".join(pair), "output": f"The answer is {j1}."}
-    if kind == 3:
-        q = r.choice(["Who has the {t}?", "Name the person who has the {t}."]).format(t=t1)
-        pair = [f"{a} has {_a(c1)} {t1}.", f"{b} has {_a(c2)} {t2}."]
-        r.shuffle(pair)
-        return {"instruction": q, "input": " ".join(pair), "output": f"The answer is {a}."}
-    if kind == 4:
-        q = r.choice(["Which animal did {n} see?", "What animal did {n} see?"]).format(n=a)
-        return {
-            "instruction": q,
-            "input": f"{a} saw {_a(c1)} {animal} near the {t1}.",
-            "output": f"The answer is {animal}.",
-        }
-    if kind == 5:
-        q = r.choice(
+            ],
+            [f"{a} lives in {city1}.", f"{b} lives in {city2}."],
+            city1,
+        ),
+        (
+            ["What is the job of {n}?", "What does {n} work as?", "Name the job of {n}."],
+            [f"{a} works as a {j1}.", f"{b} works as a {j2}."],
+            j1,
+        ),
+        (["Who has the {t}?", "Name the person who has the {t}."], has, a),
+        (
+            ["Which animal did {n} see?", "What animal did {n} see?"],
+            [f"{a} saw {_a(c1)} {animal} near the {t1}."],
+            animal,
+        ),
+        (
             [
                 "What number comes after {x}?",
                 "Which number follows {x}?",
                 "Count one step up from {x}.",
-            ]
-        ).format(x=NUMBERS[i])
-        return {"instruction": q, "input": "", "output": f"The answer is {NUMBERS[i + 1]}."}
-    q = r.choice(["What number comes before {x}?", "Which number precedes {x}?"]).format(
-        x=NUMBERS[i]
-    )
-    return {"instruction": q, "input": "", "output": f"The answer is {NUMBERS[i - 1]}."}
+            ],
+            [],
+            NUMBERS[i + 1],
+        ),
+        (
+            ["What number comes before {x}?", "Which number precedes {x}?"],
+            [],
+            NUMBERS[i - 1],
+        ),
+    ]
+    asks, sentences, answer = tasks[r.randrange(len(tasks))]
+    question = r.choice(asks).format(t=t1, n=a, x=NUMBERS[i])
+    r.shuffle(sentences)  # which of the two people comes first
+    return {
+        "instruction": question,
+        "input": " ".join(sentences),
+        "output": f"The answer is {answer}.",
+    }
 
 
 def sample(n: int = 600, seed: int = 1) -> list[dict[str, str]]:
-    """The instruction sample: `n` Alpaca-format records with `Answer: <word>.` outputs."""
+    """The instruction sample: `n` Alpaca-format records, each answered in the form
+    `The answer is <word>.`"""
     r = random.Random(seed)
     return [_record(r) for _ in range(n)]
 
 
 def score(responses: list[str], expected: list[str]) -> dict[str, float]:
-    """Behaviour score: the share of responses in the `Answer: <word>.` format, and the
-    share that are exactly the expected answer."""
+    """Behaviour score: the share of responses in the `The answer is <word>.` format,
+    and the share that are exactly the expected answer."""
     n = max(len(responses), 1)
     return {
         "format": sum(bool(ANSWER.match(x.strip())) for x in responses) / n,
