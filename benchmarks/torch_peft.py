@@ -70,7 +70,7 @@ def make_candidate(cfg, rank: int, ids_np, dtype_name: str = "float32") -> dict:
     model = get_peft_model(GPT().to(dtype), lora)
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=1e-4, weight_decay=1e-4)
-    ids = torch.from_numpy(ids_np).long()
+    ids = torch.tensor(ids_np, dtype=torch.long)
 
     def step():
         logits = model(ids)[:, :-1].float()
@@ -83,7 +83,7 @@ def make_candidate(cfg, rank: int, ids_np, dtype_name: str = "float32") -> dict:
     def run(n: int):
         for _ in range(n):
             loss = step()
-        return float(loss)  # CPU tensors: the step is done when this returns
+        return loss.item()  # CPU tensors: the step is done when this returns
 
     run(1)
     opt_bytes = sum(
