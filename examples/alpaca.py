@@ -196,7 +196,10 @@ def main(argv=None, log=print) -> dict:
         add_eos=args.add_eos,
         train_on_inputs=args.train_on_inputs,
     )
-    tokenize = lambda text: tokenizer.encode(text).ids  # noqa: E731
+
+    def tokenize(text):
+        return tokenizer.encode(text).ids
+
     train = encode(train_recs, template, tokenize, **enc)
     val = encode(val_recs, template, tokenize, **enc)
     for name, data in (("training", train), ("held-out", val)):
@@ -314,7 +317,7 @@ def main(argv=None, log=print) -> dict:
                 history["train"].append((step + 1, float(loss)))
                 rate = tokens / (time.perf_counter() - t0)
                 bar.set_postfix(loss=f"{float(loss):.3f}", tok_s=f"{rate:,.0f}")
-            if (step + 1) % args.eval_every == 0 or last:
+            if (step + 1) % args.eval_every == 0 and not last:  # the last: below
                 merged = jlora.merge(jlora.combine(adapters, frozen))
                 history["eval"].append((step + 1, eval_loss(merged)))
                 bar.write(
@@ -337,6 +340,8 @@ def main(argv=None, log=print) -> dict:
     )
     merged = jlora.merge(params)  # plain params: the unmodified model runs them
     val_after, (score_after, got) = eval_loss(merged), behaviour(merged)
+    if not history["eval"] or history["eval"][-1][0] != args.steps:
+        history["eval"].append((args.steps, val_after))
     report("after: ", val_after, score_after)
     ids = jnp.asarray(val.ids[: args.batch_size])
     gap = float(
