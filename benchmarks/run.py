@@ -209,7 +209,13 @@ def bench_train(cfg, rank, batch, rounds, steps_per_round, torch=False, only=Non
             n_train=n_train,
         )
     if torch and (only is None or "pytorch+peft" in only):
-        c = torch_peft.make_candidate(cfg, rank, np.asarray(ids), jnp.dtype(cfg.dtype).name)
+        c = torch_peft.make_candidate(
+            cfg,
+            rank,
+            np.asarray(ids),
+            jnp.dtype(cfg.dtype).name,
+            torch_peft.device_for(jax.devices()[0].platform),
+        )
         c["run"](1)  # warm-up (one more step than the one make_candidate took)
         cands["pytorch+peft"] = dict(c, compile_s=None, temp=None, times=[])
     names = list(cands)
@@ -428,8 +434,8 @@ def train_table(args, cfg, cands, n_total, steps):
         lines += [
             "",
             _ratio_line(
-                f"PyTorch {torch.__version__} + PEFT {peft.__version__} "
-                f"({c['threads']} intra-op threads) step / jlora step",
+                f"PyTorch {torch.__version__} + PEFT {peft.__version__} on "
+                f"{c['device']} ({c['threads']} intra-op threads) step / jlora step",
                 c["times"],
                 jl,
             ) + "; the PyTorch model is the same architecture, LoRA config, AdamW and "

@@ -15,11 +15,22 @@ def available() -> bool:
     return all(importlib.util.find_spec(m) is not None for m in ("torch", "peft"))
 
 
-def make_candidate(cfg, rank: int, ids_np, dtype_name: str = "float32") -> dict:
+def device_for(jax_platform: str) -> str:
+    """PyTorch's device for a run where JAX is on `jax_platform`."""
+    import torch
+
+    return "cuda" if jax_platform == "gpu" and torch.cuda.is_available() else "cpu"
+
+
+def make_candidate(
+    cfg, rank: int, ids_np, dtype_name: str = "float32", device: str = "cpu"
+) -> dict:
     """A candidate for `run.bench_train`: `run(n)` takes n optimizer steps.
 
-    Returns a dict with `run`, `n_train` (trainable parameters), `opt_bytes` (AdamW
-    state bytes after a step) and `threads` (PyTorch's intra-op thread count).
+    `device` is "cpu" or "cuda" (where JAX runs on a GPU, the benchmark passes "cuda"
+    when PyTorch sees one too). Returns a dict with `run`, `n_train` (trainable
+    parameters), `opt_bytes` (AdamW state bytes after a step), `threads` (PyTorch's
+    intra-op thread count) and `device`.
     """
     import torch
     from peft import LoraConfig, get_peft_model
@@ -67,10 +78,10 @@ def make_candidate(cfg, rank: int, ids_np, dtype_name: str = "float32") -> dict:
 
     lora = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0,
                       target_modules=["query", "value"], bias="none")
-    model = get_peft_model(GPT().to(dtype), lora)
+    model = get_peft_model(GPT().to(device=device, dtype=dtype), lora)
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=1e-4, weight_decay=1e-4)
-    ids = torch.tensor(ids_np, dtype=torch.long)
+    ids = torch.tensor(ids_np, dtype=torch.long, device=device)
 
     def step():
         logits = model(ids)[:, :-1].float()
@@ -83,7 +94,7 @@ def make_candidate(cfg, rank: int, ids_np, dtype_name: str = "float32") -> dict:
     def run(n: int):
         for _ in range(n):
             loss = step()
-        return loss.item()  # CPU tensors: the step is done when this returns
+        return loss.item()  # waits for the device: the steps are done when this returns
 
     run(1)
     opt_bytes = sum(
@@ -95,4 +106,5 @@ def make_candidate(cfg, rank: int, ids_np, dtype_name: str = "float32") -> dict:
         "n_train": sum(p.numel() for p in trainable),
         "opt_bytes": opt_bytes,
         "threads": torch.get_num_threads(),
+        "device": device,
     }
