@@ -397,3 +397,10 @@ def test_alpaca_main_job_two_steps_end_to_end(tmp_path):
     assert "resumed from the checkpoint of step 2" in text
     with pytest.raises(SystemExit, match="other settings \\(lora_r\\)"):
         alpaca.main([*argv, "--lora-r", "4"], log=lines.append)
+
+
+def test_embedded_base_settings_are_checked(tmp_path):
+    with pytest.raises(ValueError, match="BaseSettings.n_docs must be positive"):
+        base.BaseSettings(n_docs=0)
+    with pytest.raises(ValueError, match="fewer than a batch .* raise n_docs"):
+        base.pretrain(base.BaseSettings(n_docs=5), str(tmp_path / "base"))

@@ -46,6 +46,12 @@ class BaseSettings:
     lr: float = 3e-3
     seed: int = 0
 
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name != "seed" and not value > 0:
+                raise ValueError(f"BaseSettings.{f.name} must be positive, got {value!r}")
+
     def key(self) -> str:
         blob = json.dumps({"version": VERSION, **dataclasses.asdict(self)}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
@@ -91,6 +97,11 @@ def pretrain(settings: BaseSettings, out_dir: str, *, log=print) -> dict:
     for enc in tokenizer.encode_batch(docs):
         flat.extend(enc.ids + [eos])
     n_blocks = len(flat) // s.block
+    if n_blocks < s.batch:
+        raise ValueError(
+            f"the corpus of {s.n_docs} documents has {n_blocks} blocks of {s.block} "
+            f"tokens, fewer than a batch ({s.batch}); raise n_docs (--base-docs)"
+        )
     blocks = np.asarray(flat[: n_blocks * s.block], np.int32).reshape(n_blocks, s.block)
     log(
         f"base model: corpus of {s.n_docs} documents, {len(flat):,} tokens, "
