@@ -29,41 +29,41 @@ class CheckpointError(ValueError):
     """A GPT-2 directory that can't be loaded; the message lists every problem."""
 
 
-def _expected_shapes(cfg: GPTConfig) -> dict[str, tuple[int, ...]]:
+_QKV = ("query", "key", "value")  # GPT-2's fused c_attn, side by side on the last axis
+
+
+def _table(cfg: GPTConfig) -> dict[str, tuple[tuple[str, ...], tuple[int, ...]]]:
+    """Every Hugging Face tensor name (without the prefix) -> (its path in `GPT` params,
+    its shape). A path containing `_QKV` stands for the three q/k/v leaves fused."""
     d, inner = cfg.n_embd, cfg.inner
-    shapes = {
-        "wte.weight": (cfg.vocab_size, d),
-        "wpe.weight": (cfg.n_positions, d),
-        "ln_f.weight": (d,),
-        "ln_f.bias": (d,),
+    table = {
+        "wte.weight": (("wte", "embedding"), (cfg.vocab_size, d)),
+        "wpe.weight": (("wpe", "embedding"), (cfg.n_positions, d)),
+        "ln_f.weight": (("ln_f", "scale"), (d,)),
+        "ln_f.bias": (("ln_f", "bias"), (d,)),
     }
     for i in range(cfg.n_layer):
-        p = f"h.{i}."
-        shapes.update(
-            {
-                p + "ln_1.weight": (d,),
-                p + "ln_1.bias": (d,),
-                p + "attn.c_attn.weight": (d, 3 * d),
-                p + "attn.c_attn.bias": (3 * d,),
-                p + "attn.c_proj.weight": (d, d),
-                p + "attn.c_proj.bias": (d,),
-                p + "ln_2.weight": (d,),
-                p + "ln_2.bias": (d,),
-                p + "mlp.c_fc.weight": (d, inner),
-                p + "mlp.c_fc.bias": (inner,),
-                p + "mlp.c_proj.weight": (inner, d),
-                p + "mlp.c_proj.bias": (d,),
-            }
-        )
-    return shapes
+        h, p = f"h_{i}", f"h.{i}."
+        for ln in ("ln_1", "ln_2"):
+            table[p + ln + ".weight"] = ((h, ln, "scale"), (d,))
+            table[p + ln + ".bias"] = ((h, ln, "bias"), (d,))
+        for hf, ours, n_in, n_out in (
+            ("attn.c_attn", (h, "attn", _QKV), d, 3 * d),
+            ("attn.c_proj", (h, "attn", "out"), d, d),
+            ("mlp.c_fc", (h, "fc"), d, inner),
+            ("mlp.c_proj", (h, "proj"), inner, d),
+        ):
+            table[p + hf + ".weight"] = ((*ours, "kernel"), (n_in, n_out))
+            table[p + hf + ".bias"] = ((*ours, "bias"), (n_out,))
+    return table
 
 
-def _dense(w, b):
-    return {"kernel": w, "bias": b}
-
-
-def _norm(w, b):
-    return {"scale": w, "bias": b}
+def _leaves(path: tuple) -> list[tuple[str, ...]]:
+    """The param paths one table entry covers (three for a fused q/k/v entry)."""
+    if _QKV not in path:
+        return [path]
+    i = path.index(_QKV)
+    return [(*path[:i], name, *path[i + 1 :]) for name in _QKV]
 
 
 def hf_to_params(tensors: dict[str, np.ndarray], cfg: GPTConfig, where: str = "") -> Any:
@@ -82,20 +82,20 @@ def hf_to_params(tensors: dict[str, np.ndarray], cfg: GPTConfig, where: str = ""
             lm_head = value
             continue
         named[short] = value
-    expected = _expected_shapes(cfg)
+    table = _table(cfg)
     problems = [
         f"missing tensor {n} (expected shape {s})"
-        for n, s in expected.items()
+        for n, (_, s) in table.items()
         if n not in named
     ]
     problems += [
         f"unexpected tensor {n} {tuple(v.shape)}"
         for n, v in named.items()
-        if n not in expected
+        if n not in table
     ]
     problems += [
         f"tensor {n} has shape {tuple(named[n].shape)}, the config implies {s}"
-        for n, s in expected.items()
+        for n, (_, s) in table.items()
         if n in named and tuple(named[n].shape) != s
     ]
     if (
@@ -110,63 +110,33 @@ def hf_to_params(tensors: dict[str, np.ndarray], cfg: GPTConfig, where: str = ""
             f"(n_layer={cfg.n_layer}, n_embd={cfg.n_embd}, vocab_size={cfg.vocab_size}, "
             f"n_positions={cfg.n_positions}):\n  " + "\n  ".join(problems)
         )
-
-    def t(name):
-        return np.asarray(named[name], np.float32)
-
-    params = {
-        "wte": {"embedding": t("wte.weight")},
-        "wpe": {"embedding": t("wpe.weight")},
-        "ln_f": _norm(t("ln_f.weight"), t("ln_f.bias")),
-    }
-    for i in range(cfg.n_layer):
-        p = f"h.{i}."
-        qkv_w = np.split(t(p + "attn.c_attn.weight"), 3, axis=1)
-        qkv_b = np.split(t(p + "attn.c_attn.bias"), 3)
-        attn = {n: _dense(w, b) for n, w, b in zip(("query", "key", "value"), qkv_w, qkv_b)}
-        attn["out"] = _dense(t(p + "attn.c_proj.weight"), t(p + "attn.c_proj.bias"))
-        params[f"h_{i}"] = {
-            "ln_1": _norm(t(p + "ln_1.weight"), t(p + "ln_1.bias")),
-            "attn": attn,
-            "ln_2": _norm(t(p + "ln_2.weight"), t(p + "ln_2.bias")),
-            "fc": _dense(t(p + "mlp.c_fc.weight"), t(p + "mlp.c_fc.bias")),
-            "proj": _dense(t(p + "mlp.c_proj.weight"), t(p + "mlp.c_proj.bias")),
-        }
+    params: dict = {}
+    for name, (path, _) in table.items():
+        paths = _leaves(path)
+        parts = np.split(np.asarray(named[name], np.float32), len(paths), axis=-1)
+        for leaf_path, part in zip(paths, parts):
+            node = params
+            for key in leaf_path[:-1]:
+                node = node.setdefault(key, {})
+            node[leaf_path[-1]] = part
     return params
 
 
 def params_to_hf(params: Any, cfg: GPTConfig) -> dict[str, np.ndarray]:
     """The inverse of `hf_to_params`, with `GPT2LMHeadModel`'s `transformer.` names."""
 
-    def a(x):
-        return np.ascontiguousarray(np.asarray(x, np.float32))
+    def get(path):
+        node = params
+        for key in path:
+            node = node[key]
+        return np.asarray(node, np.float32)
 
-    out = {
-        "wte.weight": a(params["wte"]["embedding"]),
-        "wpe.weight": a(params["wpe"]["embedding"]),
-        "ln_f.weight": a(params["ln_f"]["scale"]),
-        "ln_f.bias": a(params["ln_f"]["bias"]),
+    return {
+        "transformer." + name: np.ascontiguousarray(
+            np.concatenate([get(p) for p in _leaves(path)], axis=-1)
+        )
+        for name, (path, _) in _table(cfg).items()
     }
-    for i in range(cfg.n_layer):
-        h, p = params[f"h_{i}"], f"h.{i}."
-        attn = h["attn"]
-        out[p + "attn.c_attn.weight"] = a(
-            np.concatenate([attn[n]["kernel"] for n in ("query", "key", "value")], 1)
-        )
-        out[p + "attn.c_attn.bias"] = a(
-            np.concatenate([attn[n]["bias"] for n in ("query", "key", "value")])
-        )
-        for hf, ours in (
-            ("attn.c_proj", attn["out"]),
-            ("mlp.c_fc", h["fc"]),
-            ("mlp.c_proj", h["proj"]),
-        ):
-            out[p + hf + ".weight"] = a(ours["kernel"])
-            out[p + hf + ".bias"] = a(ours["bias"])
-        for ln in ("ln_1", "ln_2"):
-            out[p + ln + ".weight"] = a(h[ln]["scale"])
-            out[p + ln + ".bias"] = a(h[ln]["bias"])
-    return {"transformer." + k: v for k, v in out.items()}
 
 
 def load(path: str):
