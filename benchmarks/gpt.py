@@ -48,6 +48,16 @@ class GPTConfig:
     layers: int = 4
     seq: int = 128
     dtype: Any = jnp.float32
+    # Box kernels with logical axis names (`nn.with_logical_partitioning`), as sharded
+    # Flax models do: "embed", "heads" (attention features), "mlp", "vocab".
+    logical: bool = False
+
+
+LECUN = nn.initializers.lecun_normal()  # nn.Dense's default kernel init
+
+
+def _kernel_init(cfg: GPTConfig, names, init=LECUN):
+    return nn.with_logical_partitioning(init, names) if cfg.logical else init
 
 
 class Block(nn.Module):
@@ -57,7 +67,21 @@ class Block(nn.Module):
     @nn.compact
     def __call__(self, x):
         c = self.cfg
-        dense = lambda n, name: nn.Dense(n, name=name, dtype=c.dtype, param_dtype=c.dtype)  # noqa: E731
+        names = {
+            "query": ("embed", "heads"),
+            "key": ("embed", "heads"),
+            "value": ("embed", "heads"),
+            "out": ("heads", "embed"),
+            "fc1": ("embed", "mlp"),
+            "fc2": ("mlp", "embed"),
+        }
+
+        def dense(n, name):
+            init = _kernel_init(c, names[name])
+            return nn.Dense(
+                n, name=name, dtype=c.dtype, param_dtype=c.dtype, kernel_init=init
+            )
+
         qv = self.qv_dense or (lambda name: dense(c.d, name))
         h = nn.LayerNorm(dtype=c.dtype, param_dtype=c.dtype)(x)
         b, t, _ = h.shape
@@ -81,7 +105,14 @@ class GPT(nn.Module):
         if self.hand_lora_rank:
             r = self.hand_lora_rank
             qv = lambda name: HandLoraDense(c.d, r, 2.0 * r, c.dtype, name=name)  # noqa: E731
-        x = nn.Embed(c.vocab, c.d, dtype=c.dtype, param_dtype=c.dtype)(ids)
+        emb_init = _kernel_init(
+            c,
+            ("vocab", "embed"),
+            nn.initializers.variance_scaling(1.0, "fan_in", "normal", out_axis=0),
+        )
+        x = nn.Embed(
+            c.vocab, c.d, dtype=c.dtype, param_dtype=c.dtype, embedding_init=emb_init
+        )(ids)
         if delta is not None:  # the floor: one small trainable vector at the embedding
             x = x + delta.astype(x.dtype)
         pos = self.param("pos", nn.initializers.normal(0.02), (c.seq, c.d), c.dtype)
@@ -89,7 +120,14 @@ class GPT(nn.Module):
         for i in range(c.layers):
             x = Block(c, qv, name=f"block_{i}")(x)
         x = nn.LayerNorm(dtype=c.dtype, param_dtype=c.dtype)(x)
-        return nn.Dense(c.vocab, name="lm_head", dtype=c.dtype, param_dtype=c.dtype)(x)
+        head_init = _kernel_init(c, ("embed", "vocab"))
+        return nn.Dense(
+            c.vocab,
+            name="lm_head",
+            dtype=c.dtype,
+            param_dtype=c.dtype,
+            kernel_init=head_init,
+        )(x)
 
 
 def next_token_loss(logits, ids):

@@ -76,8 +76,13 @@ def make_candidate(
                 x = block(x)
             return self.lm_head(self.ln(x))
 
-    lora = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0,
-                      target_modules=["query", "value"], bias="none")
+    lora = LoraConfig(
+        r=rank,
+        lora_alpha=2 * rank,
+        lora_dropout=0.0,
+        target_modules=["query", "value"],
+        bias="none",
+    )
     model = get_peft_model(GPT().to(device=device, dtype=dtype), lora)
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=1e-4, weight_decay=1e-4)
@@ -99,7 +104,9 @@ def make_candidate(
     run(1)
     opt_bytes = sum(
         t.numel() * t.element_size()
-        for s in opt.state.values() for t in s.values() if torch.is_tensor(t)
+        for s in opt.state.values()
+        for t in s.values()
+        if torch.is_tensor(t)
     )
     return {
         "run": run,

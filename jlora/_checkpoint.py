@@ -2,32 +2,48 @@
 
 An adapter checkpoint is one orbax checkpoint (a `CompositeCheckpointHandler`) with two
 items: `adapters`, the factor and trained arrays, and `jlora`, JSON metadata (format,
-jlora version, config, and per leaf: path, kind, shapes, dtypes, scale, layout).
-Restoring always goes against an abstract target built from the base params, so the
-result has `LoraWeight` nodes with their scale and layout, never plain dicts.
+jlora version, config, and per leaf: path, kind, shapes, dtypes, scale, layout, and a
+fingerprint of the base kernel the factors were trained on). Restoring always goes
+against an abstract target built from the base params, so the result has `LoraWeight`
+nodes with their scale and layout, never plain dicts.
+
+Every save is written into a staging directory beside its target and swapped in by
+renames that leave, at every instant, either the previous or the new checkpoint
+complete, or a marked sibling from which the next save or load finishes or rolls back
+the swap (`_recover`). On several processes each writes its own shards; process 0 does
+the renames between barriers.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import glob
 import json
 import os
+import re
 import shutil
 import uuid
+import warnings
+from importlib import metadata as importlib_metadata
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
+from jlora._boxes import unbox
 from jlora._config import LoraConfig
 from jlora._merge import combine, merge
 from jlora._sharding import factor_shardings, named_sharding_of
-from jlora._targets import flatten, open_node, unbox
+from jlora._targets import flatten, flatten_keep_none, key_str, open_node
 from jlora._weight import Layout, LoraWeight, Trainable
 
 FORMAT = "jlora-adapter"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: a fingerprint of each adapted base kernel
 ARRAYS, META = "adapters", "jlora"
+STATE_FORMAT = "jlora-train-state"
+STATE_FORMAT_VERSION = 2  # 2: leaves stored under their paths (1: by position)
+BASE_MISMATCH = ("warn", "error", "ignore")
 
 
 def _ocp():
@@ -36,12 +52,147 @@ def _ocp():
     return ocp
 
 
+def _version() -> str:
+    try:
+        return importlib_metadata.version("jlora")
+    except importlib_metadata.PackageNotFoundError:  # a source tree, not installed
+        return "unknown"
+
+
 def _key(i: int) -> str:
     return f"leaf_{i:05d}"
 
 
 def _spec(x) -> dict:
     return {"shape": list(np.shape(x)), "dtype": str(np.dtype(x.dtype))}
+
+
+# Several processes ----------------------------------------------------------------------
+
+
+def _primary() -> bool:
+    return jax.process_index() == 0
+
+
+def _barrier(name: str) -> None:
+    """Every process waits here for the others (nothing to wait for on one process)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(f"jlora:{name}")
+
+
+def _agreed_token() -> str:
+    """A fresh name that every process agrees on (process 0's)."""
+    token = np.frombuffer(uuid.uuid4().bytes, np.uint8)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        token = np.asarray(multihost_utils.broadcast_one_to_all(token))
+    return bytes(token.astype(np.uint8)).hex()[:12]
+
+
+# Atomic writes --------------------------------------------------------------------------
+
+
+class _FS:
+    """The filesystem steps of a save, in one place (tests fail each in turn)."""
+
+    rename = staticmethod(os.rename)
+    rmtree = staticmethod(shutil.rmtree)
+    makedirs = staticmethod(os.makedirs)
+
+
+def _sibling(path: str, kind: str, token: str) -> str:
+    parent, name = os.path.split(path)
+    return os.path.join(parent, f".{name}.{kind}-{token}")
+
+
+def _siblings(path: str, kind: str) -> list[str]:
+    """Existing siblings of `kind` (and orbax's own temporaries under them), oldest
+    first."""
+    parent, name = os.path.split(path)
+    found = glob.glob(os.path.join(glob.escape(parent), f".{glob.escape(name)}.{kind}-*"))
+    return sorted(found, key=os.path.getmtime)
+
+
+def _recover(path: str) -> None:
+    """Finishes or rolls back a swap that a crash interrupted (process 0 only).
+
+    A save marks its new checkpoint complete by renaming its staging directory to a
+    `ready` sibling, then moves the old checkpoint to a `retired` sibling and the ready
+    one into place. So: with nothing at `path`, a `ready` sibling is the new, complete
+    checkpoint (finish the swap), else a `retired` one is the old (roll back); with a
+    checkpoint at `path`, leftover siblings are stale and removed.
+    """
+    if not _primary():
+        return
+    ready, retired = _siblings(path, "ready"), _siblings(path, "retired")
+    if not os.path.exists(path):
+        if ready:
+            _FS.rename(ready.pop(), path)
+        elif retired:
+            _FS.rename(retired.pop(), path)
+    if os.path.exists(path):
+        for stale in ready + retired:
+            _FS.rmtree(stale, ignore_errors=True)
+
+
+def _write_atomically(path: str, overwrite: bool, fn_name: str, write) -> None:
+    """`write(staging)` into a fresh sibling directory, then swap it in by renames.
+
+    orbax's own forced save deletes the old directory before writing the new one; here
+    the old checkpoint stays complete until the new one is, and a save that dies at any
+    step leaves a checkpoint that the next save or load completes (`_recover`). A save
+    that fails with an exception removes its staging directory; staging directories of
+    saves that died are removed by the next save to the same path.
+    """
+    _recover(path)
+    _barrier(f"{path}:recovered")
+    exists = os.path.exists(path)
+    if exists and not overwrite:
+        raise FileExistsError(
+            f"jlora.{fn_name}: {path} already exists; pass overwrite=True to replace it "
+            "(written beside it, then swapped in), or choose another path."
+        )
+    if _primary():
+        _FS.makedirs(os.path.dirname(path), exist_ok=True)
+        for stale in _siblings(path, "staging"):
+            _FS.rmtree(stale, ignore_errors=True)
+    token = _agreed_token()
+    _barrier(f"{path}:prepared")
+    staging = _sibling(path, "staging", token)
+    try:
+        write(staging)
+        _barrier(f"{path}:written")
+        if _primary():
+            ready = _sibling(path, "ready", token)
+            _FS.rename(staging, ready)  # from here on, the new checkpoint is complete
+            if exists:
+                retired = _sibling(path, "retired", token)
+                _FS.rename(path, retired)
+                _FS.rename(ready, path)
+                _FS.rmtree(retired, ignore_errors=True)
+            else:
+                _FS.rename(ready, path)
+    except Exception:
+        if _primary():
+            shutil.rmtree(staging, ignore_errors=True)
+            for tmp in glob.glob(glob.escape(staging) + "*"):  # orbax's temporaries
+                shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _barrier(f"{path}:swapped")
+
+
+# Metadata -------------------------------------------------------------------------------
+
+
+def _pattern_json(p):
+    """A regex as JSON: its string, with flags only where they are not the default."""
+    if isinstance(p, re.Pattern):
+        flags = p.flags & ~re.UNICODE
+        return p.pattern if not flags else {"regex": p.pattern, "flags": flags}
+    return p
 
 
 def _config_dict(config: LoraConfig | None):
@@ -56,13 +207,45 @@ def _config_dict(config: LoraConfig | None):
     for field in dataclasses.fields(config):
         value = getattr(config, field.name)
         if isinstance(value, dict):
-            value = {k: list(v) if isinstance(v, Layout) else v for k, v in value.items()}
+            value = {
+                (k.pattern if isinstance(k, re.Pattern) else k): (
+                    list(v) if isinstance(v, Layout) else v
+                )
+                for k, v in value.items()
+            }
         elif field.name == "dtype" and value is not None:
             value = str(np.dtype(value))
-        elif isinstance(value, tuple):
-            value = list(value)
+        elif isinstance(value, (tuple, list)):
+            value = [_pattern_json(v) for v in value]
+        else:
+            value = _pattern_json(value)
         out[field.name] = value
     return out
+
+
+@jax.jit
+def _checksums(x):
+    """Two order-independent integer sums of `x`'s bit patterns (mod 2^32): plain, and
+    weighted by each element's flat index. Integer addition is exact and associative,
+    so the result depends neither on sharding nor on the device count; the weighted sum
+    tells a kernel from its transpose."""
+    word = {1: jnp.uint8, 2: jnp.uint16}.get(x.dtype.itemsize, jnp.uint32)
+    bits = jax.lax.bitcast_convert_type(x, word).reshape(-1).astype(jnp.uint32)
+    index = jax.lax.iota(jnp.uint32, bits.size)
+    return (
+        jnp.sum(bits, dtype=jnp.uint32),
+        jnp.sum(bits * (2 * index + 1), dtype=jnp.uint32),
+    )
+
+
+def fingerprint(w) -> dict:
+    """Shape, dtype and checksums of a base kernel, as stored in adapter metadata."""
+    plain, weighted = _checksums(w)
+    return {
+        "shape": list(np.shape(w)),
+        "dtype": str(np.dtype(w.dtype)),
+        "checksum": [int(plain), int(weighted)],
+    }
 
 
 def _collect(params):
@@ -72,6 +255,7 @@ def _collect(params):
         inner, _ = open_node(leaf)
         if isinstance(inner, LoraWeight):
             a, b = unbox(inner.a), unbox(inner.b)
+            w = unbox(inner.w)
             entries.append(
                 {
                     "path": path,
@@ -85,6 +269,7 @@ def _collect(params):
                     "dropout": inner.dropout,
                     "a": _spec(a),
                     "b": _spec(b),
+                    "base": None if w is None else fingerprint(w),
                 }
             )
             arrays += [a, b]
@@ -95,37 +280,6 @@ def _collect(params):
     return arrays, entries
 
 
-def _fresh_sibling(path: str, tag: str) -> str:
-    parent, name = os.path.split(path)
-    return os.path.join(parent, f".{name}.{tag}-{uuid.uuid4().hex[:8]}")
-
-
-def _write_atomically(path: str, overwrite: bool, fn_name: str, write) -> None:
-    """`write(target)` into a fresh sibling directory, then swap it in by rename.
-
-    orbax's own forced save deletes the old directory before writing the new one; here
-    the old checkpoint stays complete until the new one is, so a save killed at any
-    point leaves either the old or the new checkpoint at `path`.
-    """
-    path = os.path.abspath(os.fspath(path))
-    exists = os.path.exists(path)
-    if exists and not overwrite:
-        raise FileExistsError(
-            f"jlora.{fn_name}: {path} already exists; pass overwrite=True to replace it "
-            "(written beside it, then swapped in), or choose another path."
-        )
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    staging = _fresh_sibling(path, "staging")
-    write(staging)
-    if not exists:
-        os.rename(staging, path)
-        return
-    retired = _fresh_sibling(path, "retired")
-    os.rename(path, retired)
-    os.rename(staging, path)
-    shutil.rmtree(retired, ignore_errors=True)
-
-
 def save_adapter(
     path, params: Any, config: LoraConfig | None = None, *, overwrite: bool = False
 ) -> str:
@@ -133,15 +287,20 @@ def save_adapter(
 
     Writes every trainable leaf (the factors and the `Trainable` leaves; the same set
     as `jlora.split`) plus JSON metadata: format, jlora version, `config` (if given) and
-    per leaf its path, shapes, dtypes, scale, layout and dropout. The base kernels are
-    not written. The caller's params are read, never changed or donated.
+    per leaf its path, shapes, dtypes, scale, layout, dropout, and a fingerprint of the
+    base kernel (shape, dtype, checksums of its bits) that `load_adapter` compares with
+    the base it loads onto. The base kernels are not written. Sharded arrays are
+    written shard by shard, by every process that holds some. The caller's params are
+    read, never changed or donated.
 
     Args:
       path: a directory that must not exist yet (unless `overwrite=True`).
-      params: adapted params (from `jlora.init`, `combine`, `unmerge`).
+      params: adapted params (from `jlora.init`, `combine`, `unmerge`); adapters alone
+        (`split`'s first output) also work, without the base fingerprint.
       config: the `LoraConfig`, stored for reference.
       overwrite: replace an existing checkpoint. The new one is written beside it and
-        swapped in by rename, so the old one survives a save killed midway.
+        swapped in by renames; a save that dies at any point leaves the old or the new
+        checkpoint complete for the next load.
 
     Returns:
       the absolute path written.
@@ -155,8 +314,6 @@ def save_adapter(
       jlora.save_adapter("/tmp/run/adapter", params, config)
       params = jlora.load_adapter("/tmp/run/adapter", base_params)
     """
-    from jlora import __version__
-
     arrays, entries = _collect(params)
     if not entries:
         raise ValueError(
@@ -166,20 +323,22 @@ def save_adapter(
     meta = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
-        "jlora_version": __version__,
+        "jlora_version": _version(),
         "config": _config_dict(config),
         "leaves": entries,
     }
+    json.dumps(meta)  # fail before anything is written
     ocp = _ocp()
-    # Host copies first: the write cannot race with a later donation of the params.
-    host = {_key(i): np.asarray(x) for i, x in enumerate(arrays)}
+    # A synchronous save: it has written every array when it returns, so the caller
+    # may donate them at once.
+    tree = {_key(i): x for i, x in enumerate(arrays)}
 
     def write(target):
         with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
             ckptr.save(
                 target,
                 args=ocp.args.Composite(
-                    **{ARRAYS: ocp.args.StandardSave(host), META: ocp.args.JsonSave(meta)}
+                    **{ARRAYS: ocp.args.StandardSave(tree), META: ocp.args.JsonSave(meta)}
                 ),
             )
 
@@ -196,6 +355,7 @@ def read_adapter_metadata(path) -> dict:
       ValueError: missing or corrupt metadata, or a checkpoint of another kind.
     """
     path = os.path.abspath(os.fspath(path))
+    _recover(path)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"jlora: no checkpoint directory at {path}.")
     meta_file = os.path.join(path, META, "metadata")
@@ -225,37 +385,55 @@ def read_adapter_metadata(path) -> dict:
     return meta
 
 
-def load_adapter(path, base_params: Any, *, sharding: Any = None) -> Any:
+def load_adapter(
+    path, base_params: Any, *, sharding: Any = None, base_mismatch: str = "warn"
+) -> Any:
     """Puts the adapters saved at `path` back onto `base_params`.
 
     Every stored leaf is checked against the base before anything is read (paths
     exist, factor shapes fit the kernel's shape and layout), and the arrays are restored
     against abstract targets built from those shapes, so the result has `LoraWeight`
     nodes with their scale and layout, or the call raises and nothing is half-loaded.
+    Each base kernel is also compared with the fingerprint of the kernel the adapters
+    were trained on (shape, dtype, checksums of its bits): adapters trained on another
+    base of the same shapes are caught.
 
     Args:
       path: a directory written by `save_adapter`.
-      base_params: the plain base params (e.g. freshly loaded) or `split`'s base.
+      base_params: the plain base params (e.g. freshly loaded) or `split`'s base (which
+        holds None where the trained leaves go: they are restored as stored).
       sharding: optional `jax.sharding.Sharding` to restore every adapter array into.
         By default each array is restored straight into the sharding its base leaf
         implies: `a` the kernel's input axes, `b` its output axes (see
         `jlora.adapter_specs`), a trained leaf its base leaf's.
+      base_mismatch: what a kernel that differs from the recorded fingerprint does:
+        `"warn"` (default; one warning listing every such path), `"error"` (raise), or
+        `"ignore"`.
 
     Returns:
       adapted params, as `combine(adapters, base_params)`.
 
     Raises:
       FileNotFoundError: no directory at `path`.
-      ValueError: not a jlora adapter checkpoint, corrupt metadata, or adapters that
-        don't fit `base_params` (every mismatch listed at once).
+      ValueError: not a jlora adapter checkpoint, corrupt metadata, adapters that don't
+        fit `base_params` (every mismatch listed at once), or a different base with
+        `base_mismatch="error"`.
     """
+    if base_mismatch not in BASE_MISMATCH:
+        raise ValueError(
+            f"jlora.load_adapter: base_mismatch must be one of {BASE_MISMATCH}, got "
+            f"{base_mismatch!r}."
+        )
     path = os.path.abspath(os.fspath(path))
+    _recover(path)
+    _barrier(f"{path}:load")
     meta = read_adapter_metadata(path)
-    base_leaves, treedef = flatten(base_params)
+    base_leaves, treedef = flatten_keep_none(base_params)
     by_path = dict(base_leaves)
-    errors, targets, nodes = [], [], {}
+    errors, targets, nodes, changed = [], [], {}, []
     for entry in meta["leaves"]:
         p = entry.get("path")
+        kind = entry.get("kind")
         if p not in by_path:
             errors.append(f"  {p}: not in the base params")
             continue
@@ -265,8 +443,25 @@ def load_adapter(path, base_params: Any, *, sharding: Any = None) -> Any:
                 f"  {p}: the base already holds an adapter here; pass plain base params"
             )
             continue
-        shape = tuple(np.shape(unbox(inner)))
-        if entry["kind"] == "lora":
+        if kind == "full":
+            if inner is None:  # split()'s base: the trained leaf is restored as stored
+                nodes[p] = (entry, len(targets))
+                targets.append((entry["value"], sharding))
+                continue
+            shape = tuple(np.shape(unbox(inner)))
+            if tuple(entry["value"]["shape"]) != shape:
+                errors.append(
+                    f"  {p}: base leaf {list(shape)}, checkpoint {entry['value']['shape']}"
+                )
+                continue
+            nodes[p] = (entry, len(targets))
+            targets.append((entry["value"], sharding or named_sharding_of(unbox(inner))))
+        elif kind == "lora":
+            if inner is None:
+                errors.append(f"  {p}: the base has no kernel here (None)")
+                continue
+            w = unbox(inner)
+            shape = tuple(np.shape(w))
             layout = Layout(*entry["layout"])
             if layout.ndim != len(shape):
                 errors.append(
@@ -284,23 +479,29 @@ def load_adapter(path, base_params: Any, *, sharding: Any = None) -> Any:
                     f"{list(got_b)}"
                 )
                 continue
+            recorded = entry.get("base")
+            if recorded and base_mismatch != "ignore" and fingerprint(w) != recorded:
+                changed.append(p)
             nodes[p] = (entry, len(targets))
-            a_sh, b_sh = factor_shardings(unbox(inner), layout)
+            a_sh, b_sh = factor_shardings(w, layout)
             targets += [(entry["a"], sharding or a_sh), (entry["b"], sharding or b_sh)]
-        elif entry["kind"] == "full":
-            if tuple(entry["value"]["shape"]) != shape:
-                errors.append(
-                    f"  {p}: base leaf {list(shape)}, checkpoint {entry['value']['shape']}"
-                )
-                continue
-            nodes[p] = (entry, len(targets))
-            targets.append((entry["value"], sharding or named_sharding_of(unbox(inner))))
         else:
-            errors.append(f"  {p}: unknown leaf kind {entry.get('kind')!r}")
+            errors.append(f"  {p}: unknown leaf kind {kind!r}")
     if errors:
         raise ValueError(
             f"jlora.load_adapter: the adapters at {path} do not fit base_params:\n"
             + "\n".join(errors)
+        )
+    if changed:
+        msg = (
+            f"jlora.load_adapter: the adapters at {path} were trained on different base "
+            f"kernels (same shapes, other values) at {changed}; check that base_params "
+            "are the model they were trained on."
+        )
+        if base_mismatch == "error":
+            raise ValueError(msg)
+        warnings.warn(
+            msg + " (base_mismatch='error' refuses, 'ignore' silences this)", stacklevel=2
         )
     abstract = {
         _key(i): jax.ShapeDtypeStruct(tuple(t["shape"]), np.dtype(t["dtype"]), sharding=s)
@@ -329,7 +530,7 @@ def load_adapter(path, base_params: Any, *, sharding: Any = None) -> Any:
             )
         else:
             node = Trainable(restored[_key(i)])
-        out.append(put_back(node))
+        out.append(put_back(node) if leaf is not None else node)
     return combine(jax.tree_util.tree_unflatten(treedef, out), base_params)
 
 
@@ -337,12 +538,14 @@ def save_merged(path, params: Any, *, overwrite: bool = False) -> str:
     """Saves `jlora.merge(params)` as a plain orbax params checkpoint for serving.
 
     The result is what the unmodified model takes; plain orbax restores it with no
-    jlora import: `orbax.checkpoint.StandardCheckpointer().restore(path)`.
+    jlora import: `orbax.checkpoint.StandardCheckpointer().restore(path)`. Kernels are
+    merged one compiled computation at a time, on the devices that hold them, and
+    written shard by shard: no process ever holds the whole merged model.
 
     Raises:
       FileExistsError: `path` exists and `overwrite` is False.
     """
-    merged = jax.tree.map(np.asarray, merge(params))
+    merged = merge(params)
     ocp = _ocp()
 
     def write(target):
@@ -355,14 +558,71 @@ def save_merged(path, params: Any, *, overwrite: bool = False) -> str:
     return path
 
 
+# Training-loop checkpoints --------------------------------------------------------------
+
+
+def _parts(keys) -> list[str]:
+    return [key_str(k) for k in keys] or ["_"]
+
+
+def _nested(tree) -> dict:
+    """`tree`'s leaves in nested dicts keyed by the parts of their paths, so that orbax
+    stores (and restores) every leaf under its path, not its position."""
+    out: dict = {}
+    leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
+    for keys, leaf in leaves:
+        parts = _parts(keys)
+        node = out
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = leaf
+    return out
+
+
+def _leaf_specs(tree) -> dict[str, tuple]:
+    leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
+    return {
+        "/".join(_parts(k)): (tuple(np.shape(x)), str(np.dtype(x.dtype))) for k, x in leaves
+    }
+
+
+def _nested_specs(meta, prefix="") -> dict[str, tuple]:
+    """`{path: (shape, dtype)}` from orbax's item metadata of a nested dict."""
+    out = {}
+    for k, v in meta.items():
+        path = f"{prefix}/{k}" if prefix else str(k)
+        if isinstance(v, dict):
+            out.update(_nested_specs(v, path))
+        else:
+            out[path] = (tuple(v.shape), str(np.dtype(v.dtype)))
+    return out
+
+
+_CONVERT_V1 = (
+    "It was written by jlora 0.1, which stored the leaves by position ('leaf_00000', "
+    "...), so nothing can check that they go where they belong. To convert it, restore "
+    "it with orbax into the exact template it was saved from and save it again:\n"
+    "  import orbax.checkpoint as ocp\n"
+    "  old = ocp.CheckpointManager(directory, item_names=('state', 'extra'))\n"
+    "  got = old.restore(step)\n"
+    "  leaves = [got['state'][f'leaf_{{i:05d}}'] for i in range(len(got['state']))]\n"
+    "  state = jax.tree.unflatten(jax.tree.structure(template), leaves)\n"
+    "  jlora.CheckpointManager(new_directory).save(step, state, extra=dict(got['extra']),"
+    " force=True)"
+)
+
+
 class CheckpointManager:
     """Training-loop checkpoints around orbax's `CheckpointManager`.
 
     Saves a state pytree (typically `(adapters, opt_state)`) plus a JSON dict of extras
     (the data position, metrics) every `save_every` steps, keeps the last `keep`, and
     writes asynchronously: `save` returns once the arrays are copied to the host, so
-    the next step may donate them at once. Restore against a template of the same
-    structure, e.g. `(adapters, jax.eval_shape(tx.init, adapters))`.
+    the next step may donate them at once. Every leaf is stored under its path in the
+    tree; `restore` checks the template's paths, shapes and dtypes against the
+    checkpoint's and lists every difference before reading anything. On several
+    processes, every process calls `save` and `restore` and writes or reads its own
+    shards.
 
     Example (see examples/checkpointing.py)::
 
@@ -393,7 +653,13 @@ class CheckpointManager:
         )
         self.directory = os.path.abspath(os.fspath(directory))
         self._manager = ocp.CheckpointManager(
-            self.directory, options=options, item_names=("state", "extra")
+            self.directory,
+            options=options,
+            item_handlers={
+                "state": ocp.StandardCheckpointHandler(),
+                "extra": ocp.JsonCheckpointHandler(),
+                META: ocp.JsonCheckpointHandler(),
+            },
         )
 
     def save(
@@ -401,12 +667,18 @@ class CheckpointManager:
     ) -> bool:
         """Saves `state` at `step` if the interval says so (or `force`); True if saved."""
         ocp = _ocp()
-        leaves = {_key(i): x for i, x in enumerate(jax.tree.leaves(state))}
+        meta = {
+            "format": STATE_FORMAT,
+            "format_version": STATE_FORMAT_VERSION,
+            "jlora_version": _version(),
+        }
         return self._manager.save(
             int(step),
             force=force,
             args=ocp.args.Composite(
-                state=ocp.args.StandardSave(leaves), extra=ocp.args.JsonSave(extra or {})
+                state=ocp.args.StandardSave(_nested(state)),
+                extra=ocp.args.JsonSave(extra or {}),
+                **{META: ocp.args.JsonSave(meta)},
             ),
         )
 
@@ -416,12 +688,59 @@ class CheckpointManager:
     def all_steps(self) -> list[int]:
         return list(self._manager.all_steps())
 
+    def _check(self, step: int, template) -> None:
+        """Every difference between the template and the checkpoint, raised at once."""
+        step_dir = os.path.join(self.directory, str(step))
+        meta_file = os.path.join(step_dir, META, "metadata")
+        if not os.path.exists(meta_file):
+            raise ValueError(
+                f"jlora.CheckpointManager: step {step} in {self.directory} is in an "
+                f"older format. {_CONVERT_V1}"
+            )
+        with open(meta_file) as f:
+            meta = json.load(f)
+        if meta.get("format_version", 0) > STATE_FORMAT_VERSION:
+            raise ValueError(
+                f"jlora.CheckpointManager: step {step} in {self.directory} was written "
+                f"by a newer jlora ({meta.get('jlora_version')}); upgrade jlora."
+            )
+        stored = _nested_specs(self._manager.item_metadata(step)["state"])
+        want = _leaf_specs(template)
+        lines = [
+            f"  {p}: in the template, not in the checkpoint"
+            for p in want
+            if p not in stored
+        ]
+        lines += [
+            f"  {p}: in the checkpoint, not in the template"
+            for p in stored
+            if p not in want
+        ]
+        for p in want:
+            if p in stored and stored[p] != want[p]:
+                (ws, wd), (gs, gd) = want[p], stored[p]
+                lines.append(
+                    f"  {p}: the template has {wd}{list(ws)}, the checkpoint {gd}{list(gs)}"
+                )
+        if lines:
+            raise ValueError(
+                f"jlora.CheckpointManager: step {step} in {self.directory} does not fit "
+                "the template (restore into the structure it was saved from):\n"
+                + "\n".join(lines)
+            )
+
     def restore(self, template: Any, step: int | None = None):
         """`(step, state, extra)` restored into `template`'s structure.
 
+        Each leaf is read from the checkpoint under its path in `template`, into the
+        template leaf's sharding (if it has one). Paths, shapes and dtypes must all
+        match; nothing is cast.
+
         Raises:
           FileNotFoundError: no checkpoint in the directory.
-          ValueError: the checkpoint's leaves don't fit the template.
+          ValueError: the checkpoint's leaves don't fit the template (every difference
+            listed), or it was written in an older format (the message says how to
+            convert it).
         """
         self._manager.wait_until_finished()
         step = self.latest_step() if step is None else step
@@ -429,30 +748,30 @@ class CheckpointManager:
             raise FileNotFoundError(
                 f"jlora.CheckpointManager: no checkpoint in {self.directory}."
             )
-        leaves, treedef = jax.tree.flatten(template)
-        abstract = {
-            _key(i): jax.ShapeDtypeStruct(
+        self._check(step, template)
+        abstract = jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(
                 np.shape(x), x.dtype, sharding=getattr(x, "sharding", None)
-            )
-            for i, x in enumerate(leaves)
-        }
-        ocp = _ocp()
-        try:
-            got = self._manager.restore(
-                step,
-                args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(abstract), extra=ocp.args.JsonRestore()
-                ),
-            )
-        except (ValueError, KeyError) as e:
-            raise ValueError(
-                f"jlora.CheckpointManager: step {step} in {self.directory} does not fit "
-                f"the template ({len(leaves)} leaves): {e}"
-            ) from e
-        state = jax.tree.unflatten(
-            treedef, [got["state"][_key(i)] for i in range(len(leaves))]
+            ),
+            template,
         )
-        return step, state, dict(got["extra"] or {})
+        ocp = _ocp()
+        got = self._manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(_nested(abstract)),
+                extra=ocp.args.JsonRestore(),
+            ),
+        )
+        stored = got["state"]
+        leaves, treedef = jax.tree_util.tree_flatten_with_path(template)
+        values = []
+        for keys, _ in leaves:
+            node = stored
+            for part in _parts(keys):
+                node = node[part]
+            values.append(node)
+        return step, jax.tree.unflatten(treedef, values), dict(got["extra"] or {})
 
     def wait(self) -> None:
         """Blocks until pending asynchronous saves are on disk."""

@@ -10,17 +10,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from jlora._boxes import is_box, is_logical, is_variable, partition_names, rebox, unbox
 from jlora._config import LoraConfig
 from jlora._sharding import factor_shardings
-from jlora._targets import (
-    compile_patterns,
-    flatten,
-    is_box,
-    near_misses,
-    path_matches,
-    rebox,
-    unbox,
-)
+from jlora._targets import compile_patterns, flatten, near_misses, path_matches
 from jlora._weight import DEFAULT_LAYOUT, Layout, LoraWeight, Trainable, is_node
 
 RANK_AXIS = "lora_rank"
@@ -194,54 +187,58 @@ def init(
 
 
 def _mark(leaf):
-    from flax import nnx
-
-    if isinstance(leaf, nnx.Variable):
+    if is_variable(leaf):
         return rebox(leaf, Trainable(unbox(leaf)))
     return Trainable(leaf)
 
 
 def _factors(key, path, w, layout: Layout, config: LoraConfig):
+    """Fresh `(a, b)` for kernel `w`, created straight into the shardings its own
+    implies (`a` on its input axes, `b` on its outputs): no factor is ever whole on one
+    device, and on several processes each creates only its own shards."""
     rank = config.rank_for(path)
     a_shape, b_shape = layout.factor_shapes(w.shape, rank)
     dtype = config.factor_dtype
-    ka, kb = jax.random.split(path_key(key, path))
-    if _leaf_name(path) == "embedding":
-        # The reference embedding adapter: `a` zeros, `b` standard normal.
-        return jnp.zeros(a_shape, dtype), jax.random.normal(kb, b_shape, dtype)
-    if config.init == "gaussian":
-        a = jax.random.normal(ka, a_shape, dtype) / rank
-    else:
-        # Kaiming-uniform with a = sqrt(5): gain^2 = 2 / 6, bound = 1 / sqrt(fan_in).
-        bound = 1.0 / (layout.fan_in(w.shape) ** 0.5)
-        a = jax.random.uniform(ka, a_shape, dtype, -bound, bound)
-    return a, jnp.zeros(b_shape, dtype)
+    embedding = _leaf_name(path) == "embedding"
+    bound = 1.0 / (layout.fan_in(w.shape) ** 0.5)
+
+    def make(key):
+        ka, kb = jax.random.split(key)
+        if embedding:  # the reference embedding adapter: `a` zeros, `b` standard normal
+            return jnp.zeros(a_shape, dtype), jax.random.normal(kb, b_shape, dtype)
+        if config.init == "gaussian":
+            a = jax.random.normal(ka, a_shape, dtype) / rank
+        else:  # Kaiming-uniform with a = sqrt(5): gain^2 = 2/6, bound = 1/sqrt(fan_in)
+            a = jax.random.uniform(ka, a_shape, dtype, -bound, bound)
+        return a, jnp.zeros(b_shape, dtype)
+
+    shardings = factor_shardings(w, layout)
+    if shardings[0] is None:
+        return make(path_key(key, path))
+    return jax.jit(make, out_shardings=shardings)(path_key(key, path))
 
 
 def _wrap(key, path, leaf, layout, config):
-    from flax import nnx
-    from flax.core import meta
-
     w = unbox(leaf)
     a, b = _factors(key, path, w, layout, config)
-    a_sharding, b_sharding = factor_shardings(w, layout)
-    if a_sharding is not None:  # `a` follows the kernel's inputs, `b` its outputs
-        a, b = jax.device_put(a, a_sharding), jax.device_put(b, b_sharding)
     meta_kw = dict(
         scale=config.scale_for(path), layout=layout, dropout=float(config.dropout)
     )
-    if isinstance(leaf, nnx.Variable):
+    if is_variable(leaf):
         return rebox(leaf, LoraWeight(w, a, b, **meta_kw))
-    if isinstance(leaf, meta.Partitioned):
-        names = tuple(leaf.names)
-        a_names = tuple(names[i] for i in layout.stack_axes + layout.in_axes)
-        b_names = tuple(names[i] for i in layout.stack_axes) + (RANK_AXIS,)
+    names = partition_names(leaf, w.ndim)
+    if names is not None:
+        # The rank axis gets a logical name (mapped by rules, unsharded without one)
+        # under logical partitioning, and no mesh axis under physical names.
+        rank = RANK_AXIS if is_logical(leaf) else None
+        a_names = tuple(names[i] for i in layout.stack_axes + layout.in_axes) + (rank,)
+        b_names = tuple(names[i] for i in layout.stack_axes) + (rank,)
         b_names += tuple(names[i] for i in layout.out_axes)
-        a_box = dataclasses.replace(leaf, value=a, names=a_names + (RANK_AXIS,))
+        a_box = dataclasses.replace(leaf, value=a, names=a_names)
         b_box = dataclasses.replace(leaf, value=b, names=b_names)
         return LoraWeight(leaf, a_box, b_box, **meta_kw)
-    if isinstance(leaf, meta.AxisMetadata):
-        return LoraWeight(leaf, leaf.replace_boxed(a), leaf.replace_boxed(b), **meta_kw)
+    if is_box(leaf):
+        return LoraWeight(leaf, rebox(leaf, a), rebox(leaf, b), **meta_kw)
     return LoraWeight(w, a, b, **meta_kw)
 
 

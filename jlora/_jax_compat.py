@@ -68,3 +68,47 @@ def scan_split(params) -> tuple[int, int]:
 
 def is_tracer(x) -> bool:
     return isinstance(x, jax.core.Tracer)
+
+
+# Sharding -------------------------------------------------------------------------------
+
+
+def explicit_axes(mesh) -> frozenset:
+    """Names of `mesh`'s axes of type `Explicit` (none on releases without axis types)."""
+    types = getattr(mesh, "axis_types", None)
+    if types is None:
+        return frozenset()
+    explicit = getattr(jax.sharding.AxisType, "Explicit", None)
+    return frozenset(n for n, t in zip(mesh.axis_names, types) if t == explicit)
+
+
+def varying_axes(x) -> frozenset | None:
+    """The manual mesh axes a value inside `shard_map` varies over (None: unknown)."""
+    aval = jax.typeof(x) if hasattr(jax, "typeof") else None
+    mat = getattr(aval, "mat", None)
+    if mat is not None and hasattr(mat, "varying"):
+        return frozenset(mat.varying)
+    vma = getattr(aval, "vma", None)
+    return None if vma is None else frozenset(vma)
+
+
+def shard_map_call(eqn, body, in_specs, out_specs):
+    """`jax.shard_map` of `body` with the mesh and options of a `shard_map` equation."""
+    p = eqn.params
+    manual = p.get("newly_manual_axes", p.get("manual_axes"))
+    if manual is None and "auto" in p:  # older releases list the automatic axes
+        manual = frozenset(p["mesh"].axis_names) - frozenset(p["auto"])
+    kwargs = {"check_vma": p.get("check_vma", p.get("check_rep", True))}
+    return jax.shard_map(
+        body,
+        mesh=p["mesh"],
+        in_specs=tuple(in_specs),
+        out_specs=tuple(out_specs),
+        axis_names=frozenset(manual or ()),
+        **kwargs,
+    )
+
+
+def shard_map_specs(eqn) -> tuple[tuple, tuple]:
+    """`(in_specs, out_specs)` of a `shard_map` equation, as `PartitionSpec`s."""
+    return tuple(eqn.params["in_specs"]), tuple(eqn.params["out_specs"])

@@ -2,18 +2,55 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from jlora._sharding import place_like
-from jlora._targets import flatten, is_stop, open_node, path_str, rebox, unbox
-from jlora._weight import LoraWeight, Trainable
+from jlora._boxes import rebox, unbox
+from jlora._sharding import constrain, named_sharding_of
+from jlora._targets import flatten, is_stop, open_node, path_str
+from jlora._weight import LoraWeight, Trainable, low_rank_product, materialize
 
 
-def _merged_kernel(lw: LoraWeight):
-    return rebox(lw.w, place_like(lw.materialize(), unbox(lw.w)))
+@functools.partial(jax.jit, static_argnames=("layout", "scale", "sharding", "check"))
+def merge_kernel(w, a, b, *, layout, scale, sharding=None, check=False):
+    """`w + scale * a @ b` for one kernel, compiled: what every merge runs.
+
+    One computation per kernel, whether the caller is eager or traced, so an eager
+    `merge` allocates what XLA's memory analysis of this function reports: at small
+    rank the product is fused into the sum (no `[in, out, r]` or `[in, out]`
+    temporary), and at most one float32 copy of the kernel otherwise. With `check`,
+    also returns whether every merged value is finite (from the same pass).
+    """
+    out = constrain(materialize(w, a, b, layout, scale), sharding)
+    if check:
+        return out, jnp.isfinite(out).all()
+    return out
+
+
+@functools.partial(jax.jit, static_argnames=("layout", "scale", "sharding"))
+def unmerge_kernel(merged, a, b, *, layout, scale, sharding=None):
+    """`merged - scale * a @ b` for one kernel, compiled (see `merge_kernel`)."""
+    delta = low_rank_product(a, b, layout, scale)
+    out = (merged.astype(jnp.float32) - delta).astype(merged.dtype)
+    return constrain(out, sharding)
+
+
+def _merged_kernel(lw: LoraWeight, check: bool = False):
+    w = unbox(lw.w)
+    got = merge_kernel(
+        w,
+        unbox(lw.a),
+        unbox(lw.b),
+        layout=lw.layout,
+        scale=lw.scale,
+        sharding=named_sharding_of(w),
+        check=check,
+    )
+    merged, finite = got if check else (got, None)
+    return rebox(lw.w, merged), finite
 
 
 def merge(params: Any, *, safe: bool = False) -> Any:
@@ -56,8 +93,8 @@ def merge(params: Any, *, safe: bool = False) -> Any:
     for path, leaf in leaves:
         inner, put_back = open_node(leaf)
         if isinstance(inner, LoraWeight):
-            merged = _merged_kernel(inner)
-            if safe and not bool(jnp.isfinite(unbox(merged)).all()):
+            merged, finite = _merged_kernel(inner, check=safe)
+            if safe and not bool(finite):
                 bad.append(path)
             out.append(put_back(merged))
         elif isinstance(inner, Trainable):
@@ -227,9 +264,14 @@ def unmerge(merged: Any, adapters: Any) -> Any:
 
     def kernel(w, lw):
         value = unbox(w)
-        restored = (value.astype(jnp.float32) - lw.replace(w=value).delta()).astype(
-            value.dtype
+        restored = unmerge_kernel(
+            value,
+            unbox(lw.a),
+            unbox(lw.b),
+            layout=lw.layout,
+            scale=lw.scale,
+            sharding=named_sharding_of(value),
         )
-        return rebox(w, place_like(restored, value))
+        return rebox(w, restored)
 
     return _join(adapters, merged, "unmerge", "merged", kernel)

@@ -8,8 +8,9 @@ import jax
 import numpy as np
 import optax
 
+from jlora._boxes import unbox
 from jlora._config import LoraConfig
-from jlora._targets import flatten, open_node, unbox
+from jlora._targets import flatten, open_node
 from jlora._weight import Layout, LoraWeight, Trainable
 
 TRAIN, FROZEN, B_FACTOR, OTHER = "train", "frozen", "b", "other"

@@ -52,8 +52,13 @@ def _walk(jaxpr, tracked_in: dict, obs: dict) -> None:
                 b = {t.axes[i] for i in batch}
                 free = set(t.axes) - c - b
                 _observe(obs, t, c, free, b)
-        elif name in ("convert_element_type", "copy"):
+        elif name in ("convert_element_type", "copy", "sharding_constraint", "reshard"):
             env[eqn.outvars[0]] = ins[0]
+        elif name == "optimization_barrier":
+            env.update(_bind(eqn.outvars, ins))
+        elif name == "shard_map":
+            inner, _ = compat.call_jaxpr(eqn)
+            _walk(inner, _bind(inner.invars, ins), obs)
         elif name == "transpose":
             t = ins[0]
             perm = p["permutation"]

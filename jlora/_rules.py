@@ -16,6 +16,7 @@ from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import NamedSharding, PartitionSpec
 
 from jlora import _jax_compat as compat
+from jlora._sharding import constrain, factor_specs
 from jlora._transform import LowRank
 from jlora._weight import Layout
 
@@ -412,6 +413,100 @@ def conv_rule(ctx, eqn, invals):
     feat = p["dimension_numbers"].out_spec[1]
     y = jnp.matmul(jnp.moveaxis(h, feat, -1), lr.b.astype(h.dtype))
     return [base + jnp.moveaxis(y, -1, feat).astype(base.dtype)]
+
+
+# Sharding -------------------------------------------------------------------------------
+
+
+def _factor_shardings(lr: LowRank, sharding, unconstrained=()):
+    """`(a, b)` shardings derived from a sharding of the kernel, or None if it can't be.
+
+    A `NamedSharding` gives `a` the kernel's input (and stacked) axes and `b` its
+    output axes, rank replicated; a fully replicated sharding of another kind is
+    shared by the factors as is.
+    """
+    if isinstance(sharding, NamedSharding):
+        a, b = factor_specs(sharding.spec, lr.w.ndim, lr.layout, unconstrained)
+        return NamedSharding(sharding.mesh, a), NamedSharding(sharding.mesh, b)
+    if getattr(sharding, "is_fully_replicated", False):
+        return sharding, sharding
+    return None
+
+
+@rule("sharding_constraint")
+def sharding_constraint_rule(ctx, eqn, invals):
+    (lr,) = invals
+    p = eqn.params
+    shardings = _factor_shardings(lr, p["sharding"], p.get("unconstrained_dims", ()))
+    if shardings is None:
+        return _fallback(ctx, eqn, invals, f"sharding of type {type(p['sharding'])}")
+    ctx.note(lr, "sharding_constraint")
+    w = compat.bind(eqn, [lr.w])[0]
+    return [
+        lr.replace(w=w, a=constrain(lr.a, shardings[0]), b=constrain(lr.b, shardings[1]))
+    ]
+
+
+@rule("reshard")
+def reshard_rule(ctx, eqn, invals):
+    (lr,) = invals
+    shardings = _factor_shardings(lr, eqn.params["dst_sharding"])
+    if shardings is None:
+        return _fallback(ctx, eqn, invals, "not a NamedSharding")
+    ctx.note(lr, "reshard")
+    w = compat.bind(eqn, [lr.w])[0]
+    a, b = (jax.sharding.reshard(f, s) for f, s in zip((lr.a, lr.b), shardings))
+    return [lr.replace(w=w, a=a, b=b)]
+
+
+@rule("optimization_barrier")
+def optimization_barrier_rule(ctx, eqn, invals):
+    # One barrier over every operand, each adapted kernel as its w, a and b together.
+    ctx.note_all(invals, "optimization_barrier")
+    flat, treedef = jax.tree.flatten(invals)
+    return jax.tree.unflatten(treedef, lax.optimization_barrier(flat))
+
+
+@rule("shard_map")
+def shard_map_rule(ctx, eqn, invals):
+    """The body sees each adapted kernel's local block as a local low-rank value.
+
+    A kernel block `W[rows, cols]` is exactly `w_local + scale * a[rows] @ b[:, cols]`,
+    so `a` enters with the kernel's spec on its input axes and `b` with its spec on the
+    output axes (rank replicated), and the body runs on them factored. Partial sums over
+    a sharded input axis stay partial sums of the same form, so the body's own `psum`
+    completes both terms.
+    """
+    in_specs, out_specs = compat.shard_map_specs(eqn)
+    jaxpr, consts = compat.call_jaxpr(eqn)
+    flat, specs, slots = [], [], []
+    for val, spec in zip(invals, in_specs):
+        if isinstance(val, LowRank):
+            a_spec, b_spec = factor_specs(spec, val.w.ndim, val.layout)
+            mesh = eqn.params["mesh"]
+            a = constrain(val.a, NamedSharding(mesh, a_spec))
+            b = constrain(val.b, NamedSharding(mesh, b_spec))
+            slots.append((val, len(flat)))
+            flat += [val.w, a, b]
+            specs += [spec, a_spec, b_spec]
+        else:
+            slots.append((None, len(flat)))
+            flat.append(val)
+            specs.append(spec)
+    ctx.note_all(invals, "shard_map")
+    inner = ctx.manual()
+
+    def body(*args):
+        vals = []
+        for src, i in slots:
+            if src is None:
+                vals.append(args[i])
+            else:
+                vals.append(src.replace(w=args[i], a=args[i + 1], b=args[i + 2]))
+        outs = inner.interpret(jaxpr, consts, vals)
+        return tuple(_dense(inner, outs, "shard_map output"))
+
+    return list(compat.shard_map_call(eqn, body, specs, out_specs)(*flat))
 
 
 # Call-like primitives -------------------------------------------------------------------

@@ -14,15 +14,25 @@ from typing import Any
 import jax
 from jax.sharding import NamedSharding, PartitionSpec
 
-from jlora._jax_compat import is_tracer
-from jlora._targets import flatten, open_node, unbox
+from jlora._boxes import unbox
+from jlora._jax_compat import explicit_axes, is_tracer
+from jlora._targets import flatten, open_node
 from jlora._weight import Layout, LoraWeight, Trainable
 
 
-def factor_specs(kernel_spec, ndim: int, layout: Layout):
-    """`(a_spec, b_spec)` from a kernel's `PartitionSpec` (None: replicated)."""
+def factor_specs(kernel_spec, ndim: int, layout: Layout, unconstrained=()):
+    """`(a_spec, b_spec)` from a kernel's `PartitionSpec` (None: replicated).
+
+    `unconstrained` lists kernel axes left to the compiler (`P.UNCONSTRAINED` in a
+    sharding constraint); the factors' matching axes are left unconstrained too. The
+    rank axis is always replicated.
+    """
     spec = tuple(kernel_spec or ())
     spec = spec + (None,) * (ndim - len(spec))
+    spec = tuple(
+        PartitionSpec.UNCONSTRAINED if i in set(unconstrained) else e
+        for i, e in enumerate(spec)
+    )
     a = PartitionSpec(*(spec[i] for i in layout.stack_axes + layout.in_axes), None)
     b = PartitionSpec(
         *(spec[i] for i in layout.stack_axes), None, *(spec[i] for i in layout.out_axes)
@@ -116,9 +126,32 @@ def adapter_specs(params: Any, base_specs: Any = None) -> Any:
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
-def place_like(value, like):
-    """`value` put on `like`'s `NamedSharding` (concrete arrays only; else unchanged)."""
-    sharding = named_sharding_of(like)
-    if sharding is None or is_tracer(value):
-        return value
-    return jax.device_put(value, sharding)
+def _spec_axes(spec) -> set:
+    names = set()
+    for entry in spec:
+        if isinstance(entry, str):
+            names.add(entry)
+        elif isinstance(entry, tuple):
+            names.update(entry)
+    return names
+
+
+def constrain(x, sharding):
+    """`x` placed on `sharding`: resharded where the spec names `Explicit` mesh axes
+    (there a sharding constraint only asserts), constrained otherwise; a concrete
+    array is put there directly (on the mesh in context if `sharding`'s is abstract)."""
+    if sharding is None:
+        return x
+    if not isinstance(sharding, NamedSharding):
+        return jax.lax.with_sharding_constraint(x, sharding)
+    if not is_tracer(x):
+        mesh = sharding.mesh
+        if not isinstance(mesh, jax.sharding.Mesh):
+            mesh = jax.sharding.get_mesh()
+        spec = PartitionSpec(
+            *(None if e is PartitionSpec.UNCONSTRAINED else e for e in sharding.spec)
+        )
+        return jax.device_put(x, NamedSharding(mesh, spec))
+    if _spec_axes(sharding.spec) & explicit_axes(sharding.mesh):
+        return jax.sharding.reshard(x, sharding)
+    return jax.lax.with_sharding_constraint(x, sharding)

@@ -9,6 +9,7 @@ from typing import Any
 
 import jax
 
+from jlora._boxes import is_box, is_variable
 from jlora._weight import is_node
 
 
@@ -24,43 +25,9 @@ def path_str(path: Iterable[Any]) -> str:
     return "/".join(key_str(k) for k in path)
 
 
-def is_box(x) -> bool:
-    """A Linen metadata box (`nn.Partitioned`, ...) or an NNX `Variable`."""
-    from flax import nnx
-    from flax.core import meta
-
-    return isinstance(x, (meta.AxisMetadata, nnx.Variable))
-
-
-def unbox(x):
-    """The value inside a box, or `x` itself."""
-    from flax import nnx
-    from flax.core import meta
-
-    if isinstance(x, meta.AxisMetadata):
-        return x.unbox()
-    if isinstance(x, nnx.Variable):
-        return x.get_value()
-    return x
-
-
-def rebox(box, value):
-    """`box` holding `value` instead (identity when `box` is no box)."""
-    from flax import nnx
-    from flax.core import meta
-
-    if isinstance(box, meta.AxisMetadata):
-        return box.replace_boxed(value)
-    if isinstance(box, nnx.Variable):
-        return box.replace(value=value)
-    return value
-
-
 def open_node(leaf):
     """`(inner, put_back)` for a leaf that may be an NNX Variable around a jlora node."""
-    from flax import nnx
-
-    if isinstance(leaf, nnx.Variable):
+    if is_variable(leaf):
         return leaf.get_value(), lambda v: None if v is None else leaf.replace(value=v)
     return leaf, lambda v: v
 
@@ -77,6 +44,14 @@ def flatten(tree) -> tuple[list[tuple[str, Any]], Any]:
     boxed params, NNX state and plain dicts give the same paths.
     """
     leaves, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_stop)
+    return [(path_str(p), leaf) for p, leaf in leaves], treedef
+
+
+def flatten_keep_none(tree) -> tuple[list[tuple[str, Any]], Any]:
+    """As `flatten`, but `None` stays a leaf (where `split`'s trees hold no value)."""
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(
+        tree, is_leaf=lambda x: x is None or is_stop(x)
+    )
     return [(path_str(p), leaf) for p, leaf in leaves], treedef
 
 

@@ -21,7 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jlora import _jax_compat as compat
-from jlora._targets import path_str, unbox
+from jlora._boxes import unbox
+from jlora._targets import path_str
 from jlora._weight import Layout, LoraWeight, Trainable, is_node, materialize
 
 
@@ -72,6 +73,7 @@ class Context:
     record: dict[str, list[str]] = dataclasses.field(default_factory=dict)
     warned: set = dataclasses.field(default_factory=set)
     sites: dict[str, int] = dataclasses.field(default_factory=dict)
+    in_shard_map: bool = False
 
     def note(self, lr: LowRank, rule: str) -> None:
         seen = self.record.setdefault(lr.path, [])
@@ -87,6 +89,11 @@ class Context:
         """Same records and warnings, another dropout key (a scan iteration)."""
         return dataclasses.replace(self, rng=rng)
 
+    def manual(self) -> Context:
+        """Same records and warnings, inside a `shard_map` body: each dropout mask is
+        also folded with the index of every mesh axis its input varies over."""
+        return dataclasses.replace(self, in_shard_map=True)
+
     def dropout(self, x, lr: LowRank):
         """`x` with inverted dropout at rate `lr.dropout`, if a key was given."""
         if self.rng is None or lr.dropout == 0.0:
@@ -95,6 +102,9 @@ class Context:
         self.sites[lr.path] = site + 1
         key = jax.random.fold_in(self.rng, zlib.crc32(lr.path.encode()) & 0xFFFFFFFF)
         key = jax.random.fold_in(key, site)
+        if self.in_shard_map:
+            for axis in sorted(compat.varying_axes(x) or (), key=str):
+                key = jax.random.fold_in(key, jax.lax.axis_index(axis))
         keep = jax.random.bernoulli(key, 1.0 - lr.dropout, jnp.shape(x))
         kept = x * jnp.asarray(1.0 / (1.0 - lr.dropout), x.dtype)
         return jnp.where(keep, kept, jnp.zeros((), x.dtype))
@@ -221,15 +231,24 @@ def _trace(fn, leaves, in_tree, array_idx):
     return closed, jax.tree_util.tree_structure(out_shape)
 
 
-def run(fn, args, kwargs, ctx: Context):
+def run(fn, args, kwargs, ctx: Context, *, abstract: bool = False):
+    """`fn(*args, **kwargs)` with every `LoraWeight` held low-rank.
+
+    With `abstract=True` the interpretation runs under `jax.eval_shape`: the same
+    trace and the same rules, nothing computed (what `explain` needs).
+    """
     leaves, in_tree, array_idx, lowrank_at = _prepare(args, kwargs)
     if not lowrank_at:
         a, kw = jax.tree_util.tree_unflatten(in_tree, leaves)
         return fn(*a, **kw)
     closed, out_tree = _trace(fn, leaves, in_tree, array_idx)
     inputs = [lowrank_at.get(i, leaves[i]) for i in array_idx]
-    outs = interpret(ctx, closed.jaxpr, closed.consts, inputs)
-    outs = [ctx.materialize(o, "output") for o in outs]
+
+    def evaluate(inputs):
+        outs = interpret(ctx, closed.jaxpr, closed.consts, inputs)
+        return [ctx.materialize(o, "output") for o in outs]
+
+    outs = jax.eval_shape(evaluate, inputs) if abstract else evaluate(inputs)
     return jax.tree_util.tree_unflatten(out_tree, outs)
 
 
@@ -290,10 +309,7 @@ def explain(fn: Callable, *args, **kwargs) -> dict[str, tuple[str, ...]]:
     """
     ctx = Context()
     lowrank = _prepare(args, kwargs)[3].values()
-    leaves, treedef = jax.tree_util.tree_flatten((args, kwargs))
-    array_idx = [i for i, x in enumerate(leaves) if _is_array(x)]
-    traced = _with_arrays(lambda *a, **kw: run(fn, a, kw, ctx), leaves, treedef, array_idx)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        jax.eval_shape(traced, *[leaves[i] for i in array_idx])
+        run(fn, args, kwargs, ctx, abstract=True)
     return {lr.path: tuple(ctx.record.get(lr.path, ())) for lr in lowrank}

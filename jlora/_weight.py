@@ -9,6 +9,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jlora._boxes import unbox
+
 
 def _axes(name, value) -> tuple[int, ...]:
     if isinstance(value, (int, np.integer)):
@@ -112,12 +114,6 @@ class Layout(tuple):
 DEFAULT_LAYOUT = Layout(in_axes=(0,), out_axes=(1,))
 
 
-def _unbox(x):
-    from flax.core import meta
-
-    return x.unbox() if isinstance(x, meta.AxisMetadata) else x
-
-
 FUSED_RANK_MAX = 32  # up to this rank, merge's product is a fused multiply-sum
 
 
@@ -214,15 +210,15 @@ class LoraWeight:
 
     @property
     def rank(self) -> int:
-        return int(np.shape(_unbox(self.a))[-1])
+        return int(np.shape(unbox(self.a))[-1])
 
     @property
     def shape(self):
-        return np.shape(_unbox(self.w))
+        return np.shape(unbox(self.w))
 
     @property
     def dtype(self):
-        return _unbox(self.w).dtype
+        return unbox(self.w).dtype
 
     def _require_meta(self):
         if self.scale is ANY:
@@ -234,13 +230,13 @@ class LoraWeight:
     def delta(self):
         """`scale * a @ b` in float32, arranged like the kernel."""
         self._require_meta()
-        return low_rank_product(_unbox(self.a), _unbox(self.b), self.layout, self.scale)
+        return low_rank_product(unbox(self.a), unbox(self.b), self.layout, self.scale)
 
     def materialize(self):
         """`w + scale * a @ b` in `w`'s dtype, the sum accumulated in float32."""
         self._require_meta()
         return materialize(
-            _unbox(self.w), _unbox(self.a), _unbox(self.b), self.layout, self.scale
+            unbox(self.w), unbox(self.a), unbox(self.b), self.layout, self.scale
         )
 
     def __repr__(self):

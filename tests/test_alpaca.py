@@ -73,16 +73,19 @@ def test_custom_template_and_its_errors(tmp_path):
     t = Template.load(_write(tmp_path, "t.json", good))
     assert t.prompt("hi", "x") == "Q: hi | x\nA:" and t.response("Q: hi\nA: yes") == "yes"
     cases = {
-        "lacks field(s) ['response_split']": {k: v for k, v in good.items()
-                                              if k != "response_split"},
+        "lacks field(s) ['response_split']": {
+            k: v for k, v in good.items() if k != "response_split"
+        },
         "'prompt_input' must be a string": dict(good, prompt_input=3),
         "'prompt_no_input' lacks {instruction}": dict(good, prompt_no_input="Q:\nA:"),
         "placeholder other than": dict(good, prompt_no_input="{instruction} {extra}\nA:"),
         "does not contain response_split": dict(good, response_split="###"),
     }
     for message, obj in cases.items():
-        with pytest.raises(DataError, match=message.replace("[", r"\[").replace(
-                "(", r"\(").replace(")", r"\)")):
+        with pytest.raises(
+            DataError,
+            match=message.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)"),
+        ):
             Template.load(_write(tmp_path, "bad.json", obj))
 
 
@@ -129,8 +132,9 @@ def test_loss_mask_covers_the_output_and_eos_only():
 
     no_eos = encode([rec], t, chars, cutoff_len=1000, eos_id=0, add_eos=False, pad_to=1)
     assert no_eos.ids[0].tolist() == chars(prompt + "hi")
-    everything = encode([rec], t, chars, cutoff_len=1000, eos_id=0, train_on_inputs=True,
-                        pad_to=1)
+    everything = encode(
+        [rec], t, chars, cutoff_len=1000, eos_id=0, train_on_inputs=True, pad_to=1
+    )
     assert everything.mask[0].tolist() == [0.0] + [1.0] * (n + 2)
 
     # Truncation keeps the first cutoff_len tokens; padding is EOS with mask 0.
@@ -184,9 +188,10 @@ def test_shipped_sample_teaches_a_format_the_corpus_never_shows():
     assert any(r["input"] for r in records) and any(not r["input"] for r in records)
     corpus = " ".join(world.corpus(2000))
     assert "answer" in corpus and "The answer is" not in corpus
-    assert world.score(["The answer is red.", "red", "The answer is blue."],
-                       ["The answer is red.", "The answer is red.", "x"]) == {
-        "format": 2 / 3, "exact": 1 / 3}
+    assert world.score(
+        ["The answer is red.", "red", "The answer is blue."],
+        ["The answer is red.", "The answer is red.", "x"],
+    ) == {"format": 2 / 3, "exact": 1 / 3}
 
 
 # --- the GPT-2 loader and a NumPy reference of GPT-2 -----------------------------------
@@ -234,9 +239,17 @@ def numpy_gpt2(t: dict, hf_config: dict, ids: np.ndarray) -> np.ndarray:
 
 
 HF_CONFIG = {
-    "model_type": "gpt2", "vocab_size": 300, "n_positions": 32, "n_embd": 24,
-    "n_layer": 2, "n_head": 3, "n_inner": None, "layer_norm_epsilon": 1e-5,
-    "activation_function": "gelu_new", "bos_token_id": 0, "eos_token_id": 0,
+    "model_type": "gpt2",
+    "vocab_size": 300,
+    "n_positions": 32,
+    "n_embd": 24,
+    "n_layer": 2,
+    "n_head": 3,
+    "n_inner": None,
+    "layer_norm_epsilon": 1e-5,
+    "activation_function": "gelu_new",
+    "bos_token_id": 0,
+    "eos_token_id": 0,
 }
 
 
@@ -249,20 +262,32 @@ def _hf_tensors(cfg: dict, seed: int = 0, prefix: str = "transformer."):
     def r(*shape, scale=0.2):
         return (rng.normal(size=shape) * scale).astype(np.float32)
 
-    t = {"wte.weight": r(v, d), "wpe.weight": r(n, d),
-         "ln_f.weight": 1 + r(d), "ln_f.bias": r(d)}
+    t = {
+        "wte.weight": r(v, d),
+        "wpe.weight": r(n, d),
+        "ln_f.weight": 1 + r(d),
+        "ln_f.bias": r(d),
+    }
     for i in range(cfg["n_layer"]):
         p = f"h.{i}."
-        t.update({
-            p + "ln_1.weight": 1 + r(d), p + "ln_1.bias": r(d),
-            p + "attn.c_attn.weight": r(d, 3 * d), p + "attn.c_attn.bias": r(3 * d),
-            p + "attn.c_proj.weight": r(d, d), p + "attn.c_proj.bias": r(d),
-            p + "ln_2.weight": 1 + r(d), p + "ln_2.bias": r(d),
-            p + "mlp.c_fc.weight": r(d, 4 * d), p + "mlp.c_fc.bias": r(4 * d),
-            p + "mlp.c_proj.weight": r(4 * d, d), p + "mlp.c_proj.bias": r(d),
-            p + "attn.bias": np.tril(np.ones((1, 1, n, n), np.float32)),
-            p + "attn.masked_bias": np.array(-1e4, np.float32),
-        })
+        t.update(
+            {
+                p + "ln_1.weight": 1 + r(d),
+                p + "ln_1.bias": r(d),
+                p + "attn.c_attn.weight": r(d, 3 * d),
+                p + "attn.c_attn.bias": r(3 * d),
+                p + "attn.c_proj.weight": r(d, d),
+                p + "attn.c_proj.bias": r(d),
+                p + "ln_2.weight": 1 + r(d),
+                p + "ln_2.bias": r(d),
+                p + "mlp.c_fc.weight": r(d, 4 * d),
+                p + "mlp.c_fc.bias": r(4 * d),
+                p + "mlp.c_proj.weight": r(4 * d, d),
+                p + "mlp.c_proj.bias": r(d),
+                p + "attn.bias": np.tril(np.ones((1, 1, n, n), np.float32)),
+                p + "attn.masked_bias": np.array(-1e4, np.float32),
+            }
+        )
     t = {prefix + k: val for k, val in t.items()}
     t["lm_head.weight"] = t[prefix + "wte.weight"].copy()
     return t
@@ -312,7 +337,8 @@ def test_gpt2_loader_errors_name_files_and_tensors(tmp_path, tokenizer):
     with pytest.raises(gpt2.CheckpointError) as err:
         gpt2.load(_write_gpt2(tmp_path / "b", bad, HF_CONFIG, tokenizer))
     assert "h.1.mlp.c_fc.weight has shape (24, 10), the config implies (24, 96)" in str(
-        err.value)
+        err.value
+    )
     assert "missing tensor ln_f.bias" in str(err.value)
 
     untied = dict(good, **{"lm_head.weight": good["lm_head.weight"] + 1})
@@ -330,8 +356,9 @@ def test_gpt2_loader_errors_name_files_and_tensors(tmp_path, tokenizer):
 
 
 def test_cached_generation_equals_greedy_decoding_by_full_recompute():
-    cfg = GPTConfig(vocab_size=50, n_positions=32, n_embd=16, n_layer=2, n_head=2,
-                    eos_token_id=0)
+    cfg = GPTConfig(
+        vocab_size=50, n_positions=32, n_embd=16, n_layer=2, n_head=2, eos_token_id=0
+    )
     params = init_params(cfg, jax.random.key(3))
     params = jax.tree.map(lambda x: x * 20 if x.ndim == 2 else x, params)  # sharper
     model = GPT(cfg)
@@ -368,11 +395,34 @@ def test_alpaca_main_job_two_steps_end_to_end(tmp_path):
     spec.loader.exec_module(alpaca)
     lines = []
     argv = [
-        "--cache-dir", str(tmp_path / "cache"), "--output-dir", str(tmp_path / "run"),
-        "--base-steps", "3", "--base-width", "32", "--base-layers", "1",
-        "--base-docs", "300", "--steps", "2", "--batch-size", "4", "--val-set-size", "4",
-        "--score-records", "2", "--max-new-tokens", "2", "--save-every", "1",
-        "--eval-every", "1", "--num-examples", "2",
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--output-dir",
+        str(tmp_path / "run"),
+        "--base-steps",
+        "3",
+        "--base-width",
+        "32",
+        "--base-layers",
+        "1",
+        "--base-docs",
+        "300",
+        "--steps",
+        "2",
+        "--batch-size",
+        "4",
+        "--val-set-size",
+        "4",
+        "--score-records",
+        "2",
+        "--max-new-tokens",
+        "2",
+        "--save-every",
+        "1",
+        "--eval-every",
+        "1",
+        "--num-examples",
+        "2",
     ]
     with jax.numpy_dtype_promotion("standard"):
         out = alpaca.main(argv, log=lines.append)

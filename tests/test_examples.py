@@ -34,7 +34,10 @@ def test_benchmark_quick_mode_runs_every_candidate():
     spec.loader.exec_module(bench)
     out = bench.main(["--quick", "--no-write", "--no-torch", "--rounds", "2"])
     cands, inf_rows, (sizes, _), merge_row = (
-        out["cands"], out["inference"], out["checkpoint"], out["merge"]
+        out["cands"],
+        out["inference"],
+        out["checkpoint"],
+        out["merge"],
     )
     expected = {
         "full",

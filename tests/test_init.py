@@ -148,11 +148,18 @@ def test_also_train_leaves(mlp):
     assert set(jlora.summary(lp).trained_leaves) == {"head/kernel", "head/bias"}
 
 
-def test_boxed_linen_params_get_rank_axis_names():
+@pytest.mark.parametrize("logical", [False, True])
+def test_boxed_linen_params_rank_axis_name_logical_only(logical):
+    """The rank axis is named "lora_rank" under logical names (rules map it; without a
+    rule it is unsharded) and unnamed under physical mesh-axis names, where any name
+    must be an axis of the mesh."""
+    box = nn.with_logical_partitioning if logical else nn.with_partitioning
+    rank = "lora_rank" if logical else None
+
     class Boxed(nn.Module):
         @nn.compact
         def __call__(self, x):
-            init = nn.with_partitioning(nn.initializers.lecun_normal(), ("embed", "mlp"))
+            init = box(nn.initializers.lecun_normal(), ("embed", "mlp"))
             return nn.Dense(8, kernel_init=init)(x)
 
     m = Boxed()
@@ -164,9 +171,10 @@ def test_boxed_linen_params_get_rank_axis_names():
         )
         lw = lp["params"]["Dense_0"]["kernel"]
         assert isinstance(lw, jlora.LoraWeight)
-        assert lw.a.names == ("embed", "lora_rank") and lw.b.names == ("lora_rank", "mlp")
+        assert type(lw.a) is type(lw.w) and type(lw.b) is type(lw.w)
+        assert lw.a.names == ("embed", rank) and lw.b.names == (rank, "mlp")
         specs = nn.get_partition_spec(lp)["params"]["Dense_0"]["kernel"]
-        assert tuple(specs.a) == ("embed", "lora_rank")
+        assert tuple(specs.a) == ("embed", rank)
         merged = jlora.merge(lp)
         assert merged["params"]["Dense_0"]["kernel"].names == ("embed", "mlp")
         np.testing.assert_array_equal(m.apply(merged, x), m.apply(variables, x))

@@ -1,0 +1,61 @@
+"""Boxes around parameter values: Linen metadata (`nn.Partitioned`, ...) and NNX variables.
+
+The one place that opens and re-closes them. Opening never applies the box's sharding
+constraint (Linen's `Partitioned.unbox()` does, under a mesh): jlora reads values to
+build and check trees, and the model applies its own constraints when it runs.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flax import nnx
+from flax.core import meta
+from flax.linen import spmd
+
+
+def is_box(x) -> bool:
+    """A Linen metadata box (`nn.Partitioned`, ...) or an NNX `Variable`."""
+    return isinstance(x, (meta.AxisMetadata, nnx.Variable))
+
+
+def unbox(x) -> Any:
+    """The value inside a box (no sharding constraint applied), or `x` itself."""
+    if isinstance(x, meta.Partitioned):
+        return x.value
+    if isinstance(x, meta.AxisMetadata):
+        return x.unbox()
+    if isinstance(x, nnx.Variable):
+        return x.get_value()
+    return x
+
+
+def rebox(box, value):
+    """`box` holding `value` instead (just `value` when `box` is no box)."""
+    if isinstance(box, meta.AxisMetadata):
+        return box.replace_boxed(value)
+    if isinstance(box, nnx.Variable):
+        return box.replace(value=value)
+    return value
+
+
+def is_variable(x) -> bool:
+    """An NNX `Variable` (a box that is itself a pytree leaf container in `nnx.State`)."""
+    return isinstance(x, nnx.Variable)
+
+
+def partition_names(box, ndim: int) -> tuple | None:
+    """The mesh-axis names of a `Partitioned` box, padded with None to `ndim` axes.
+
+    Flax treats names missing at the end as unsharded axes; so does jlora. Returns None
+    for anything that is not a `Partitioned` box.
+    """
+    if not isinstance(box, meta.Partitioned):
+        return None
+    names = tuple(box.names)
+    return names + (None,) * (ndim - len(names))
+
+
+def is_logical(box) -> bool:
+    """A `LogicallyPartitioned` box: its names are logical, mapped to mesh axes by rules."""
+    return isinstance(box, spmd.LogicallyPartitioned)
