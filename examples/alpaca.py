@@ -344,14 +344,11 @@ def main(argv=None, log=print) -> dict:
         history["eval"].append((args.steps, val_after))
     report("after: ", val_after, score_after)
     ids = jnp.asarray(val.ids[: args.batch_size])
+    merged_logits = model.apply({"params": merged}, ids)
     gap = float(
-        jnp.max(
-            jnp.abs(
-                model.apply({"params": merged}, ids)
-                - jlora.lora(model.apply)({"params": params}, ids)
-            )
-        )
+        jnp.max(jnp.abs(merged_logits - jlora.lora(model.apply)({"params": params}, ids)))
     )
+    merge_scale = float(jnp.max(jnp.abs(merged_logits)))
     log(f"adapters saved to {adapter_dir}; merged and adapted logits differ by {gap:.1e}")
     for rec, response in list(zip(scored, got))[: args.num_examples]:
         log("-" * 60)
@@ -367,6 +364,7 @@ def main(argv=None, log=print) -> dict:
         "score_after": score_after,
         "history": history,
         "merge_gap": gap,
+        "merge_scale": merge_scale,
         "adapter_dir": adapter_dir,
         "responses": got,
         "seconds": seconds,

@@ -97,6 +97,11 @@ def main(argv=None):
         lora_out = apply({"params": lora_params}, test_x)
         merged_out = model.apply({"params": merged}, test_x)
     gap = float(jnp.max(jnp.abs(merged_out - lora_out)))
+    scale = float(jnp.max(jnp.abs(merged_out)))
+    # Both are float32 evaluations of the same function: six chained reductions of at
+    # most 128 terms (three layers, each with the factored branch's extra dot), each
+    # off by at most 128 * 2^-24 of the values' scale in any summation order.
+    tolerance = 2 * 6 * 128 * 2.0**-24 * scale
 
     print(jlora.summary(lora_params))
     print(f"task B test loss, frozen base : {base_loss:.5f}")
@@ -104,9 +109,11 @@ def main(argv=None):
     print(f"merged vs LoRA model, max |diff|: {gap:.2e}")
     if not lora_loss < 0.5 * base_loss:
         raise SystemExit("LoRA did not fix the task: loss did not halve")
-    if gap > 1e-4:
-        raise SystemExit("merged model disagrees with the LoRA model")
-    return base_loss, lora_loss, gap
+    if gap > tolerance:
+        raise SystemExit(
+            f"merged model disagrees with the LoRA model: {gap:.2e} > {tolerance:.2e}"
+        )
+    return base_loss, lora_loss, gap, scale
 
 
 if __name__ == "__main__":

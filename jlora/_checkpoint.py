@@ -230,8 +230,12 @@ def _checksums(x):
     so the result depends neither on sharding nor on the device count; the weighted sum
     tells a kernel from its transpose."""
     word = {1: jnp.uint8, 2: jnp.uint16}.get(x.dtype.itemsize, jnp.uint32)
-    bits = jax.lax.bitcast_convert_type(x, word).reshape(-1).astype(jnp.uint32)
-    index = jax.lax.iota(jnp.uint32, bits.size)
+    bits = jax.lax.bitcast_convert_type(x, word).astype(jnp.uint32)
+    index = jnp.zeros(bits.shape, jnp.uint32)  # the flat index, with no reshape
+    for dim in range(bits.ndim):
+        stride = int(np.prod(bits.shape[dim + 1 :], dtype=np.int64))
+        iota = jax.lax.broadcasted_iota(jnp.uint32, bits.shape, dim)
+        index = index + iota * jnp.uint32(stride)
     return (
         jnp.sum(bits, dtype=jnp.uint32),
         jnp.sum(bits * (2 * index + 1), dtype=jnp.uint32),
@@ -603,12 +607,14 @@ _CONVERT_V1 = (
     "...), so nothing can check that they go where they belong. To convert it, restore "
     "it with orbax into the exact template it was saved from and save it again:\n"
     "  import orbax.checkpoint as ocp\n"
-    "  old = ocp.CheckpointManager(directory, item_names=('state', 'extra'))\n"
+    "  old = ocp.CheckpointManager(directory, item_handlers={\n"
+    "      'state': ocp.StandardCheckpointHandler(),\n"
+    "      'extra': ocp.JsonCheckpointHandler()})\n"
     "  got = old.restore(step)\n"
-    "  leaves = [got['state'][f'leaf_{{i:05d}}'] for i in range(len(got['state']))]\n"
+    "  leaves = [got['state'][f'leaf_{i:05d}'] for i in range(len(got['state']))]\n"
     "  state = jax.tree.unflatten(jax.tree.structure(template), leaves)\n"
-    "  jlora.CheckpointManager(new_directory).save(step, state, extra=dict(got['extra']),"
-    " force=True)"
+    "  with jlora.CheckpointManager(new_directory) as new:\n"
+    "      new.save(step, state, extra=dict(got['extra']), force=True)"
 )
 
 

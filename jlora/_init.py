@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import zlib
 from collections.abc import Callable
 from typing import Any
 
@@ -13,15 +12,10 @@ import jax.numpy as jnp
 from jlora._boxes import is_box, is_logical, is_variable, partition_names, rebox, unbox
 from jlora._config import LoraConfig
 from jlora._sharding import factor_shardings
-from jlora._targets import compile_patterns, flatten, near_misses, path_matches
+from jlora._targets import compile_patterns, flatten, near_misses, path_key, path_matches
 from jlora._weight import DEFAULT_LAYOUT, Layout, LoraWeight, Trainable, is_node
 
 RANK_AXIS = "lora_rank"
-
-
-def path_key(key, path: str):
-    """A PRNG key for `path`: `key` folded with the path's CRC-32 (stable across runs)."""
-    return jax.random.fold_in(key, zlib.crc32(path.encode("utf-8")) & 0xFFFFFFFF)
 
 
 def _leaf_name(path: str) -> str:

@@ -7,9 +7,11 @@ through these helpers and the public API only.
 
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+from typing import Any, NamedTuple
 
 import jax
+from jax._src import core as _jax_core
 from jax.extend import core as jex_core
 
 Literal = jex_core.Literal
@@ -19,6 +21,56 @@ Jaxpr = jex_core.Jaxpr
 
 def is_literal(v) -> bool:
     return isinstance(v, Literal)
+
+
+def primitive_name(eqn) -> str:
+    return eqn.primitive.name
+
+
+# The evaluation loop: what `jax.core.eval_jaxpr` keeps per equation -------------------
+
+
+def _src(name):
+    try:
+        from jax._src import source_info_util
+
+        return getattr(source_info_util, name)
+    except ImportError:  # pragma: no cover - a release without it
+        return None
+
+
+_user_context = _src("user_context")
+_current_name_stack = _src("current_name_stack")
+
+
+@contextlib.contextmanager
+def equation_context(eqn):
+    """The source info (traceback, name stack) and context (compute type, metadata,
+    mesh) an equation was traced under, as `eval_jaxpr` restores them, so the ops a
+    rule emits carry the model's names (`up/dot_general`) into HLO and profiles."""
+    info = getattr(eqn, "source_info", None)
+    with contextlib.ExitStack() as stack:
+        if info is not None and _user_context is not None:
+            name_stack = _current_name_stack() + info.name_stack
+            stack.enter_context(_user_context(info.traceback, name_stack=name_stack))
+        manager = getattr(getattr(eqn, "ctx", None), "manager", None)
+        if manager is not None:
+            stack.enter_context(manager)
+        yield
+
+
+def last_used(jaxpr) -> dict:
+    """`{var: the last equation that reads it}` (JAX's own bookkeeping, if present)."""
+    fn = getattr(_jax_core, "last_used", None)
+    return fn(jaxpr) if fn is not None else {}
+
+
+def drop_dead(eqn, env: dict, last: dict) -> None:
+    """Forgets the values whose last reader was `eqn`, so an eager interpretation holds
+    no more intermediates than JAX's own evaluation does."""
+    fn = getattr(_jax_core, "clean_up_dead_vars", None)
+    if fn is not None and last:
+        fn(eqn, env, last)
 
 
 def bind(eqn, invals: list[Any]):
@@ -43,6 +95,36 @@ def open_jaxpr(j) -> tuple[Any, list[Any]]:
 JIT_NAMES = ("jit", "pjit", "closed_call", "core_call")
 REMAT_NAMES = ("remat2", "checkpoint", "remat")
 CUSTOM_CALL_NAMES = ("custom_jvp_call", "custom_vjp_call", "custom_vjp_call_jaxpr")
+
+
+class JitOptions(NamedTuple):
+    """What a `jit` equation was called with (None where a sharding is unspecified)."""
+
+    name: str
+    in_shardings: tuple
+    out_shardings: tuple
+    donated: tuple
+    keep_unused: bool
+    inline: bool
+    compiler_options: dict
+
+
+def _specified(s):
+    return None if s is None or type(s).__name__ == "UnspecifiedValue" else s
+
+
+def jit_options(eqn) -> JitOptions:
+    p = eqn.params
+    n_in, n_out = len(eqn.invars), len(eqn.outvars)
+    return JitOptions(
+        name=p.get("name", "jit"),
+        in_shardings=tuple(_specified(x) for x in p.get("in_shardings", (None,) * n_in)),
+        out_shardings=tuple(_specified(x) for x in p.get("out_shardings", (None,) * n_out)),
+        donated=tuple(p.get("donated_invars", (False,) * n_in)),
+        keep_unused=bool(p.get("keep_unused", False)),
+        inline=bool(p.get("inline", False)),
+        compiler_options=dict(p.get("compiler_options_kvs", ())),
+    )
 
 
 def call_jaxpr(eqn):

@@ -1,6 +1,6 @@
-"""The rule table: how each primitive acts on a `LowRank` kernel.
+"""The rule table: how each primitive acts on a `Factored` kernel.
 
-A rule takes `(ctx, eqn, invals)` (some inputs `LowRank`) and returns the list of
+A rule takes `(ctx, eqn, invals)` (some inputs `Factored`) and returns the list of
 outputs. Rules keep the low-rank form where it survives and otherwise call
 `ctx.materialize`, which warns (or raises in strict mode). Call-like rules re-enter
 through the public API (`jax.checkpoint`, `lax.scan`, `lax.switch`, `lax.while_loop`)
@@ -16,8 +16,8 @@ from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import NamedSharding, PartitionSpec
 
 from jlora import _jax_compat as compat
+from jlora._interpret import Factored, interpret
 from jlora._sharding import constrain, factor_specs
-from jlora._transform import LowRank
 from jlora._weight import Layout
 
 RULES: dict = {}
@@ -36,10 +36,6 @@ def rule(*names):
 def _fallback(ctx, eqn, invals, why=""):
     name = eqn.primitive.name
     return compat.bind(eqn, [ctx.materialize(v, name, why) for v in invals])
-
-
-def _dense(ctx, vals, primitive):
-    return [ctx.materialize(v, primitive) for v in vals]
 
 
 # dot_general ----------------------------------------------------------------------------
@@ -62,7 +58,7 @@ def _sharding_kw(sharding):
 
 
 def _contract_low_rank(
-    ctx, eqn, x, lr: LowRank, x_contract, k_contract, x_batch, k_batch, y_to_out
+    ctx, eqn, x, lr: Factored, x_contract, k_contract, x_batch, k_batch, y_to_out
 ):
     """`x . (scale * a @ b)` with the dot's kernel-free axes last (kernel as rhs).
 
@@ -124,9 +120,9 @@ def _contract_low_rank(
 @rule("dot_general")
 def dot_general_rule(ctx, eqn, invals):
     lhs, rhs = invals
-    if isinstance(lhs, LowRank) and isinstance(rhs, LowRank):
+    if isinstance(lhs, Factored) and isinstance(rhs, Factored):
         return _fallback(ctx, eqn, invals, "both operands adapted")
-    side = 1 if isinstance(rhs, LowRank) else 0
+    side = 1 if isinstance(rhs, Factored) else 0
     lr, x = (rhs, lhs) if side == 1 else (lhs, rhs)
     (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
     k_contract, x_contract = (rc, lc) if side == 1 else (lc, rc)
@@ -196,7 +192,7 @@ def transpose_rule(ctx, eqn, invals):
     ]
 
 
-def _drop_stack_axes(ctx, eqn, lr: LowRank, dropped: tuple[int, ...], new_w):
+def _drop_stack_axes(ctx, eqn, lr: Factored, dropped: tuple[int, ...], new_w):
     """Removes size-1 stacked axes (after indexing one layer out of a stack)."""
     lay = lr.layout
     if not set(dropped) <= set(lay.stack_axes):
@@ -228,7 +224,7 @@ def squeeze_rule(ctx, eqn, invals):
     )
 
 
-def _add_stack_axes(ctx, eqn, lr: LowRank, old_to_new, new_shape):
+def _add_stack_axes(ctx, eqn, lr: Factored, old_to_new, new_shape):
     """New leading stacked axes (a broadcast or an inserted size-1 axis): the factors
     are broadcast along them, so each new slice keeps the same low-rank update."""
     lay = lr.layout
@@ -319,7 +315,7 @@ def _stack_slice(lr, starts, sizes, dynamic):
 @rule("dynamic_slice")
 def dynamic_slice_rule(ctx, eqn, invals):
     lr, *starts = invals
-    if any(isinstance(s, LowRank) for s in starts):
+    if any(isinstance(s, Factored) for s in starts):
         return _fallback(ctx, eqn, invals)
     out = _stack_slice(lr, starts, eqn.params["slice_sizes"], dynamic=True)
     if out is None:
@@ -349,7 +345,7 @@ def slice_rule(ctx, eqn, invals):
 @rule("gather")
 def gather_rule(ctx, eqn, invals):
     lr, idx = invals
-    if isinstance(idx, LowRank):
+    if isinstance(idx, Factored):
         return _fallback(ctx, eqn, invals)
     p = eqn.params
     dn = p["dimension_numbers"]
@@ -389,7 +385,7 @@ def gather_rule(ctx, eqn, invals):
 def conv_rule(ctx, eqn, invals):
     x, lr = invals
     p = eqn.params
-    if isinstance(x, LowRank):
+    if isinstance(x, Factored):
         return _fallback(ctx, eqn, invals, "adapted kernel as the conv input")
     lay = lr.layout
     rhs_spec = p["dimension_numbers"].rhs_spec
@@ -418,7 +414,7 @@ def conv_rule(ctx, eqn, invals):
 # Sharding -------------------------------------------------------------------------------
 
 
-def _factor_shardings(lr: LowRank, sharding, unconstrained=()):
+def _factor_shardings(lr: Factored, sharding, unconstrained=()):
     """`(a, b)` shardings derived from a sharding of the kernel, or None if it can't be.
 
     A `NamedSharding` gives `a` the kernel's input (and stacked) axes and `b` its
@@ -481,7 +477,7 @@ def shard_map_rule(ctx, eqn, invals):
     jaxpr, consts = compat.call_jaxpr(eqn)
     flat, specs, slots = [], [], []
     for val, spec in zip(invals, in_specs):
-        if isinstance(val, LowRank):
+        if isinstance(val, Factored):
             a_spec, b_spec = factor_specs(spec, val.w.ndim, val.layout)
             mesh = eqn.params["mesh"]
             a = constrain(val.a, NamedSharding(mesh, a_spec))
@@ -503,8 +499,8 @@ def shard_map_rule(ctx, eqn, invals):
                 vals.append(args[i])
             else:
                 vals.append(src.replace(w=args[i], a=args[i + 1], b=args[i + 2]))
-        outs = inner.interpret(jaxpr, consts, vals)
-        return tuple(_dense(inner, outs, "shard_map output"))
+        outs = interpret(inner, jaxpr, consts, vals)
+        return tuple(inner.materialize_all(outs, "shard_map output"))
 
     return list(compat.shard_map_call(eqn, body, specs, out_specs)(*flat))
 
@@ -514,10 +510,85 @@ def shard_map_rule(ctx, eqn, invals):
 
 @rule(*compat.JIT_NAMES)
 def jit_rule(ctx, eqn, invals):
-    # Inlined: a jit inside a traced function changes nothing but the name in profiles.
+    """A nested `jit` stays a `jit`: same name, shardings, donation and options, with
+    each adapted kernel passed in as its `w`, `a`, `b` (the factors' shardings derived
+    from the kernel's) and, if the function returns one, returned so too."""
     jaxpr, consts = compat.call_jaxpr(eqn)
+    opts = compat.jit_options(eqn)
     ctx.note_all(invals, "jit")
-    return ctx.interpret(jaxpr, consts, invals)
+    flat, rebuild = _flatten_factored(invals)
+    in_sh, donate = [], []
+    for val, sh, don in zip(invals, opts.in_shardings, opts.donated):
+        if isinstance(val, Factored):
+            in_sh += [sh, *(_factor_shardings(val, sh) or (None, None))]
+            donate += [don, False, False]
+        else:
+            in_sh.append(sh)
+            donate.append(don)
+    out_kinds: list = []
+
+    def body(*args):
+        outs = interpret(ctx, jaxpr, consts, rebuild(args))
+        out_kinds[:] = [o if isinstance(o, Factored) else None for o in outs]
+        return tuple(_flatten_factored(outs)[0])
+
+    body.__name__ = body.__qualname__ = opts.name
+    out_sh = None
+    if any(s is not None for s in opts.out_shardings):
+        jax.eval_shape(body, *flat)  # which outputs stay factored decides the layout
+        out_sh = []
+        for kind, sh in zip(out_kinds, opts.out_shardings):
+            derived = (None, None) if kind is None else _factor_shardings(kind, sh)
+            out_sh += [sh] if kind is None else [sh, *(derived or (None, None))]
+        out_sh = tuple(out_sh)
+    kwargs = {"compiler_options": opts.compiler_options} if opts.compiler_options else {}
+    fn = jax.jit(
+        body,
+        in_shardings=tuple(in_sh) if any(s is not None for s in in_sh) else None,
+        out_shardings=out_sh,
+        donate_argnums=tuple(i for i, d in enumerate(donate) if d),
+        keep_unused=opts.keep_unused,
+        inline=opts.inline,
+        **kwargs,
+    )
+    return _unflatten_factored(fn(*flat), out_kinds)
+
+
+def _flatten_factored(values):
+    """`values` with each `Factored` as its `w`, `a`, `b`, and the inverse."""
+    flat, slots = [], []
+    for v in values:
+        if isinstance(v, Factored):
+            slots.append(v)
+            flat += [v.w, v.a, v.b]
+        else:
+            slots.append(None)
+            flat.append(v)
+
+    def rebuild(args):
+        out, i = [], 0
+        for src in slots:
+            if src is None:
+                out.append(args[i])
+                i += 1
+            else:
+                out.append(src.replace(w=args[i], a=args[i + 1], b=args[i + 2]))
+                i += 3
+        return out
+
+    return flat, rebuild
+
+
+def _unflatten_factored(flat, kinds):
+    out, i = [], 0
+    for kind in kinds:
+        if kind is None:
+            out.append(flat[i])
+            i += 1
+        else:
+            out.append(kind.replace(w=flat[i], a=flat[i + 1], b=flat[i + 2]))
+            i += 3
+    return out
 
 
 @rule(*compat.REMAT_NAMES)
@@ -526,7 +597,7 @@ def remat_rule(ctx, eqn, invals):
     ctx.note_all(invals, "remat")
 
     def body(*args):
-        return _dense(ctx, ctx.interpret(jaxpr, consts, args), "remat output")
+        return ctx.materialize_all(interpret(ctx, jaxpr, consts, args), "remat output")
 
     fn = jax.checkpoint(
         body,
@@ -539,37 +610,46 @@ def remat_rule(ctx, eqn, invals):
 @rule("cond")
 def cond_rule(ctx, eqn, invals):
     index, *ops = invals
-    if isinstance(index, LowRank):
+    if isinstance(index, Factored):
         return _fallback(ctx, eqn, invals)
     ctx.note_all(ops, "cond")
 
     def branch_fn(closed):
         jaxpr, consts = compat.open_jaxpr(closed)
-        return lambda *args: _dense(ctx, ctx.interpret(jaxpr, consts, args), "cond output")
+        return lambda *args: ctx.materialize_all(
+            interpret(ctx, jaxpr, consts, args), "cond output"
+        )
 
     return list(lax.switch(index, [branch_fn(b) for b in eqn.params["branches"]], *ops))
 
 
 @rule("while")
 def while_rule(ctx, eqn, invals):
+    """With dropout on, the loop also carries an iteration counter, so each iteration
+    draws its own masks (as under `scan`), even when the trip count is traced."""
     p = eqn.params
     nc, nb = p["cond_nconsts"], p["body_nconsts"]
     cond_consts, body_consts, init = invals[:nc], invals[nc : nc + nb], invals[nc + nb :]
-    init = _dense(ctx, init, "while carry")
+    init = ctx.materialize_all(init, "while carry")
     ctx.note_all(cond_consts + body_consts, "while")
     cj, cc = compat.open_jaxpr(p["cond_jaxpr"])
     bj, bc = compat.open_jaxpr(p["body_jaxpr"])
 
-    def cond_fn(carry):
-        return ctx.interpret(cj, cc, [*cond_consts, *carry])[0]
+    def cond_fn(state):
+        _, carry = state
+        return interpret(ctx, cj, cc, [*cond_consts, *carry])[0]
 
-    def body_fn(carry):
-        return _dense(ctx, ctx.interpret(bj, bc, [*body_consts, *carry]), "while carry")
+    def body_fn(state):
+        i, carry = state
+        inner = ctx if i is None else ctx.iteration(i)
+        outs = interpret(inner, bj, bc, [*body_consts, *carry])
+        return None if i is None else i + 1, inner.materialize_all(outs, "while carry")
 
-    return list(lax.while_loop(cond_fn, body_fn, list(init)))
+    counter = None if ctx.rng is None else jnp.zeros((), jnp.uint32)
+    return list(lax.while_loop(cond_fn, body_fn, (counter, list(init)))[1])
 
 
-def _unstack_first(lr: LowRank):
+def _unstack_first(lr: Factored):
     """`lr` as scan sees one slice of axis 0, if axis 0 is a stacked axis."""
     lay = lr.layout
     if 0 not in lay.stack_axes:
@@ -595,10 +675,10 @@ def scan_rule(ctx, eqn, invals):
         invals[n_consts : n_consts + n_carry],
         invals[n_consts + n_carry :],
     )
-    init = _dense(ctx, init, "scan carry")
+    init = ctx.materialize_all(init, "scan carry")
     xs_in, rebuild = [], []
     for v in xs:
-        if isinstance(v, LowRank):
+        if isinstance(v, Factored):
             got = _unstack_first(v)
             if got is None:
                 xs_in.append(ctx.materialize(v, "scan", "scanned over a non-stack axis"))
@@ -617,7 +697,7 @@ def scan_rule(ctx, eqn, invals):
 
     def body(carry, x):
         xs_vals, i = x
-        inner_ctx = ctx if i is None else ctx.child(jax.random.fold_in(ctx.rng, i))
+        inner_ctx = ctx if i is None else ctx.iteration(i)
         vals = []
         for val, rb in zip(xs_vals, rebuild):
             if rb is None:
@@ -626,8 +706,8 @@ def scan_rule(ctx, eqn, invals):
                 src, layout = rb
                 w, a, b = val
                 vals.append(src.replace(w=w, a=a, b=b, layout=layout))
-        outs = inner_ctx.interpret(jaxpr, jconsts, [*consts, *carry, *vals])
-        outs = _dense(inner_ctx, outs, "scan output")
+        outs = interpret(inner_ctx, jaxpr, jconsts, [*consts, *carry, *vals])
+        outs = inner_ctx.materialize_all(outs, "scan output")
         return outs[:n_carry], outs[n_carry:]
 
     carry, ys = lax.scan(

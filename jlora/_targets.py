@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import re
+import zlib
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -11,6 +12,12 @@ import jax
 
 from jlora._boxes import is_box, is_variable
 from jlora._weight import is_node
+
+
+def path_key(key, path: str):
+    """A PRNG key for `path`: `key` folded with the path's CRC-32 (stable across runs,
+    processes and tree orders)."""
+    return jax.random.fold_in(key, zlib.crc32(path.encode("utf-8")) & 0xFFFFFFFF)
 
 
 def key_str(key) -> str:

@@ -1,163 +1,29 @@
-"""`lora(fn)`: run any JAX function on adapted params with factored low-rank compute.
+"""`lora(fn)` and `explain`: the public face of the interpreter.
 
 The function is traced with plain arrays standing in for the `LoraWeight`s; the jaxpr
-is then evaluated by an interpreter that holds each adapted kernel as a `LowRank`
-value. Equations touching one go to the rule table in `_rules.py`; all others are
-re-bound unchanged. The interpreter runs at trace time and emits ordinary JAX ops, so
-`jit`, `grad`, `vmap`, `remat` and sharding compose with it.
+is then evaluated by the interpreter (`_interpret.py`) holding each adapted kernel as a
+`Factored` value, with the rule table of `_rules.py`. The interpreter runs at trace
+time and emits ordinary JAX ops, so `jit`, `grad`, `vmap`, `remat` and sharding compose
+with it.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import warnings
-import zlib
 from collections.abc import Callable
-from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from jlora import _jax_compat as compat
 from jlora._boxes import unbox
+from jlora._interpret import Context, Factored, RuleError, interpret
+from jlora._rules import RULES
 from jlora._targets import path_str
-from jlora._weight import Layout, LoraWeight, Trainable, is_node, materialize
+from jlora._weight import LoraWeight, Trainable, is_node
 
-
-class RuleError(RuntimeError):
-    """Raised in strict mode when an adapted kernel would be materialized."""
-
-
-@dataclasses.dataclass(frozen=True)
-class LowRank:
-    """Symbolic `w + scale * a @ b` inside the interpreter (a pytree: w, a, b)."""
-
-    w: Any
-    a: Any
-    b: Any
-    scale: float
-    layout: Layout
-    path: str
-    dropout: float
-
-    @property
-    def shape(self):
-        return jnp.shape(self.w)
-
-    @property
-    def dtype(self):
-        return self.w.dtype
-
-    def replace(self, **kw) -> LowRank:
-        return dataclasses.replace(self, **kw)
-
-    def materialize(self):
-        return materialize(self.w, self.a, self.b, self.layout, self.scale)
-
-
-jax.tree_util.register_pytree_node(
-    LowRank,
-    lambda lr: ((lr.w, lr.a, lr.b), (lr.scale, lr.layout, lr.path, lr.dropout)),
-    lambda aux, ch: LowRank(*ch, *aux),
-)
-
-
-@dataclasses.dataclass
-class Context:
-    """Per-call interpreter state: dropout key, strictness, and what handled what."""
-
-    rng: Any = None
-    strict: bool = False
-    record: dict[str, list[str]] = dataclasses.field(default_factory=dict)
-    warned: set = dataclasses.field(default_factory=set)
-    sites: dict[str, int] = dataclasses.field(default_factory=dict)
-    in_shard_map: bool = False
-
-    def note(self, lr: LowRank, rule: str) -> None:
-        seen = self.record.setdefault(lr.path, [])
-        if rule not in seen:
-            seen.append(rule)
-
-    def note_all(self, values, rule: str) -> None:
-        for v in values:
-            if isinstance(v, LowRank):
-                self.note(v, rule)
-
-    def child(self, rng) -> Context:
-        """Same records and warnings, another dropout key (a scan iteration)."""
-        return dataclasses.replace(self, rng=rng)
-
-    def manual(self) -> Context:
-        """Same records and warnings, inside a `shard_map` body: each dropout mask is
-        also folded with the index of every mesh axis its input varies over."""
-        return dataclasses.replace(self, in_shard_map=True)
-
-    def dropout(self, x, lr: LowRank):
-        """`x` with inverted dropout at rate `lr.dropout`, if a key was given."""
-        if self.rng is None or lr.dropout == 0.0:
-            return x
-        site = self.sites.get(lr.path, 0)
-        self.sites[lr.path] = site + 1
-        key = jax.random.fold_in(self.rng, zlib.crc32(lr.path.encode()) & 0xFFFFFFFF)
-        key = jax.random.fold_in(key, site)
-        if self.in_shard_map:
-            for axis in sorted(compat.varying_axes(x) or (), key=str):
-                key = jax.random.fold_in(key, jax.lax.axis_index(axis))
-        keep = jax.random.bernoulli(key, 1.0 - lr.dropout, jnp.shape(x))
-        kept = x * jnp.asarray(1.0 / (1.0 - lr.dropout), x.dtype)
-        return jnp.where(keep, kept, jnp.zeros((), x.dtype))
-
-    def materialize(self, value, primitive: str, why: str = ""):
-        """The dense kernel for an equation no rule handles; warns once, or raises."""
-        if not isinstance(value, LowRank):
-            return value
-        self.note(value, f"materialize:{primitive}")
-        msg = (
-            f"jlora: {value.path} flows into '{primitive}'"
-            + (f" ({why})" if why else "")
-            + ", which has no low-rank rule; W + scale*A@B is materialized for this "
-            "equation only."
-        )
-        if self.strict:
-            raise RuleError(msg + " (strict=True; drop strict to allow it.)")
-        if (primitive, value.path) not in self.warned:
-            self.warned.add((primitive, value.path))
-            warnings.warn(msg, stacklevel=3)
-        return value.materialize()
-
-    def interpret(self, jaxpr, consts, args):
-        return interpret(self, jaxpr, consts, args)
-
-
-def interpret(ctx: Context, jaxpr, consts, args) -> list[Any]:
-    """Evaluates an open jaxpr whose inputs may be `LowRank` values."""
-    from jlora._rules import RULES
-
-    env: dict[Any, Any] = {}
-
-    def read(v):
-        return v.val if compat.is_literal(v) else env[v]
-
-    for var, val in zip(jaxpr.constvars, consts):
-        env[var] = val
-    for var, val in zip(jaxpr.invars, args):
-        env[var] = val
-    for eqn in jaxpr.eqns:
-        invals = [read(v) for v in eqn.invars]
-        if any(isinstance(v, LowRank) for v in invals):
-            rule = RULES.get(eqn.primitive.name)
-            if rule is None:
-                invals = [ctx.materialize(v, eqn.primitive.name) for v in invals]
-                outs = compat.bind(eqn, invals)
-            else:
-                outs = rule(ctx, eqn, invals)
-        else:
-            outs = compat.bind(eqn, invals)
-        for var, val in zip(eqn.outvars, outs):
-            env[var] = val
-    return [read(v) for v in jaxpr.outvars]
+__all__ = ["RuleError", "explain", "lora"]
 
 
 def _node_path(path) -> str:
@@ -186,8 +52,10 @@ def _prepare(args, kwargs):
     stand_ins, lowrank_at, flat = [], {}, []
     for path, leaf in node_leaves:
         if isinstance(leaf, LoraWeight):
-            w = unbox(leaf.w)
-            lowrank_at[len(flat)] = LowRank(
+            # Frozen by construction: no gradient ever flows into the kernel, so none
+            # is formed (no `dW = x^T g`), whoever differentiates the whole tree.
+            w = jax.lax.stop_gradient(unbox(leaf.w))
+            lowrank_at[len(flat)] = Factored(
                 w,
                 unbox(leaf.a),
                 unbox(leaf.b),
@@ -285,7 +153,7 @@ def lora(fn: Callable, *, rng: jax.Array | None = None, strict: bool = False) ->
 
     @functools.wraps(fn)
     def wrapped(*args, **kwargs):
-        return run(fn, args, kwargs, Context(rng=rng, strict=strict))
+        return run(fn, args, kwargs, Context(rules=RULES, rng=rng, strict=strict))
 
     return wrapped
 
@@ -307,7 +175,7 @@ def explain(fn: Callable, *args, **kwargs) -> dict[str, tuple[str, ...]]:
       >>> jlora.explain(lambda p, x: x @ p["kernel"], lp, jnp.ones((1, 4)))
       {'kernel': ('dot_general',)}
     """
-    ctx = Context()
+    ctx = Context(rules=RULES)
     lowrank = _prepare(args, kwargs)[3].values()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

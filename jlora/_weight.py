@@ -253,6 +253,38 @@ class LoraWeight:
     def __eq__(self, other):  # structural identity only; arrays are not compared
         return self is other
 
+    # A LoraWeight that reaches code outside `jlora.lora` is a kernel in factored form:
+    # every hook Python offers for using it as an array says so, and what to do.
+
+    def _outside_lora(self, use: str):
+        raise TypeError(
+            f"jlora.LoraWeight (an adapted kernel {list(self.shape)}, held as "
+            f"w + scale * a @ b) was used as an array ({use}) outside jlora.lora. Wrap "
+            "the function that uses the params with jlora.lora(fn), which computes "
+            "with the factors, or pass jlora.merge(params) to run it on plain kernels."
+        )
+
+    def __array__(self, *args, **kwargs):
+        self._outside_lora("converted to a NumPy array")
+
+    def __jax_array__(self):
+        self._outside_lora("converted to a JAX array")
+
+    def __float__(self):
+        self._outside_lora("float()")
+
+    def __int__(self):
+        self._outside_lora("int()")
+
+    def __getitem__(self, index):
+        self._outside_lora(f"indexed with {index!r}")
+
+    def __matmul__(self, other):
+        self._outside_lora("kernel @ x")
+
+    def __rmatmul__(self, other):
+        self._outside_lora("x @ kernel")
+
     __hash__ = object.__hash__
 
 

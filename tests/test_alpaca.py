@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import chain_bound
 
 pytest.importorskip("tokenizers")
 pytest.importorskip("safetensors")
@@ -430,7 +431,10 @@ def test_alpaca_main_job_two_steps_end_to_end(tmp_path):
     assert "pretrained 3 steps" in text and "### Instruction:" in text
     assert [s for s, _ in out["history"]["eval"]] == [1, 2]
     assert all(math.isfinite(v) for v in (out["val_loss_before"], out["val_loss_after"]))
-    assert out["merge_gap"] < 1e-4
+    # Merged vs factored logits: rounding only. One block of width 32: reductions of at
+    # most max(4 x 32, 256 positions) terms; q, k, v, scores, softmax, values, out, two
+    # MLP dots, the tied head, and two extra dots each for the adapted q and v.
+    assert out["merge_gap"] <= chain_bound(k=256, depth=14) * out["merge_scale"]
     assert len(out["responses"]) == 2
     # The saved adapters load back onto the base (read from the cached checkpoint).
     base_dir = next(p for p in (tmp_path / "cache").iterdir() if p.is_dir())

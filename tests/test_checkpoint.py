@@ -252,3 +252,239 @@ def test_resume_in_fresh_process_is_bit_identical(tmp_path):
     resumed = json.loads(second[-1])
     assert resumed["losses"] == straight["losses"]  # exact, not approximate
     assert resumed["adapters_sha256"] == straight["adapters_sha256"]
+
+
+# Trust: nothing restores wrong data, no crash loses a checkpoint -----------------------
+
+
+def _same(tree, ref):
+    la, lb = jax.tree.leaves(tree), jax.tree.leaves(ref)
+    return len(la) == len(lb) and all(np.array_equal(a, b) for a, b in zip(la, lb))
+
+
+def test_manager_restores_by_path_and_lists_every_mismatch(tmp_path):
+    zeros, ones = jnp.zeros((3,)), jnp.ones((3,))
+    with jlora.CheckpointManager(tmp_path / "ckpt", async_save=False) as ckpt:
+        ckpt.save(0, {"a": zeros, "b": ones}, force=True)
+        # Same shapes, other names: refused, both differences named.
+        with pytest.raises(ValueError) as err:
+            ckpt.restore({"b": zeros, "c": zeros})
+        msg = str(err.value)
+        assert "c: in the template, not in the checkpoint" in msg
+        assert "a: in the checkpoint, not in the template" in msg
+        # Same paths, other dtype or shape: refused before orbax could cast.
+        with pytest.raises(ValueError) as err:
+            ckpt.restore({"a": zeros.astype(jnp.bfloat16), "b": jnp.ones((4,))})
+        msg = str(err.value)
+        assert "a: the template has bfloat16[3], the checkpoint float32[3]" in msg
+        assert "b: the template has float32[4], the checkpoint float32[3]" in msg
+        # Keys in another order: each leaf still lands under its own path.
+        _, got, _ = ckpt.restore({"b": zeros, "a": zeros})
+    np.testing.assert_array_equal(got["a"], zeros)
+    np.testing.assert_array_equal(got["b"], ones)
+
+
+def test_manager_refuses_the_positional_format_and_its_conversion_recipe_works(tmp_path):
+    import orbax.checkpoint as ocp
+
+    state = {"a": jnp.zeros((3,)), "b": jnp.ones((2,))}
+    old_dir = tmp_path / "old"
+    # A checkpoint as jlora 0.1 wrote it: leaves by position, extras as JSON.
+    with ocp.CheckpointManager(old_dir, item_names=("state", "extra")) as old:
+        leaves = {f"leaf_{i:05d}": x for i, x in enumerate(jax.tree.leaves(state))}
+        old.save(
+            5,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(leaves), extra=ocp.args.JsonSave({"n": 1})
+            ),
+        )
+        old.wait_until_finished()
+    with pytest.raises(ValueError, match="older format") as err:
+        jlora.CheckpointManager(old_dir).restore(state)
+    recipe = str(err.value).split("save it again:\n", 1)[1]
+    # The recipe from the message, run as written, converts it.
+    namespace = {
+        "jax": jax,
+        "jlora": jlora,
+        "directory": str(old_dir),
+        "new_directory": str(tmp_path / "new"),
+        "step": 5,
+        "template": state,
+    }
+    exec(textwrap.dedent(recipe), namespace)
+    with jlora.CheckpointManager(tmp_path / "new") as new:
+        step, got, extra = new.restore(state)
+    assert step == 5 and extra == {"n": 1} and _same(got, state)
+
+
+class Crash(BaseException):
+    """A process dying at this point: no `except Exception` cleanup runs."""
+
+
+def _fs_steps(monkeypatch, fail_at: int | None, log: list):
+    """Counts every filesystem step of a save (orbax's write is one), crashing at
+    step `fail_at`."""
+    import orbax.checkpoint as ocp
+
+    from jlora import _checkpoint
+
+    def step(name, real):
+        def run(*args, **kwargs):
+            log.append(name)
+            if fail_at is not None and len(log) - 1 == fail_at:
+                raise Crash(name)
+            return real(*args, **kwargs)
+
+        return staticmethod(run)
+
+    for name in ("rename", "rmtree", "makedirs"):
+        monkeypatch.setattr(
+            _checkpoint._FS, name, step(name, getattr(_checkpoint._FS, name))
+        )
+    real_save = ocp.Checkpointer.save
+
+    def save(self, directory, *args, **kwargs):
+        log.append("write")
+        if fail_at is not None and len(log) - 1 == fail_at:
+            os.makedirs(directory, exist_ok=True)  # a partial write
+            (pathlib.Path(directory) / "partial").write_text("")
+            raise Crash("write")
+        return real_save(self, directory, *args, **kwargs)
+
+    monkeypatch.setattr(ocp.Checkpointer, "save", save)
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_a_save_that_dies_at_any_step_leaves_a_loadable_checkpoint(
+    model, tmp_path, monkeypatch, overwrite
+):
+    _, _, base, lp = model
+    new = perturb(lp, jax.random.key(7))
+    steps: list = []
+    with monkeypatch.context() as m:  # a dry run lists the steps
+        _fs_steps(m, None, steps)
+        jlora.save_adapter(tmp_path / "dry" / "ad", lp, CFG)
+        if overwrite:
+            steps.clear()
+            jlora.save_adapter(tmp_path / "dry" / "ad", new, CFG, overwrite=True)
+    assert "write" in steps and steps.count("rename") == (3 if overwrite else 2)
+    for k, name in enumerate(steps):
+        root = tmp_path / f"crash{k}"
+        path = root / "ad"
+        if overwrite:
+            jlora.save_adapter(path, lp, CFG)
+        with monkeypatch.context() as m, pytest.raises(Crash):
+            _fs_steps(m, k, [])
+            jlora.save_adapter(path, new, CFG, overwrite=overwrite)
+        listing = os.listdir(root) if root.exists() else []
+        ready = any(n.startswith(".ad.ready-") for n in listing)
+        if not overwrite and not os.path.exists(path) and not ready:
+            # Died before the new checkpoint was complete: there was none before.
+            with pytest.raises(FileNotFoundError):
+                jlora.load_adapter(path, base)
+        else:
+            back = jlora.load_adapter(path, base)
+            assert _same(back, lp) or _same(back, new), f"crash at step {k} ({name})"
+        # The next save finds its way, and leaves nothing beside the checkpoint.
+        jlora.save_adapter(path, new, CFG, overwrite=True)
+        assert _same(jlora.load_adapter(path, base), new)
+        assert sorted(os.listdir(root)) == ["ad"], (k, name, os.listdir(root))
+
+
+def test_a_failed_save_cleans_its_staging_and_patterns_serialize(model, tmp_path):
+    import re
+
+    from jlora import _checkpoint
+
+    _, _, base, lp = model
+    cfg = jlora.LoraConfig(
+        2,
+        4,
+        targets=re.compile("kernel$"),
+        exclude=[re.compile("nothing", re.IGNORECASE)],
+        layout={"proj": jlora.Layout((0,), (1, 2))},
+        train_bias="lora_only",
+        also_train="head/bias",
+    )
+    path = jlora.save_adapter(tmp_path / "ad", lp, cfg)
+    meta = jlora.read_adapter_metadata(path)["config"]
+    assert meta["targets"] == "kernel$"
+    assert meta["exclude"] == [{"regex": "nothing", "flags": int(re.IGNORECASE)}]
+    failing = object()  # not JSON-serializable: the save fails before writing
+    with pytest.raises(TypeError):
+        jlora.save_adapter(tmp_path / "bad", lp, dataclasses_replace(cfg, failing))
+    real = _checkpoint._FS.rename
+
+    def broken(*args):
+        raise OSError("disk full")
+
+    _checkpoint._FS.rename = staticmethod(broken)
+    try:
+        with pytest.raises(OSError, match="disk full"):
+            jlora.save_adapter(tmp_path / "ad2", lp, CFG)
+    finally:
+        _checkpoint._FS.rename = staticmethod(real)
+    assert sorted(os.listdir(tmp_path)) == ["ad"]  # no staging left behind
+
+
+def dataclasses_replace(cfg, bad):
+    """`cfg` with a value no JSON encoder takes (bypassing validation)."""
+    import dataclasses
+
+    out = dataclasses.replace(cfg)
+    object.__setattr__(out, "dtype", bad)
+    return out
+
+
+def test_load_adapter_accepts_the_base_split_returns(model, tmp_path):
+    _, _, base, lp = model  # CFG trains biases and head/bias fully
+    path = jlora.save_adapter(tmp_path / "ad", lp, CFG)
+    adapters, split_base = jlora.split(lp)
+    assert split_base["head"]["bias"] is None
+    back = jlora.load_adapter(path, split_base)
+    assert _same(back, lp)
+    assert isinstance(back["head"]["bias"], jlora.Trainable)
+
+
+def test_fingerprint_catches_another_base_of_the_same_shapes(model, tmp_path):
+    import warnings
+
+    _, _, base, lp = model
+    path = jlora.save_adapter(tmp_path / "ad", lp, CFG)
+    meta = jlora.read_adapter_metadata(path)
+    fp = {e["path"]: e["base"] for e in meta["leaves"] if e["kind"] == "lora"}
+    assert fp["head/kernel"]["shape"] == [16, 4] and len(fp["head/kernel"]["checksum"]) == 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the right base: no warning
+        jlora.load_adapter(path, base)
+    other = jax.tree.map(lambda x: x, base)
+    other["head"]["kernel"] = base["head"]["kernel"] * 1.001
+    with pytest.warns(UserWarning, match=r"different base kernels.*head/kernel"):
+        jlora.load_adapter(path, other)
+    with pytest.raises(ValueError, match="different base kernels"):
+        jlora.load_adapter(path, other, base_mismatch="error")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        jlora.load_adapter(path, other, base_mismatch="ignore")
+    # A permutation of the same values (same plain sum) is caught by the weighted sum.
+    swapped = jax.tree.map(lambda x: x, base)
+    swapped["head"]["kernel"] = base["head"]["kernel"][::-1]
+    with pytest.raises(ValueError, match="head/kernel"):
+        jlora.load_adapter(path, swapped, base_mismatch="error")
+
+
+def test_fingerprint_does_not_depend_on_sharding_or_device_count():
+    if len(jax.devices()) < 8:
+        pytest.skip("needs 8 devices")
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from jlora._checkpoint import fingerprint
+
+    w = jax.random.normal(jax.random.key(0), (64, 48), jnp.bfloat16)
+    one = fingerprint(w)
+    for shape, spec in (((8,), P("x", None)), ((2, 4), P("x", "y")), ((4,), P(None, "x"))):
+        names = ("x", "y")[: len(shape)]
+        mesh = jax.make_mesh(shape, names, devices=jax.devices()[: int(np.prod(shape))])
+        assert fingerprint(jax.device_put(w, NamedSharding(mesh, spec))) == one
+    assert fingerprint(w.T.reshape(w.shape)) != one

@@ -5,6 +5,7 @@ import pathlib
 
 import jax
 import numpy as np
+from helpers import chain_bound
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -18,9 +19,10 @@ def _load(name):
 
 def test_quickstart_lora_fixes_the_shifted_task_and_merge_agrees():
     with jax.numpy_dtype_promotion("standard"):  # optax's adam is not strict-clean
-        base_loss, lora_loss, gap = _load("quickstart").main([])
+        base_loss, lora_loss, gap, scale = _load("quickstart").main([])
     assert lora_loss < 0.5 * base_loss
-    assert gap <= 1e-4
+    # Merged vs factored: 3 layers of at most 128 inputs, two reductions each.
+    assert gap <= chain_bound(k=128, depth=6) * scale
 
 
 def test_benchmark_quick_mode_runs_every_candidate():

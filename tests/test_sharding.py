@@ -1,13 +1,12 @@
 """Sharded LoRA on 8 simulated CPU devices: placement, specs, training, HLO, merge, load."""
 
-import re
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from helpers import assert_close, chain_bound, collectives
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -95,12 +94,8 @@ def test_linen_logical_partitioning_keeps_rank_axis_unsharded():
     assert lw.a.spec == P("data", None) and lw.b.spec == P(None, "model")
     placed = jax.device_put(nn.unbox(lp), nn.unbox(shardings))
     out = jlora.lora(Logical().apply)(placed, jnp.ones((8, 16)))
-    np.testing.assert_allclose(
-        out,
-        Logical().apply(jlora.merge(nn.unbox(lp)), jnp.ones((8, 16))),
-        rtol=1e-5,
-        atol=1e-6,
-    )
+    ref = Logical().apply(jlora.merge(nn.unbox(lp)), jnp.ones((8, 16)))
+    assert_close(out, ref, chain_bound(k=16, depth=2))
 
 
 LAYOUTS = {
@@ -123,14 +118,17 @@ def _param_specs(kernel_specs):
     }
 
 
-def _train(m, params, x, y, steps=3, msh=None, kernel_specs=None, batch_spec=None):
+STEPS, LR = 3, 0.05
+
+
+def _train(m, params, x, y, steps=STEPS, msh=None, kernel_specs=None, batch_spec=None):
     if msh is not None:
         params = _place(params, _param_specs(kernel_specs), msh)
         x = jax.device_put(x, NamedSharding(msh, batch_spec))
         y = jax.device_put(y, NamedSharding(msh, batch_spec))
     lp = jlora.init(jax.random.key(5), params, CFG)
     adapters, base = jlora.split(lp)
-    tx = optax.adamw(1e-2)
+    tx = optax.sgd(LR)  # linear in the gradients: their rounding error stays bounded
     opt_state = tx.init(adapters)
     apply = jlora.lora(m.apply)
 
@@ -158,15 +156,17 @@ def _train(m, params, x, y, steps=3, msh=None, kernel_specs=None, batch_spec=Non
 def test_sharded_training_matches_single_device(layout):
     shape, names, kspecs, bspec = LAYOUTS[layout]
     m, x, y, params = _setup()
-    with jax.numpy_dtype_promotion("standard"):  # optax adam
-        ref_ad, ref_losses, _, _ = _train(m, params, x, y)
-        msh = mesh(shape, names)
-        ad, losses, _, _ = _train(
-            m, params, x, y, msh=msh, kernel_specs=kspecs, batch_spec=bspec
-        )
-    np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
+    ref_ad, ref_losses, _, _ = _train(m, params, x, y)
+    msh = mesh(shape, names)
+    ad, losses, _, _ = _train(
+        m, params, x, y, msh=msh, kernel_specs=kspecs, batch_spec=bspec
+    )
+    # Sharded and one-device steps differ only in reduction order: each step's loss (a
+    # mean of 16 x 32 terms) and gradient (through reductions of up to 96 terms, forward
+    # and backward) by a chain of rounding errors, and SGD adds them up over the steps.
+    assert_close(losses, ref_losses, chain_bound(k=16 * 32, depth=4 * STEPS))
     for a, b in zip(jax.tree.leaves(ad), jax.tree.leaves(ref_ad)):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+        assert_close(a, b, chain_bound(k=96, depth=6 * STEPS))
     expected = jlora.adapter_specs(
         jlora.combine(ad, _place(params, _param_specs(kspecs), msh))
     )
@@ -174,28 +174,15 @@ def test_sharded_training_matches_single_device(layout):
     assert ad["down"]["kernel"].b.sharding.spec == expected["down"]["kernel"].b
 
 
-def _collectives(hlo):
-    """`(op, element count)` of every collective in an optimized HLO module."""
-    out = []
-    ops = "all-gather|all-reduce|reduce-scatter|all-to-all|collective-permute"
-    for shape, op in re.findall(
-        rf"= \(?([a-z0-9]+\[[0-9,]*\])[^=]*? ({ops})(?:-start)?\(", hlo
-    ):
-        dims = re.findall(r"\d+", shape.split("[", 1)[1])
-        out.append((op, int(np.prod([int(d) for d in dims])) if dims else 1))
-    return out
-
-
 @pytest.mark.parametrize("layout", ["fsdp", "tp"])
 def test_lora_adds_no_kernel_sized_collective(layout):
     shape, names, kspecs, bspec = LAYOUTS[layout]
     m, x, y, params = _setup()
     msh = mesh(shape, names)
-    with jax.numpy_dtype_promotion("standard"):
-        _, _, step, args = _train(
-            m, params, x, y, steps=1, msh=msh, kernel_specs=kspecs, batch_spec=bspec
-        )
-        lora_hlo = step.lower(*args).compile().as_text()
+    _, _, step, args = _train(
+        m, params, x, y, steps=1, msh=msh, kernel_specs=kspecs, batch_spec=bspec
+    )
+    lora_hlo = step.lower(*args).compile().as_text()
     xs, ys = args[3:]
     plain = _place(params, _param_specs(kspecs), msh)  # the same model with no adapters
 
@@ -206,8 +193,8 @@ def test_lora_adds_no_kernel_sized_collective(layout):
 
     base_hlo = jax.jit(frozen_step).lower(jnp.zeros(32), plain, xs, ys).compile().as_text()
     smallest_kernel = min(96 * 32, 32 * 96)
-    big = [c for c in _collectives(lora_hlo) if c[1] >= smallest_kernel]
-    allowed = [c for c in _collectives(base_hlo) if c[1] >= smallest_kernel]
+    big = [c for c in collectives(lora_hlo) if c[1] >= smallest_kernel]
+    allowed = [c for c in collectives(base_hlo) if c[1] >= smallest_kernel]
     for c in big:
         assert c in allowed, (c, allowed)
         allowed.remove(c)
@@ -294,7 +281,7 @@ def test_explicit_axis_mesh_low_rank_dots_carry_out_sharding(row_parallel):
         y = jax.jit(jlora.lora(fn, strict=True))(lp, x)
         ref = jax.jit(fn)(jlora.merge(lp), x)
         assert y.sharding.spec == ref.sharding.spec
-        np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5)  # sums split over shards
+        assert_close(y, ref, chain_bound(k=16, depth=2))  # sums split over shards
         adapters, _ = jlora.split(lp)
 
         def loss(ad, f):
@@ -305,7 +292,7 @@ def test_explicit_axis_mesh_low_rank_dots_carry_out_sharding(row_parallel):
             jax.grad(lambda ad: fn(jlora.merge(jlora.combine(ad, {"kernel": w})), x).sum())
         )(adapters)
         for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(gr)):
-            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+            assert_close(a, b, chain_bound(k=16, depth=5))
 
 
 def test_nnx_sharding_metadata_gives_adapter_specs_and_trains_sharded():
@@ -344,4 +331,4 @@ def test_nnx_sharding_metadata_gives_adapter_specs_and_trains_sharded():
             nnx.merge(graphdef, jlora.merge(jlora.combine(ad, base)))(x) ** 2
         )
     )(adapters)
-    np.testing.assert_allclose(g.b, ref["kernel"].get_value().b, rtol=1e-4, atol=1e-5)
+    assert_close(g.b, ref["kernel"].get_value().b, chain_bound(k=16, depth=5))
