@@ -13,9 +13,8 @@ from jlora._merge import combine, merge, split, unmerge
 from jlora._optim import Summary, optimizer, summary
 from jlora._sharding import adapter_specs
 from jlora._transform import RuleError, explain, lora
+from jlora._version import VERSION as __version__  # noqa: F401
 from jlora._weight import Layout, LoraWeight, Trainable
-
-__version__ = "0.1.0"
 
 __all__ = [
     "CheckpointManager",

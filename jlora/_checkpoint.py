@@ -24,18 +24,20 @@ import re
 import shutil
 import uuid
 import warnings
-from importlib import metadata as importlib_metadata
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 from jlora._boxes import unbox
 from jlora._config import LoraConfig
 from jlora._merge import combine, merge
 from jlora._sharding import factor_shardings, named_sharding_of
-from jlora._targets import flatten, flatten_keep_none, key_str, open_node
+from jlora._targets import LORA, TRAINED, path_string, walk
+from jlora._version import VERSION
 from jlora._weight import Layout, LoraWeight, Trainable
 
 FORMAT = "jlora-adapter"
@@ -44,19 +46,6 @@ ARRAYS, META = "adapters", "jlora"
 STATE_FORMAT = "jlora-train-state"
 STATE_FORMAT_VERSION = 2  # 2: leaves stored under their paths (1: by position)
 BASE_MISMATCH = ("warn", "error", "ignore")
-
-
-def _ocp():
-    import orbax.checkpoint as ocp
-
-    return ocp
-
-
-def _version() -> str:
-    try:
-        return importlib_metadata.version("jlora")
-    except importlib_metadata.PackageNotFoundError:  # a source tree, not installed
-        return "unknown"
 
 
 def _key(i: int) -> str:
@@ -77,8 +66,6 @@ def _primary() -> bool:
 def _barrier(name: str) -> None:
     """Every process waits here for the others (nothing to wait for on one process)."""
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
         multihost_utils.sync_global_devices(f"jlora:{name}")
 
 
@@ -86,8 +73,6 @@ def _agreed_token() -> str:
     """A fresh name that every process agrees on (process 0's)."""
     token = np.frombuffer(uuid.uuid4().bytes, np.uint8)
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
         token = np.asarray(multihost_utils.broadcast_one_to_all(token))
     return bytes(token.astype(np.uint8)).hex()[:12]
 
@@ -255,9 +240,9 @@ def fingerprint(w) -> dict:
 def _collect(params):
     """Adapter arrays in tree order and their metadata entries."""
     arrays, entries = [], []
-    for path, leaf in flatten(params)[0]:
-        inner, _ = open_node(leaf)
-        if isinstance(inner, LoraWeight):
+    for node in walk(params).nodes:
+        path, inner = node.path, node.value
+        if node.kind == LORA:
             a, b = unbox(inner.a), unbox(inner.b)
             w = unbox(inner.w)
             entries.append(
@@ -277,7 +262,7 @@ def _collect(params):
                 }
             )
             arrays += [a, b]
-        elif isinstance(inner, Trainable):
+        elif node.kind == TRAINED:
             value = unbox(inner.value)
             entries.append({"path": path, "kind": "full", "value": _spec(value)})
             arrays.append(value)
@@ -327,12 +312,11 @@ def save_adapter(
     meta = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
-        "jlora_version": _version(),
+        "jlora_version": VERSION,
         "config": _config_dict(config),
         "leaves": entries,
     }
     json.dumps(meta)  # fail before anything is written
-    ocp = _ocp()
     # A synchronous save: it has written every array when it returns, so the caller
     # may donate them at once.
     tree = {_key(i): x for i, x in enumerate(arrays)}
@@ -432,8 +416,8 @@ def load_adapter(
     _recover(path)
     _barrier(f"{path}:load")
     meta = read_adapter_metadata(path)
-    base_leaves, treedef = flatten_keep_none(base_params)
-    by_path = dict(base_leaves)
+    base = walk(base_params, keep_none=True)
+    by_path = base.by_path()
     errors, targets, nodes, changed = [], [], {}, []
     for entry in meta["leaves"]:
         p = entry.get("path")
@@ -441,8 +425,8 @@ def load_adapter(
         if p not in by_path:
             errors.append(f"  {p}: not in the base params")
             continue
-        inner, _ = open_node(by_path[p])
-        if isinstance(inner, (LoraWeight, Trainable)):
+        inner = by_path[p].value
+        if by_path[p].kind in (LORA, TRAINED):
             errors.append(
                 f"  {p}: the base already holds an adapter here; pass plain base params"
             )
@@ -511,18 +495,16 @@ def load_adapter(
         _key(i): jax.ShapeDtypeStruct(tuple(t["shape"]), np.dtype(t["dtype"]), sharding=s)
         for i, (t, s) in enumerate(targets)
     }
-    ocp = _ocp()
     with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
         restored = ckptr.restore(
             path, args=ocp.args.Composite(**{ARRAYS: ocp.args.StandardRestore(abstract)})
         )[ARRAYS]
     out = []
-    for p, leaf in base_leaves:
-        if p not in nodes:
+    for base_node in base.nodes:
+        if base_node.path not in nodes:
             out.append(None)
             continue
-        entry, i = nodes[p]
-        _, put_back = open_node(leaf)
+        entry, i = nodes[base_node.path]
         if entry["kind"] == "lora":
             node = LoraWeight(
                 None,
@@ -534,8 +516,8 @@ def load_adapter(
             )
         else:
             node = Trainable(restored[_key(i)])
-        out.append(put_back(node) if leaf is not None else node)
-    return combine(jax.tree_util.tree_unflatten(treedef, out), base_params)
+        out.append(base_node.put_back(node))
+    return combine(base.rebuild(out), base_params)
 
 
 def save_merged(path, params: Any, *, overwrite: bool = False) -> str:
@@ -550,7 +532,6 @@ def save_merged(path, params: Any, *, overwrite: bool = False) -> str:
       FileExistsError: `path` exists and `overwrite` is False.
     """
     merged = merge(params)
-    ocp = _ocp()
 
     def write(target):
         with ocp.StandardCheckpointer() as ckptr:
@@ -565,28 +546,27 @@ def save_merged(path, params: Any, *, overwrite: bool = False) -> str:
 # Training-loop checkpoints --------------------------------------------------------------
 
 
-def _parts(keys) -> list[str]:
-    return [key_str(k) for k in keys] or ["_"]
+def _parts(node) -> list[str]:
+    return [path_string((k,)) for k in node.keys] or ["_"]
 
 
 def _nested(tree) -> dict:
     """`tree`'s leaves in nested dicts keyed by the parts of their paths, so that orbax
     stores (and restores) every leaf under its path, not its position."""
     out: dict = {}
-    leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
-    for keys, leaf in leaves:
-        parts = _parts(keys)
-        node = out
+    for node in walk(tree, arrays=True).nodes:
+        parts = _parts(node)
+        at = out
         for part in parts[:-1]:
-            node = node.setdefault(part, {})
-        node[parts[-1]] = leaf
+            at = at.setdefault(part, {})
+        at[parts[-1]] = node.leaf
     return out
 
 
 def _leaf_specs(tree) -> dict[str, tuple]:
-    leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
     return {
-        "/".join(_parts(k)): (tuple(np.shape(x)), str(np.dtype(x.dtype))) for k, x in leaves
+        "/".join(_parts(n)): (tuple(np.shape(n.leaf)), str(np.dtype(n.leaf.dtype)))
+        for n in walk(tree, arrays=True).nodes
     }
 
 
@@ -650,7 +630,6 @@ class CheckpointManager:
                 f"jlora.CheckpointManager: save_every must be a positive int, got "
                 f"{save_every!r}."
             )
-        ocp = _ocp()
         options = ocp.CheckpointManagerOptions(
             save_interval_steps=save_every,
             max_to_keep=keep,
@@ -672,11 +651,10 @@ class CheckpointManager:
         self, step: int, state: Any, *, extra: dict | None = None, force: bool = False
     ) -> bool:
         """Saves `state` at `step` if the interval says so (or `force`); True if saved."""
-        ocp = _ocp()
         meta = {
             "format": STATE_FORMAT,
             "format_version": STATE_FORMAT_VERSION,
-            "jlora_version": _version(),
+            "jlora_version": VERSION,
         }
         return self._manager.save(
             int(step),
@@ -761,7 +739,6 @@ class CheckpointManager:
             ),
             template,
         )
-        ocp = _ocp()
         got = self._manager.restore(
             step,
             args=ocp.args.Composite(
@@ -769,15 +746,14 @@ class CheckpointManager:
                 extra=ocp.args.JsonRestore(),
             ),
         )
-        stored = got["state"]
-        leaves, treedef = jax.tree_util.tree_flatten_with_path(template)
+        tree = walk(template, arrays=True)
         values = []
-        for keys, _ in leaves:
-            node = stored
-            for part in _parts(keys):
-                node = node[part]
-            values.append(node)
-        return step, jax.tree.unflatten(treedef, values), dict(got["extra"] or {})
+        for node in tree.nodes:
+            at = got["state"]
+            for part in _parts(node):
+                at = at[part]
+            values.append(at)
+        return step, tree.rebuild(values), dict(got["extra"] or {})
 
     def wait(self) -> None:
         """Blocks until pending asynchronous saves are on disk."""

@@ -8,12 +8,22 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jlora._boxes import is_box, is_logical, is_variable, partition_names, rebox, unbox
 from jlora._config import LoraConfig
+from jlora._probe import infer as infer_layouts
 from jlora._sharding import factor_shardings
-from jlora._targets import compile_patterns, flatten, near_misses, path_key, path_matches
-from jlora._weight import DEFAULT_LAYOUT, Layout, LoraWeight, Trainable, is_node
+from jlora._targets import (
+    LORA,
+    TRAINED,
+    compile_patterns,
+    near_misses,
+    path_key,
+    path_matches,
+    walk,
+)
+from jlora._weight import DEFAULT_LAYOUT, Layout, LoraWeight, Trainable
 
 RANK_AXIS = "lora_rank"
 
@@ -72,8 +82,9 @@ def init(
         raise TypeError(
             f"jlora.init: config must be a jlora.LoraConfig, got {type(config).__name__}."
         )
-    leaves, treedef = flatten(params)
-    already = [p for p, leaf in leaves if is_node(unbox(leaf))]
+    tree = walk(params)
+    leaves = [(n.path, n.leaf) for n in tree.nodes]
+    already = [n.path for n in tree.nodes if n.kind in (LORA, TRAINED)]
     if already:
         raise ValueError(
             f"jlora.init: params are already adapted at {already[:5]}; call jlora.merge "
@@ -118,7 +129,7 @@ def init(
             f"named 'kernel' with >= 2 axes); paths: {paths[:8]}. Pass targets=."
         )
 
-    probed = _probe_layouts(probe, params, selected) if probe is not None else {}
+    probed = infer_layouts(probe, params, set(selected)) if probe is not None else {}
     layouts: dict[str, Layout] = {}
     for path, value in selected.items():
         layout = config.layout_for(path) or probed.get(path)
@@ -126,9 +137,9 @@ def init(
             if value.ndim != 2:
                 errors.append(
                     f"  {path}: kernel of shape {list(value.shape)} has {value.ndim} axes; "
-                    "say which are inputs, outputs and stacked, e.g. "
-                    f"LoraConfig(layout={{{path!r}: jlora.Layout(in_axes=(0, 1), "
-                    "out_axes=(2,))}), or pass probe= to jlora.init to infer it."
+                    "pass probe= to jlora.init to read which are inputs, outputs and "
+                    "stacked off the model, or declare them: "
+                    + _layout_hint(path, tuple(value.shape))
                 )
                 continue
             layout = DEFAULT_LAYOUT
@@ -177,7 +188,41 @@ def init(
             out.append(_mark(leaf))
         else:
             out.append(leaf)
-    return jax.tree_util.tree_unflatten(treedef, out)
+    return tree.rebuild(out)
+
+
+def likely_layouts(shape: tuple[int, ...]) -> list[Layout]:
+    """What a kernel of `shape` most likely is, most likely first (for messages).
+
+    A projection between a flat axis and a (heads, head_dim) pair has the flat size
+    equal to the pair's product: `[d, h, k]` (query/key/value, `d = h * k`) or
+    `[h, k, d]` (the output projection). Otherwise a leading axis is most likely a
+    stack of layers (`nn.scan`, a `[L, in, out]` stack). The probe reads the truth off
+    the model.
+    """
+    n = len(shape)
+    out = []
+    for split in range(1, n):
+        if shape[:split] and np.prod(shape[:split]) == np.prod(shape[split:]):
+            out.append(Layout(tuple(range(split)), tuple(range(split, n))))
+    stacked = Layout(tuple(range(1, n - 1)), (n - 1,), (0,))
+    if out:
+        return out + [stacked]
+    return [stacked, Layout(tuple(range(n - 1)), (n - 1,))]
+
+
+def _layout_hint(path: str, shape: tuple[int, ...]) -> str:
+    layouts = likely_layouts(shape)
+
+    def show(lay):
+        stack = f", stack_axes={lay.stack_axes}" if lay.stack_axes else ""
+        return f"jlora.Layout(in_axes={lay.in_axes}, out_axes={lay.out_axes}{stack})"
+
+    first, *rest = layouts
+    text = f"most likely LoraConfig(layout={{{path!r}: {show(first)}}})"
+    if rest:
+        text += " (or " + ", or ".join(show(lay) for lay in rest) + ")"
+    return text
 
 
 def _mark(leaf):
@@ -234,9 +279,3 @@ def _wrap(key, path, leaf, layout, config):
     if is_box(leaf):
         return LoraWeight(leaf, rebox(leaf, a), rebox(leaf, b), **meta_kw)
     return LoraWeight(w, a, b, **meta_kw)
-
-
-def _probe_layouts(probe, params, selected):
-    from jlora._probe import infer
-
-    return infer(probe, params, set(selected))

@@ -110,10 +110,11 @@ class Context:
             return self
         return dataclasses.replace(self, rng=jax.random.fold_in(self.rng, index))
 
-    def manual(self) -> Context:
-        """The context inside a `shard_map` body: each dropout mask is also folded with
-        the index of every mesh axis its input varies over."""
-        return dataclasses.replace(self, in_shard_map=True)
+    def manual(self, rng=None) -> Context:
+        """The context inside a `shard_map` body, whose dropout key `rng` came in as an
+        operand: each mask is also folded with the index of every mesh axis its input
+        varies over."""
+        return dataclasses.replace(self, rng=rng, in_shard_map=True)
 
     def dropout(self, x, f: Factored):
         """`x` with inverted dropout at rate `f.dropout`, if a key was given."""

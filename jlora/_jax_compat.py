@@ -1,8 +1,11 @@
 """Every touch of JAX internals, in one place.
 
 jaxpr details move between JAX releases (`Primitive.get_bind_params` changed its return
-in 0.10; the jit primitive was renamed from `pjit` to `jit`). The rest of jlora goes
-through these helpers and the public API only.
+in 0.10; the jit primitive was renamed from `pjit` to `jit`; scan's operand counts moved
+into `ft_in` in 0.11). The rest of jlora reads equations only through the accessors
+below (each names the parameter keys it reads) and otherwise uses JAX's public API.
+Supported: the JAX 0.9 and 0.10 series (tested in CI) and 0.11 (tested earlier on a
+GPU).
 """
 
 from __future__ import annotations
@@ -18,19 +21,54 @@ Literal = jex_core.Literal
 ClosedJaxpr = jex_core.ClosedJaxpr
 Jaxpr = jex_core.Jaxpr
 
+# Primitive names as they appear in jaxprs, across the supported releases.
+JIT_NAMES = ("jit", "pjit", "closed_call", "core_call")
+REMAT_NAMES = ("remat2", "checkpoint", "remat")
+CUSTOM_CALL_NAMES = ("custom_jvp_call", "custom_vjp_call", "custom_vjp_call_jaxpr")
+
+
+# Values and equations -------------------------------------------------------------------
+
 
 def is_literal(v) -> bool:
     return isinstance(v, Literal)
+
+
+def is_tracer(x) -> bool:
+    return isinstance(x, jax.core.Tracer)
 
 
 def primitive_name(eqn) -> str:
     return eqn.primitive.name
 
 
+def var_shape(v) -> tuple[int, ...]:
+    """The shape of a jaxpr variable (from its aval)."""
+    return tuple(v.aval.shape)
+
+
+def bind(eqn, invals: list[Any]):
+    """Re-binds `eqn`'s primitive on new inputs; always returns a list of outputs."""
+    got = eqn.primitive.get_bind_params(eqn.params)
+    if isinstance(got, tuple) and len(got) == 2 and isinstance(got[1], dict):
+        subfuns, params = got  # jax < 0.10
+    else:
+        subfuns, params = (), got
+    out = eqn.primitive.bind(*subfuns, *invals, **params)
+    return list(out) if eqn.primitive.multiple_results else [out]
+
+
+def open_jaxpr(j) -> tuple[Any, list[Any]]:
+    """`(jaxpr, consts)` of a `ClosedJaxpr` or an open `Jaxpr` (no consts)."""
+    if isinstance(j, ClosedJaxpr):
+        return j.jaxpr, list(j.consts)
+    return j, []
+
+
 # The evaluation loop: what `jax.core.eval_jaxpr` keeps per equation -------------------
 
 
-def _src(name):
+def _source_info(name):
     try:
         from jax._src import source_info_util
 
@@ -39,8 +77,8 @@ def _src(name):
         return None
 
 
-_user_context = _src("user_context")
-_current_name_stack = _src("current_name_stack")
+_user_context = _source_info("user_context")
+_current_name_stack = _source_info("current_name_stack")
 
 
 @contextlib.contextmanager
@@ -73,28 +111,108 @@ def drop_dead(eqn, env: dict, last: dict) -> None:
         fn(eqn, env, last)
 
 
-def bind(eqn, invals: list[Any]):
-    """Re-binds `eqn`'s primitive on new inputs; always returns a list of outputs."""
-    got = eqn.primitive.get_bind_params(eqn.params)
-    if isinstance(got, tuple) and len(got) == 2 and isinstance(got[1], dict):
-        subfuns, params = got  # jax < 0.10
-    else:
-        subfuns, params = (), got
-    out = eqn.primitive.bind(*subfuns, *invals, **params)
-    return list(out) if eqn.primitive.multiple_results else [out]
+# Parameters, primitive by primitive ---------------------------------------------------
 
 
-def open_jaxpr(j) -> tuple[Any, list[Any]]:
-    """`(jaxpr, consts)` of a `ClosedJaxpr` or an open `Jaxpr` (no consts)."""
-    if isinstance(j, ClosedJaxpr):
-        return j.jaxpr, list(j.consts)
-    return j, []
+class DotOptions(NamedTuple):
+    dimension_numbers: tuple  # ((lhs_contract, rhs_contract), (lhs_batch, rhs_batch))
+    precision: Any
+    preferred_element_type: Any
+    out_sharding: Any  # None unless the dot names one (explicit-axis meshes)
 
 
-# Primitive names as they appear in jaxprs, across the supported releases.
-JIT_NAMES = ("jit", "pjit", "closed_call", "core_call")
-REMAT_NAMES = ("remat2", "checkpoint", "remat")
-CUSTOM_CALL_NAMES = ("custom_jvp_call", "custom_vjp_call", "custom_vjp_call_jaxpr")
+def dot_options(eqn) -> DotOptions:
+    p = eqn.params
+    (lc, rc), (lb, rb) = p["dimension_numbers"]
+    dims = ((tuple(lc), tuple(rc)), (tuple(lb), tuple(rb)))
+    return DotOptions(
+        dims, p.get("precision"), p.get("preferred_element_type"), p.get("out_sharding")
+    )
+
+
+def transpose_permutation(eqn) -> tuple[int, ...]:
+    return tuple(eqn.params["permutation"])
+
+
+def squeeze_dimensions(eqn) -> tuple[int, ...]:
+    return tuple(eqn.params["dimensions"])
+
+
+def reshape_sizes(eqn) -> tuple[int, ...] | None:
+    """The new shape of a plain reshape (None: one that also permutes, or is dynamic)."""
+    if eqn.params.get("dimensions") is not None or len(eqn.invars) != 1:
+        return None
+    return tuple(eqn.params["new_sizes"])
+
+
+def broadcast_params(eqn) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
+    """`(shape, broadcast_dimensions)` of a static broadcast (None: a dynamic one)."""
+    if len(eqn.invars) != 1:
+        return None
+    return tuple(eqn.params["shape"]), tuple(eqn.params["broadcast_dimensions"])
+
+
+def slice_params(eqn) -> tuple[tuple, tuple, tuple | None]:
+    """`(start_indices, limit_indices, strides)` of a static slice."""
+    p = eqn.params
+    strides = p.get("strides")
+    return tuple(p["start_indices"]), tuple(p["limit_indices"]), strides
+
+
+def dynamic_slice_sizes(eqn) -> tuple[int, ...]:
+    return tuple(eqn.params["slice_sizes"])
+
+
+class GatherOptions(NamedTuple):
+    dimension_numbers: Any  # jax.lax.GatherDimensionNumbers
+    slice_sizes: tuple
+    indices_are_sorted: bool
+    unique_indices: bool
+    mode: Any
+    fill_value: Any
+
+
+def gather_options(eqn) -> GatherOptions:
+    p = eqn.params
+    return GatherOptions(
+        p["dimension_numbers"],
+        tuple(p["slice_sizes"]),
+        p["indices_are_sorted"],
+        p["unique_indices"],
+        p["mode"],
+        p["fill_value"],
+    )
+
+
+class ConvOptions(NamedTuple):
+    dimension_numbers: Any  # jax.lax.ConvDimensionNumbers: lhs_spec, rhs_spec, out_spec
+    feature_group_count: int
+    batch_group_count: int
+
+
+def conv_options(eqn) -> ConvOptions:
+    p = eqn.params
+    return ConvOptions(
+        p["dimension_numbers"], p["feature_group_count"], p["batch_group_count"]
+    )
+
+
+def sharding_constraint_params(eqn) -> tuple[Any, tuple[int, ...]]:
+    """`(sharding, unconstrained_dims)` of a `sharding_constraint`."""
+    return eqn.params["sharding"], tuple(eqn.params.get("unconstrained_dims", ()))
+
+
+def reshard_sharding(eqn):
+    return eqn.params["dst_sharding"]
+
+
+def call_jaxpr(eqn):
+    """The inner jaxpr of a call-like equation (jit, closed_call, remat, custom calls,
+    shard_map), with its consts."""
+    for key in ("jaxpr", "call_jaxpr", "fun_jaxpr"):
+        if key in eqn.params:
+            return open_jaxpr(eqn.params[key])
+    raise KeyError(f"no inner jaxpr in {eqn.primitive.name} params {list(eqn.params)}")
 
 
 class JitOptions(NamedTuple):
@@ -127,29 +245,58 @@ def jit_options(eqn) -> JitOptions:
     )
 
 
-def call_jaxpr(eqn):
-    """The inner jaxpr of a call-like equation (jit, closed_call, remat)."""
-    for key in ("jaxpr", "call_jaxpr"):
-        if key in eqn.params:
-            return open_jaxpr(eqn.params[key])
-    raise KeyError(f"no inner jaxpr in {eqn.primitive.name} params {list(eqn.params)}")
+def remat_options(eqn) -> tuple[bool, Any]:
+    """`(prevent_cse, policy)` of a remat equation."""
+    return eqn.params.get("prevent_cse", True), eqn.params.get("policy")
 
 
-def scan_split(params) -> tuple[int, int]:
-    """`(num_consts, num_carry)` of a scan equation.
+def cond_branches(eqn) -> list[tuple[Any, list[Any]]]:
+    """`[(jaxpr, consts)]` of each branch; the operands after the index feed each."""
+    return [open_jaxpr(b) for b in eqn.params["branches"]]
 
-    jax <= 0.10 stores them as params; jax 0.11 packs the operand groups into
+
+class WhileParts(NamedTuple):
+    cond_nconsts: int
+    body_nconsts: int
+    cond: tuple  # (jaxpr, consts)
+    body: tuple
+
+
+def while_parts(eqn) -> WhileParts:
+    p = eqn.params
+    return WhileParts(
+        p["cond_nconsts"],
+        p["body_nconsts"],
+        open_jaxpr(p["cond_jaxpr"]),
+        open_jaxpr(p["body_jaxpr"]),
+    )
+
+
+class ScanParts(NamedTuple):
+    num_consts: int
+    num_carry: int
+    body: tuple  # (jaxpr, consts)
+    length: int
+    reverse: bool
+    unroll: Any
+
+
+def scan_parts(eqn) -> ScanParts:
+    """A scan's operand groups `(consts, carry, xs)` and options.
+
+    jax <= 0.10 stores the counts as params; jax 0.11 packs the operand groups into
     `ft_in = (consts, carry, xs)` flat trees, whose lengths are the counts.
     """
-    if "num_consts" in params:
-        return params["num_consts"], params["num_carry"]
-    ft_in = params["ft_in"]
-    parts = ft_in.unpack() if hasattr(ft_in, "unpack") else tuple(ft_in)
-    return len(parts[0]), len(parts[1])
-
-
-def is_tracer(x) -> bool:
-    return isinstance(x, jax.core.Tracer)
+    p = eqn.params
+    if "num_consts" in p:
+        n_consts, n_carry = p["num_consts"], p["num_carry"]
+    else:
+        ft_in = p["ft_in"]
+        parts = ft_in.unpack() if hasattr(ft_in, "unpack") else tuple(ft_in)
+        n_consts, n_carry = len(parts[0]), len(parts[1])
+    return ScanParts(
+        n_consts, n_carry, open_jaxpr(p["jaxpr"]), p["length"], p["reverse"], p["unroll"]
+    )
 
 
 # Sharding -------------------------------------------------------------------------------
@@ -174,23 +321,26 @@ def varying_axes(x) -> frozenset | None:
     return None if vma is None else frozenset(vma)
 
 
+def shard_map_specs(eqn) -> tuple[tuple, tuple]:
+    """`(in_specs, out_specs)` of a `shard_map` equation, as `PartitionSpec`s."""
+    return tuple(eqn.params["in_specs"]), tuple(eqn.params["out_specs"])
+
+
 def shard_map_call(eqn, body, in_specs, out_specs):
     """`jax.shard_map` of `body` with the mesh and options of a `shard_map` equation."""
     p = eqn.params
     manual = p.get("newly_manual_axes", p.get("manual_axes"))
-    if manual is None and "auto" in p:  # older releases list the automatic axes
+    if manual is None and "auto" in p:  # releases that list the automatic axes
         manual = frozenset(p["mesh"].axis_names) - frozenset(p["auto"])
-    kwargs = {"check_vma": p.get("check_vma", p.get("check_rep", True))}
     return jax.shard_map(
         body,
-        mesh=p["mesh"],
+        mesh=shard_map_mesh(eqn),
         in_specs=tuple(in_specs),
         out_specs=tuple(out_specs),
         axis_names=frozenset(manual or ()),
-        **kwargs,
+        check_vma=p.get("check_vma", p.get("check_rep", True)),
     )
 
 
-def shard_map_specs(eqn) -> tuple[tuple, tuple]:
-    """`(in_specs, out_specs)` of a `shard_map` equation, as `PartitionSpec`s."""
-    return tuple(eqn.params["in_specs"]), tuple(eqn.params["out_specs"])
+def shard_map_mesh(eqn):
+    return eqn.params["mesh"]

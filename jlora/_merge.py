@@ -9,9 +9,10 @@ import jax
 import jax.numpy as jnp
 
 from jlora._boxes import rebox, unbox
+from jlora._jax_compat import is_tracer
 from jlora._sharding import constrain, named_sharding_of
-from jlora._targets import flatten, is_stop, open_node, path_str
-from jlora._weight import LoraWeight, Trainable, low_rank_product, materialize
+from jlora._targets import EMPTY, LEAF, LORA, TRAINED, walk
+from jlora._weight import LoraWeight, low_rank_product, materialize
 
 
 @functools.partial(jax.jit, static_argnames=("layout", "scale", "sharding", "check"))
@@ -83,30 +84,29 @@ def merge(params: Any, *, safe: bool = False) -> Any:
       >>> bool((jlora.merge(lp)["kernel"] == p["kernel"]).all())
       True
     """
-    leaves, treedef = flatten(params)
-    if safe and any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(params)):
+    if safe and any(is_tracer(x) for x in jax.tree.leaves(params)):
         raise TypeError(
             "jlora.merge(safe=True) reads the merged values and is eager-only; call it "
             "outside jit, or use safe=False under a trace."
         )
+    tree = walk(params)
     out, bad = [], []
-    for path, leaf in leaves:
-        inner, put_back = open_node(leaf)
-        if isinstance(inner, LoraWeight):
-            merged, finite = _merged_kernel(inner, check=safe)
+    for node in tree.nodes:
+        if node.kind == LORA:
+            merged, finite = _merged_kernel(node.value, check=safe)
             if safe and not bool(finite):
-                bad.append(path)
-            out.append(put_back(merged))
-        elif isinstance(inner, Trainable):
-            out.append(put_back(inner.value))
+                bad.append(node.path)
+            out.append(node.put_back(merged))
+        elif node.kind == TRAINED:
+            out.append(node.put_back(node.value.value))
         else:
-            out.append(leaf)
+            out.append(node.leaf)
     if bad:
         raise ValueError(
             f"jlora.merge(safe=True): merged kernels hold NaN or Inf at {bad}; check the "
             "adapters (a diverged run?) before serving them."
         )
-    return jax.tree_util.tree_unflatten(treedef, out)
+    return tree.rebuild(out)
 
 
 def split(params: Any) -> tuple[Any, Any]:
@@ -128,51 +128,45 @@ def split(params: Any) -> tuple[Any, Any]:
       >>> [x.shape for x in jax.tree.leaves(adapters)]
       [(4, 2), (2, 3)]
     """
-    leaves, treedef = flatten(params)
+    tree = walk(params)
     adapters, base = [], []
-    for _, leaf in leaves:
-        inner, put_back = open_node(leaf)
-        if isinstance(inner, LoraWeight):
-            adapters.append(put_back(inner.replace(w=None)))
-            base.append(put_back(inner.w))
-        elif isinstance(inner, Trainable):
-            adapters.append(leaf)
+    for node in tree.nodes:
+        if node.kind == LORA:
+            adapters.append(node.put_back(node.value.replace(w=None)))
+            base.append(node.put_back(node.value.w))
+        elif node.kind == TRAINED:
+            adapters.append(node.leaf)
             base.append(None)
         else:
             adapters.append(None)
-            base.append(leaf)
-    return (
-        jax.tree_util.tree_unflatten(treedef, adapters),
-        jax.tree_util.tree_unflatten(treedef, base),
-    )
+            base.append(node.leaf)
+    return tree.rebuild(adapters), tree.rebuild(base)
 
 
 def _paired(adapters, base, fn_name: str, base_name: str):
-    """Flattens both trees down to jlora nodes and None, checking they fit."""
-
-    def stop(x):
-        return x is None or is_stop(x)
-
-    a_leaves, a_def = jax.tree_util.tree_flatten_with_path(adapters, is_leaf=stop)
-    b_leaves, b_def = jax.tree_util.tree_flatten_with_path(base, is_leaf=stop)
-    a_paths = [path_str(p) for p, _ in a_leaves]
-    b_paths = [path_str(p) for p, _ in b_leaves]
-    if a_def != b_def:
-        missing = sorted(set(a_paths) - set(b_paths))
-        extra = sorted(set(b_paths) - set(a_paths))
-        lines = [f"  in adapters but not in {base_name}: {p}" for p in missing]
-        lines += [f"  in {base_name} but not in adapters: {p}" for p in extra]
+    """Walks both trees down to jlora nodes and None, checking they fit."""
+    a_tree = walk(adapters, keep_none=True)
+    b_tree = walk(base, keep_none=True)
+    if a_tree.treedef != b_tree.treedef:
+        a_paths = {n.path for n in a_tree.nodes}
+        b_paths = {n.path for n in b_tree.nodes}
+        lines = [
+            f"  in adapters but not in {base_name}: {p}" for p in sorted(a_paths - b_paths)
+        ]
+        lines += [
+            f"  in {base_name} but not in adapters: {p}" for p in sorted(b_paths - a_paths)
+        ]
         if not lines:
             lines = [
                 "  same paths, but containers differ: "
-                f"adapters {a_def} vs {base_name} {b_def}"
+                f"adapters {a_tree.treedef} vs {base_name} {b_tree.treedef}"
             ]
         raise ValueError(
             f"jlora.{fn_name}: adapters do not fit {base_name}; build both from the same "
             "model (the adapters from jlora.split of params initialised on it):\n"
             + "\n".join(lines)
         )
-    return a_def, list(zip(a_paths, (x for _, x in a_leaves), (x for _, x in b_leaves)))
+    return a_tree, list(zip(a_tree.nodes, b_tree.nodes))
 
 
 def _check_factors(path, lw: LoraWeight, w, errors):
@@ -194,33 +188,32 @@ def _check_factors(path, lw: LoraWeight, w, errors):
 
 
 def _join(adapters, base, fn_name, base_name, kernel_fn):
-    treedef, pairs = _paired(adapters, base, fn_name, base_name)
+    tree, pairs = _paired(adapters, base, fn_name, base_name)
     out, errors = [], []
-    for path, a_leaf, b_leaf in pairs:
-        a_inner, put_back = open_node(a_leaf)
-        b_inner, _ = open_node(b_leaf)
-        if isinstance(a_inner, LoraWeight):
-            w = b_inner.w if isinstance(b_inner, LoraWeight) else b_inner
-            if w is None or isinstance(w, Trainable):
+    for a_node, b_node in pairs:
+        path, a_inner, b_inner = a_node.path, a_node.value, b_node.value
+        if a_node.kind == LORA:
+            w = b_inner.w if b_node.kind == LORA else b_inner
+            if w is None or b_node.kind == TRAINED:
                 errors.append(
                     f"  {path}: adapters have factors but {base_name} has no kernel here"
                 )
                 continue
             _check_factors(path, a_inner, w, errors)
-            out.append(put_back(a_inner.replace(w=kernel_fn(w, a_inner))))
-        elif isinstance(a_inner, Trainable):
-            if b_inner is not None and not isinstance(b_inner, Trainable):
+            out.append(a_node.put_back(a_inner.replace(w=kernel_fn(w, a_inner))))
+        elif a_node.kind == TRAINED:
+            if b_node.kind == LEAF:
                 want = jnp.shape(unbox(a_inner.value))
                 got = jnp.shape(unbox(b_inner))
                 if want != got:
                     errors.append(
                         f"  {path}: trained leaf {list(want)} vs {base_name} {list(got)}"
                     )
-            out.append(a_leaf)
-        elif a_inner is None:
-            if b_leaf is None:
+            out.append(a_node.leaf)
+        elif a_node.kind == EMPTY:
+            if b_node.kind == EMPTY:
                 errors.append(f"  {path}: neither adapters nor {base_name} hold a value")
-            out.append(b_leaf)
+            out.append(b_node.leaf)
         else:
             errors.append(
                 f"  {path}: adapters hold a plain leaf; adapters come from jlora.split"
@@ -229,7 +222,7 @@ def _join(adapters, base, fn_name, base_name, kernel_fn):
         raise ValueError(
             f"jlora.{fn_name}: adapters do not fit {base_name}:\n" + "\n".join(errors)
         )
-    return jax.tree_util.tree_unflatten(treedef, out)
+    return tree.rebuild(out)
 
 
 def combine(adapters: Any, base: Any) -> Any:

@@ -10,25 +10,22 @@ import optax
 
 from jlora._boxes import unbox
 from jlora._config import LoraConfig
-from jlora._targets import flatten, open_node
-from jlora._weight import Layout, LoraWeight, Trainable
+from jlora._targets import LORA, TRAINED, map_nodes, walk
+from jlora._weight import Layout, Trainable
 
 TRAIN, FROZEN, B_FACTOR, OTHER = "train", "frozen", "b", "other"
 
 
 def _labels(params, *, b_label: str, train: str, frozen: str):
-    leaves, treedef = flatten(params)
-    out = []
-    for _, leaf in leaves:
-        inner, put_back = open_node(leaf)
-        if isinstance(inner, LoraWeight):
-            out.append(put_back(inner.replace(w=frozen, a=train, b=b_label)))
-        elif isinstance(inner, Trainable):
-            out.append(put_back(Trainable(train)))
-        else:
-            # A label for every leaf under this position (a box may hold several).
-            out.append(jax.tree.map(lambda _: frozen, leaf))
-    return jax.tree_util.tree_unflatten(treedef, out)
+    def label(node):
+        if node.kind == LORA:
+            return node.put_back(node.value.replace(w=frozen, a=train, b=b_label))
+        if node.kind == TRAINED:
+            return node.put_back(Trainable(train))
+        # A label for every leaf under this position (a box may hold several).
+        return jax.tree.map(lambda _: frozen, node.leaf)
+
+    return map_nodes(label, params)
 
 
 def trainable_labels(params):
@@ -162,18 +159,11 @@ def summary(params: Any) -> Summary:
     t_n, t_b = _size_bytes(train)
     n, b = _size_bytes(params)
     adapted, trained = [], []
-    for path, leaf in flatten(params)[0]:
-        inner, _ = open_node(leaf)
-        if isinstance(inner, LoraWeight):
-            adapted.append(
-                AdaptedPath(
-                    path,
-                    tuple(np.shape(unbox(inner.w))),
-                    inner.rank,
-                    inner.scale,
-                    inner.layout,
-                )
-            )
-        elif isinstance(inner, Trainable):
-            trained.append(path)
+    for node in walk(params).nodes:
+        if node.kind == LORA:
+            lw = node.value
+            shape = tuple(np.shape(unbox(lw.w)))
+            adapted.append(AdaptedPath(node.path, shape, lw.rank, lw.scale, lw.layout))
+        elif node.kind == TRAINED:
+            trained.append(node.path)
     return Summary(t_n, n, t_b, b, tuple(adapted), tuple(trained))

@@ -16,8 +16,8 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from jlora._boxes import unbox
 from jlora._jax_compat import explicit_axes, is_tracer
-from jlora._targets import flatten, open_node
-from jlora._weight import Layout, LoraWeight, Trainable
+from jlora._targets import LORA, TRAINED, walk
+from jlora._weight import Layout, Trainable
 
 
 def factor_specs(kernel_spec, ndim: int, layout: Layout, unconstrained=()):
@@ -90,40 +90,32 @@ def adapter_specs(params: Any, base_specs: Any = None) -> Any:
     """
     given = None
     if base_specs is not None:
-        leaves, _ = jax.tree_util.tree_flatten_with_path(
-            base_specs, is_leaf=lambda x: isinstance(x, PartitionSpec) or x is None
-        )
-        from jlora._targets import path_str
-
-        given = {path_str(p).removesuffix("/value"): s for p, s in leaves}
-    leaves, treedef = flatten(params)
+        given = {n.path: n.value for n in walk(base_specs, keep_none=True).nodes}
+    tree = walk(params)
     out, missing = [], []
-    for path, leaf in leaves:
-        inner, put_back = open_node(leaf)
-        if isinstance(inner, LoraWeight):
-            if given is not None and path not in given:
-                missing.append(path)
-                out.append(None)
-                continue
-            w = unbox(inner.w)
-            kernel_spec = given[path] if given is not None else _spec_of(w)
-            a, b = factor_specs(kernel_spec, len(w.shape), inner.layout)
-            out.append(put_back(inner.replace(w=None, a=a, b=b)))
-        elif isinstance(inner, Trainable):
-            if given is not None and path not in given:
-                missing.append(path)
-                out.append(None)
-                continue
-            spec = given[path] if given is not None else _spec_of(unbox(inner.value))
-            out.append(put_back(Trainable(spec or PartitionSpec())))
-        else:
+    for node in tree.nodes:
+        if node.kind not in (LORA, TRAINED):
             out.append(None)
+            continue
+        if given is not None and node.path not in given:
+            missing.append(node.path)
+            out.append(None)
+            continue
+        if node.kind == LORA:
+            w = unbox(node.value.w)
+            kernel_spec = given[node.path] if given is not None else _spec_of(w)
+            a, b = factor_specs(kernel_spec, len(w.shape), node.value.layout)
+            out.append(node.put_back(node.value.replace(w=None, a=a, b=b)))
+        else:
+            value = unbox(node.value.value)
+            spec = given[node.path] if given is not None else _spec_of(value)
+            out.append(node.put_back(Trainable(spec or PartitionSpec())))
     if missing:
         raise ValueError(
             f"jlora.adapter_specs: base_specs has no spec for {missing}; pass the spec "
             "tree of the base params (same paths)."
         )
-    return jax.tree_util.tree_unflatten(treedef, out)
+    return tree.rebuild(out)
 
 
 def _spec_axes(spec) -> set:

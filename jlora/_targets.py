@@ -1,17 +1,25 @@
-"""Key paths as `/`-joined strings, boxes (Linen metadata, NNX variables), selection."""
+"""Parameter paths, the one walk over adapted trees, and target selection.
+
+`walk` is the only function in jlora that flattens parameter trees with their paths:
+merge, split, combine, the optimizer's labels, summaries, shardings, checkpoints, the
+probe and the transform all go through it, so they agree on what a path is and on how
+boxes and jlora nodes are opened.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
+import functools
 import re
 import zlib
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 
 from jlora._boxes import is_box, is_variable
-from jlora._weight import is_node
+from jlora._weight import LoraWeight, Trainable, is_node
 
 
 def path_key(key, path: str):
@@ -20,52 +28,95 @@ def path_key(key, path: str):
     return jax.random.fold_in(key, zlib.crc32(path.encode("utf-8")) & 0xFFFFFFFF)
 
 
-def key_str(key) -> str:
-    for attr in ("key", "name", "idx"):
-        if hasattr(key, attr):
-            return str(getattr(key, attr))
-    return str(key)
+def path_string(keys) -> str:
+    """`(DictKey('Dense_0'), DictKey('kernel'))` -> `'Dense_0/kernel'`.
+
+    JAX's own `keystr` in its simple form; these strings name parameters in messages,
+    configs (`targets` regexes) and checkpoint metadata.
+    """
+    return jax.tree_util.keystr(tuple(keys), simple=True, separator="/")
 
 
-def path_str(path: Iterable[Any]) -> str:
-    """`(DictKey('Dense_0'), DictKey('kernel'))` -> `'Dense_0/kernel'`."""
-    return "/".join(key_str(k) for k in path)
+LORA, TRAINED, LEAF, EMPTY = "lora", "trained", "leaf", "none"
 
 
-def open_node(leaf):
-    """`(inner, put_back)` for a leaf that may be an NNX Variable around a jlora node."""
-    if is_variable(leaf):
-        return leaf.get_value(), lambda v: None if v is None else leaf.replace(value=v)
-    return leaf, lambda v: v
+@dataclasses.dataclass(frozen=True)
+class Node:
+    """One stop of `walk`: a jlora node, a plain (possibly boxed) leaf, or None.
+
+    `leaf` is what sits in the tree; `value` is the same, opened if it is an NNX
+    `Variable` (NNX state holds jlora nodes inside them); `put_back` closes a new value
+    the way `leaf` was closed. Linen boxes stay closed: `value` is the box.
+    """
+
+    keys: tuple
+    leaf: Any
+    value: Any
+
+    @functools.cached_property
+    def path(self) -> str:
+        return path_string(self.keys)
+
+    @property
+    def kind(self) -> str:
+        if isinstance(self.value, LoraWeight):
+            return LORA
+        if isinstance(self.value, Trainable):
+            return TRAINED
+        return EMPTY if self.value is None else LEAF
+
+    def put_back(self, new):
+        if is_variable(self.leaf):
+            return None if new is None else self.leaf.replace(value=new)
+        return new
 
 
-def is_stop(x) -> bool:
-    """Stop a walk at jlora nodes and at boxes (whose inner value is the leaf)."""
+class Walk(NamedTuple):
+    nodes: list
+    treedef: Any
+
+    def rebuild(self, leaves) -> Any:
+        """The tree with `leaves` in the places of `nodes`."""
+        return jax.tree_util.tree_unflatten(self.treedef, list(leaves))
+
+    def by_path(self) -> dict:
+        return {n.path: n for n in self.nodes}
+
+
+def _stop(x) -> bool:
+    """Stop at jlora nodes and at boxes (whose inner value is the leaf)."""
     return is_node(x) or is_box(x)
 
 
-def flatten(tree) -> tuple[list[tuple[str, Any]], Any]:
-    """`[(path, leaf)]` stopping at boxes and jlora nodes, plus the treedef.
+def _open(leaf):
+    return leaf.get_value() if is_variable(leaf) else leaf
 
-    A box's path is the path of its contents without the trailing `value`, so Linen
-    boxed params, NNX state and plain dicts give the same paths.
+
+def walk(tree, *, keep_none: bool = False, arrays: bool = False) -> Walk:
+    """The one walk over (adapted) parameter trees: every function that reads or
+    rebuilds one goes through here.
+
+    By default it stops at jlora nodes (`LoraWeight`, `Trainable`) and at boxes (Linen
+    metadata, NNX variables), so a box's path is the path of its contents without the
+    trailing `value`, and Linen boxed params, NNX state and plain dicts give the same
+    paths. `keep_none` keeps `None` as a stop (where `split`'s trees hold no value);
+    `arrays` goes down to every array leaf instead (a whole state, e.g. a checkpoint).
     """
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_stop)
-    return [(path_str(p), leaf) for p, leaf in leaves], treedef
+    if arrays:
+        is_leaf = (lambda x: x is None) if keep_none else None
+    elif keep_none:
+        is_leaf = lambda x: x is None or _stop(x)  # noqa: E731
+    else:
+        is_leaf = _stop
+    flat, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)
+    nodes = [Node(tuple(k), leaf, _open(leaf)) for k, leaf in flat]
+    return Walk(nodes, treedef)
 
 
-def flatten_keep_none(tree) -> tuple[list[tuple[str, Any]], Any]:
-    """As `flatten`, but `None` stays a leaf (where `split`'s trees hold no value)."""
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(
-        tree, is_leaf=lambda x: x is None or is_stop(x)
-    )
-    return [(path_str(p), leaf) for p, leaf in leaves], treedef
-
-
-def map_with_path(fn: Callable[[str, Any], Any], tree):
-    """`fn(path, leaf)` over `flatten(tree)`, rebuilt with the same structure."""
-    leaves, treedef = flatten(tree)
-    return jax.tree_util.tree_unflatten(treedef, [fn(p, leaf) for p, leaf in leaves])
+def map_nodes(fn: Callable[[Node], Any], tree, *, keep_none: bool = False) -> Any:
+    """`fn(node)` at every stop of `walk(tree)`, rebuilt with the same structure."""
+    w = walk(tree, keep_none=keep_none)
+    return w.rebuild(fn(n) for n in w.nodes)
 
 
 def compile_patterns(value, argname: str) -> tuple[re.Pattern, ...]:

@@ -20,24 +20,22 @@ from jlora import _jax_compat as compat
 from jlora._boxes import unbox
 from jlora._interpret import Context, Factored, RuleError, interpret
 from jlora._rules import RULES
-from jlora._targets import path_str
-from jlora._weight import LoraWeight, Trainable, is_node
+from jlora._targets import LORA, TRAINED, path_string, walk
 
 __all__ = ["RuleError", "explain", "lora"]
 
 
-def _node_path(path) -> str:
-    # Inside an NNX Variable the node sits under `.../kernel/value`: drop that `value`.
-    keys = list(path)
-    if keys and getattr(keys[-1], "name", None) == "value":
-        keys = keys[:-1]
-    # Leading keys address `(args, kwargs)` and the argument itself.
-    if len(keys) >= 2 and getattr(keys[0], "idx", None) == 0:
-        head = "" if getattr(keys[1], "idx", None) == 0 else f"arg{keys[1].idx}/"
-        return head + path_str(keys[2:])
-    if len(keys) >= 2:
-        return f"{keys[1].key}/" + path_str(keys[2:])
-    return path_str(keys)
+def _node_path(keys) -> str:
+    """A kernel's path among `(args, kwargs)`: as in the argument itself for the first
+    positional argument (the params), prefixed `argN/` or `name/` for the others."""
+    if len(keys) < 2:
+        return path_string(keys)
+    which, arg = keys[0], keys[1]
+    if getattr(which, "idx", None) == 0:  # positional
+        head = "" if getattr(arg, "idx", None) == 0 else f"arg{arg.idx}/"
+    else:
+        head = path_string((arg,)) + "/"
+    return head + path_string(keys[2:])
 
 
 def _is_array(x) -> bool:
@@ -46,33 +44,32 @@ def _is_array(x) -> bool:
 
 def _prepare(args, kwargs):
     """Splits `(args, kwargs)` into array inputs, static leaves and LowRank slots."""
-    node_leaves, node_def = jax.tree_util.tree_flatten_with_path(
-        (args, kwargs), is_leaf=is_node
-    )
+    nodes = walk((args, kwargs))
     stand_ins, lowrank_at, flat = [], {}, []
-    for path, leaf in node_leaves:
-        if isinstance(leaf, LoraWeight):
+    for node in nodes.nodes:
+        if node.kind == LORA:
+            lw = node.value
             # Frozen by construction: no gradient ever flows into the kernel, so none
             # is formed (no `dW = x^T g`), whoever differentiates the whole tree.
-            w = jax.lax.stop_gradient(unbox(leaf.w))
+            w = jax.lax.stop_gradient(unbox(lw.w))
             lowrank_at[len(flat)] = Factored(
                 w,
-                unbox(leaf.a),
-                unbox(leaf.b),
-                leaf.scale,
-                leaf.layout,
-                _node_path(path),
-                leaf.dropout,
+                unbox(lw.a),
+                unbox(lw.b),
+                lw.scale,
+                lw.layout,
+                _node_path(node.keys),
+                lw.dropout,
             )
-            stand_ins.append(leaf.w)
-            flat.extend(jax.tree.leaves(leaf.w))
-        elif isinstance(leaf, Trainable):
-            stand_ins.append(leaf.value)
-            flat.extend(jax.tree.leaves(leaf.value))
+            stand_ins.append(node.put_back(lw.w))
+            flat.extend(jax.tree.leaves(lw.w))
+        elif node.kind == TRAINED:
+            stand_ins.append(node.put_back(node.value.value))
+            flat.extend(jax.tree.leaves(node.value.value))
         else:
-            stand_ins.append(leaf)
-            flat.append(leaf)
-    tree = jax.tree_util.tree_unflatten(node_def, stand_ins)
+            stand_ins.append(node.leaf)
+            flat.extend(jax.tree.leaves(node.leaf))
+    tree = nodes.rebuild(stand_ins)
     leaves, in_tree = jax.tree_util.tree_flatten(tree)
     assert len(leaves) == len(flat)
     array_idx = [i for i, x in enumerate(leaves) if _is_array(x)]

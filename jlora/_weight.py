@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import string
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import export
 
 from jlora._boxes import unbox
 
@@ -344,9 +346,6 @@ jax.tree_util.register_dataclass(Trainable, data_fields=["value"], meta_fields=[
 
 def _register_export_serialization():
     """Lets `jax.export` serialize functions whose inputs or outputs hold these nodes."""
-    import json
-
-    from jax import export
 
     def ser_lw(meta):
         scale, layout, dropout = meta

@@ -15,3 +15,52 @@ jax.config.update("jax_default_matmul_precision", "highest")
 @pytest.fixture
 def key():
     return jax.random.key(0)
+
+
+# Path strings: jlora now names paths with `jax.tree_util.keystr(keys, simple=True,
+# separator="/")`. They are stored in checkpoint metadata, so every path the suite
+# produces is also computed the way jlora 0.1 did, and any difference fails the run.
+def _legacy_path_string(keys) -> str:
+    def key_str(key):
+        for attr in ("key", "name", "idx"):
+            if hasattr(key, attr):
+                return str(getattr(key, attr))
+        return str(key)
+
+    return "/".join(key_str(k) for k in keys)
+
+
+_PATHS_SEEN: set = set()
+_PATHS_DIFFERENT: list = []
+
+
+def _record_paths():
+    from jlora import _targets
+
+    original = _targets.path_string
+
+    def recording(keys):
+        got = original(keys)
+        legacy = _legacy_path_string(keys)
+        _PATHS_SEEN.add(got)
+        if got != legacy:
+            _PATHS_DIFFERENT.append((got, legacy))
+        return got
+
+    _targets.path_string = recording
+
+
+_record_paths()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _PATHS_DIFFERENT:
+        print(f"\npath strings differ from jlora 0.1's: {_PATHS_DIFFERENT[:10]}")
+        session.exitstatus = 1
+
+
+def pytest_terminal_summary(terminalreporter):
+    terminalreporter.write_line(
+        f"path strings: {len(_PATHS_SEEN)} distinct paths, "
+        f"{len(_PATHS_DIFFERENT)} different from jlora 0.1's"
+    )

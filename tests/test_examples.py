@@ -34,7 +34,8 @@ def test_benchmark_quick_mode_runs_every_candidate():
     )
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    out = bench.main(["--quick", "--no-write", "--no-torch", "--rounds", "2"])
+    # The larger model runs the same code on other sizes: left out of the smoke run.
+    out = bench.main(["--quick", "--no-write", "--no-torch", "--no-large", "--rounds", "2"])
     cands, inf_rows, (sizes, _), merge_row = (
         out["cands"],
         out["inference"],
@@ -53,8 +54,8 @@ def test_benchmark_quick_mode_runs_every_candidate():
     if importlib.util.find_spec("qwix") is not None:  # qwix is in the [bench] extra
         expected.add("qwix")
     assert set(cands) == expected
-    assert set(out["large"]) == {"full", "jlora", "hand-written", "floor"}
-    for c in [*cands.values(), *out["large"].values()]:
+    assert out["large"] is None
+    for c in cands.values():
         assert len(c["times"]) == 2 and min(c["times"]) > 0
     # LoRA trains far fewer parameters, and jlora's optimizer state is the hand-written's.
     assert cands["jlora"]["n_train"] == cands["hand-written"]["n_train"]

@@ -229,7 +229,7 @@ def test_init_errors_name_paths(mlp):
     with pytest.raises(ValueError, match="kernel: matched .*int32"):
         jlora.init(jax.random.key(0), ints, jlora.LoraConfig(1, 1, targets="kernel"))
     three = {"kernel": jnp.zeros((2, 3, 4))}
-    with pytest.raises(ValueError, match="has 3 axes; say which are inputs"):
+    with pytest.raises(ValueError, match="has 3 axes; pass probe="):
         jlora.init(jax.random.key(0), three, jlora.LoraConfig(1, 1))
     bad = jlora.LoraConfig(1, 1, layout={"kernel": jlora.Layout((0,), (1,))})
     with pytest.raises(ValueError, match="does not fit a kernel with 3 axes"):
@@ -239,3 +239,21 @@ def test_init_errors_name_paths(mlp):
         jlora.init(jax.random.key(0), lp, jlora.LoraConfig(2, 2))
     with pytest.raises(TypeError, match="config must be a jlora.LoraConfig"):
         jlora.init(jax.random.key(0), params, {"rank": 2})
+
+
+def test_layout_hint_suggests_what_a_kernel_most_likely_is():
+    from jlora._init import likely_layouts
+
+    L = jlora.Layout
+    # A stack of layers [L, in, out]: the layer axis is stacked, not an input.
+    assert likely_layouts((4, 16, 32))[0] == L((1,), (2,), (0,))
+    # Attention projections: [heads, head_dim, d] and [d, heads, head_dim].
+    assert likely_layouts((8, 64, 512))[0] == L((0, 1), (2,))
+    assert likely_layouts((512, 8, 64))[0] == L((0,), (1, 2))
+    # Ambiguous by shape alone: both readings are offered, with probe= first.
+    three = {"kernel": jnp.zeros((4, 16, 32))}
+    with pytest.raises(ValueError) as err:
+        jlora.init(jax.random.key(0), three, jlora.LoraConfig(1, 1))
+    msg = str(err.value)
+    assert "pass probe=" in msg
+    assert "most likely LoraConfig(layout={'kernel': jlora.Layout(in_axes=(1,)" in msg

@@ -40,7 +40,7 @@ def Layout_(i, o, s):  # noqa: N802
     return jlora.Layout(i, o, s)
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=20, deadline=None)
 @given(dot_cases(), st.integers(0, 2**16))
 def test_random_dot_general_matches_merged_oracle(case, seed):
     layout, shape, rank, x_free, kernel_left, transposed, x_order = case

@@ -42,7 +42,8 @@ def check(fn, params, args, rules, dtype=jnp.float32, *, k, depth):
     for path, used in explained.items():
         assert used, f"{path} never used"
         assert not any(r.startswith("materialize") for r in used), (path, used)
-        assert set(used) <= set(rules) | {"jit", "convert_element_type", "transpose"}, (
+        plumbing = {"jit", "convert_element_type", "copy", "transpose"}
+        assert set(used) <= set(rules) | plumbing, (
             path,
             used,
         )
@@ -341,13 +342,9 @@ def test_while_loop_over_stacked_layers_forward():
     x = jax.random.normal(jax.random.key(2), (2, 6))
     out = jax.jit(jlora.lora(fn, strict=True))(lp, x, 3)
     assert_close(out, fn(jlora.merge(lp), x, 3), chain_bound(k=6, depth=6))
-    assert set(jlora.explain(fn, lp, x, 3)["ws"]) == {
-        "while",
-        "jit",
-        "dynamic_slice",
-        "squeeze",
-        "dot_general",
-    }
+    used = set(jlora.explain(fn, lp, x, 3)["ws"])
+    # (Some JAX releases wrap dynamic_index_in_dim in a jit, some don't.)
+    assert used - {"jit"} == {"while", "dynamic_slice", "squeeze", "dot_general"}
 
 
 def test_nnx_modules_through_a_closure():

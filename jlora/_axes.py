@@ -1,0 +1,208 @@
+"""How an adapted kernel's axes move through each primitive: one description.
+
+The probe (`_probe.py`) follows each target kernel through a jaxpr to learn which of
+its axes are inputs, outputs and stacked layers, before any `Layout` exists; the rules
+(`_rules.py`) move a kernel's `Layout` through the same primitives. Both read the
+descriptions here, so a primitive the transform understands is one the probe
+understands (a test checks that every primitive with a rule is described here).
+
+Three kinds of description:
+
+- `moves(eqn, shape)`: primitives that rearrange an array without combining its
+  elements: casts, copies, placements, transposes, squeezes, size-1 reshapes,
+  broadcasts and slices. For each output axis, the input axis it comes from (None: a
+  new axis); input axes that appear nowhere were indexed away (they had size 1).
+- `uses(eqn, operand)`: primitives that consume a kernel: which of its axes are
+  contracted (the kernel's inputs), batched (stacked layers) and left free (its
+  outputs): `dot_general`; `gather` as a row lookup (rows are inputs);
+  `conv_general_dilated` (the output-feature axis is the output).
+- `links(eqn)`: call-like primitives and barriers: which inner variable each operand
+  becomes (`scan` slices its `xs` along their first axis on the way in).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+from jlora import _jax_compat as compat
+
+Moves = tuple  # for each output axis: the input axis it comes from, or None (new)
+
+
+def _identity(eqn, shape) -> Moves:
+    return tuple(range(len(shape)))
+
+
+def _transpose(eqn, shape) -> Moves:
+    return compat.transpose_permutation(eqn)
+
+
+def _squeeze(eqn, shape) -> Moves:
+    dropped = {d % len(shape) for d in compat.squeeze_dimensions(eqn)}
+    return tuple(i for i in range(len(shape)) if i not in dropped)
+
+
+def _align_ones(old, new) -> Moves | None:
+    """Moves for a reshape that only drops or inserts size-1 axes, else None."""
+    out, i = [], 0
+    for size in new:
+        while i < len(old) and old[i] == 1 and size != 1:
+            i += 1  # a size-1 axis dropped
+        if i < len(old) and old[i] == size:
+            out.append(i)
+            i += 1
+        elif size == 1:
+            out.append(None)  # a size-1 axis inserted
+        else:
+            return None
+    while i < len(old) and old[i] == 1:
+        i += 1
+    return tuple(out) if i == len(old) else None
+
+
+def _reshape(eqn, shape) -> Moves | None:
+    new = compat.reshape_sizes(eqn)
+    return None if new is None else _align_ones(tuple(shape), new)
+
+
+def _broadcast(eqn, shape) -> Moves | None:
+    got = compat.broadcast_params(eqn)
+    if got is None:
+        return None
+    new_shape, dims = got
+    if any(new_shape[d] != shape[i] for i, d in enumerate(dims)):
+        return None  # an existing axis is broadcast: its elements are repeated
+    src = {d: i for i, d in enumerate(dims)}
+    return tuple(src.get(d) for d in range(len(new_shape)))
+
+
+MOVES: dict[str, Callable[[Any, tuple], Moves | None]] = {
+    "convert_element_type": _identity,
+    "copy": _identity,
+    "sharding_constraint": _identity,
+    "reshard": _identity,
+    "pvary": _identity,  # inside shard_map: marks a value as varying over mesh axes
+    "pcast": _identity,
+    "slice": _identity,  # narrows axes, keeps them
+    "dynamic_slice": _identity,
+    "transpose": _transpose,
+    "squeeze": _squeeze,
+    "reshape": _reshape,
+    "broadcast_in_dim": _broadcast,
+}
+
+
+def moves(eqn, shape) -> Moves | None:
+    """How `eqn` moves the axes of its first operand (of `shape`), or None."""
+    fn = MOVES.get(compat.primitive_name(eqn))
+    return None if fn is None else fn(eqn, tuple(shape))
+
+
+class Use(NamedTuple):
+    """A kernel operand's axes, by what the primitive does with them."""
+
+    contract: tuple[int, ...]  # summed over: the kernel's inputs
+    batch: tuple[int, ...]  # matched one to one: stacked layers
+    free: tuple[int, ...]  # kept: the kernel's outputs
+
+
+def _dot_use(eqn, operand, ndim) -> Use:
+    (lc, rc), (lb, rb) = compat.dot_options(eqn).dimension_numbers
+    contract, batch = (lc, lb) if operand == 0 else (rc, rb)
+    free = tuple(i for i in range(ndim) if i not in contract and i not in batch)
+    return Use(contract, batch, free)
+
+
+def _gather_use(eqn, operand, ndim) -> Use | None:
+    if operand != 0:
+        return None
+    rows = tuple(compat.gather_options(eqn).dimension_numbers.collapsed_slice_dims)
+    return Use(rows, (), tuple(i for i in range(ndim) if i not in rows))
+
+
+def _conv_use(eqn, operand, ndim) -> Use | None:
+    if operand != 1:
+        return None
+    rhs_spec = compat.conv_options(eqn).dimension_numbers.rhs_spec
+    out_feature = rhs_spec[0]
+    return Use(tuple(i for i in range(ndim) if i != out_feature), (), (out_feature,))
+
+
+USES: dict[str, Callable] = {
+    "dot_general": _dot_use,
+    "gather": _gather_use,
+    "conv_general_dilated": _conv_use,
+}
+
+
+def uses(eqn, operand: int, ndim: int) -> Use | None:
+    """How `eqn` consumes its operand `operand` (an array of `ndim` axes), or None."""
+    fn = USES.get(compat.primitive_name(eqn))
+    return None if fn is None else fn(eqn, operand, ndim)
+
+
+class Link(NamedTuple):
+    """Operand `operand` of an equation becomes `target` (an inner jaxpr's invar, or
+    one of the equation's own outvars); `sliced`: its first axis is taken away."""
+
+    operand: int
+    jaxpr: Any  # the inner jaxpr, or None when the target is an outvar of the eqn
+    target: Any
+    sliced: bool = False
+
+
+def _call_links(eqn) -> list[Link]:
+    jaxpr, _ = compat.call_jaxpr(eqn)
+    return [Link(i, jaxpr, v) for i, v in enumerate(jaxpr.invars)]
+
+
+def _cond_links(eqn) -> list[Link]:
+    out = []
+    for jaxpr, _ in compat.cond_branches(eqn):
+        out += [Link(i + 1, jaxpr, v) for i, v in enumerate(jaxpr.invars)]
+    return out
+
+
+def _while_links(eqn) -> list[Link]:
+    # Loop-invariant operands only: a kernel in the carry is made dense by the rule.
+    w = compat.while_parts(eqn)
+    cj, bj = w.cond[0], w.body[0]
+    out = [Link(i, cj, cj.invars[i]) for i in range(w.cond_nconsts)]
+    return out + [Link(w.cond_nconsts + i, bj, bj.invars[i]) for i in range(w.body_nconsts)]
+
+
+def _scan_links(eqn) -> list[Link]:
+    s = compat.scan_parts(eqn)
+    jaxpr = s.body[0]
+    fixed = s.num_consts + s.num_carry
+    out = [Link(i, jaxpr, jaxpr.invars[i]) for i in range(s.num_consts)]
+    return out + [
+        Link(i, jaxpr, jaxpr.invars[i], sliced=True)
+        for i in range(fixed, len(jaxpr.invars))
+    ]
+
+
+def _barrier_links(eqn) -> list[Link]:
+    return [Link(i, None, v) for i, v in enumerate(eqn.outvars)]
+
+
+LINKS: dict[str, Callable] = {
+    **{name: _call_links for name in compat.JIT_NAMES},
+    **{name: _call_links for name in compat.REMAT_NAMES},
+    **{name: _call_links for name in compat.CUSTOM_CALL_NAMES},
+    "shard_map": _call_links,
+    "cond": _cond_links,
+    "while": _while_links,
+    "scan": _scan_links,
+    "optimization_barrier": _barrier_links,
+}
+
+
+def links(eqn) -> list[Link] | None:
+    """Where a call-like equation's operands go, or None for other primitives."""
+    fn = LINKS.get(compat.primitive_name(eqn))
+    return None if fn is None else fn(eqn)
+
+
+KNOWN = frozenset(MOVES) | frozenset(USES) | frozenset(LINKS)
