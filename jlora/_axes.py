@@ -17,7 +17,8 @@ Three kinds of description:
   outputs): `dot_general`; `gather` as a row lookup (rows are inputs);
   `conv_general_dilated` (the output-feature axis is the output).
 - `links(eqn)`: call-like primitives and barriers: which inner variable each operand
-  becomes (`scan` slices its `xs` along their first axis on the way in).
+  becomes (`scan` slices its `xs` along their first axis on the way in), and, for the
+  primitives in `RETURNS` (a nested `jit`), which outputs a kernel comes back as.
 """
 
 from __future__ import annotations
@@ -71,8 +72,9 @@ def _broadcast(eqn, shape) -> Moves | None:
     if got is None:
         return None
     new_shape, dims = got
-    if any(new_shape[d] != shape[i] for i, d in enumerate(dims)):
-        return None  # an existing axis is broadcast: its elements are repeated
+    if any(new_shape[d] != shape[i] and shape[i] != 1 for i, d in enumerate(dims)):
+        return None
+    # A size-1 axis may grow (its one slice repeated): the axis itself is kept.
     src = {d: i for i, d in enumerate(dims)}
     return tuple(src.get(d) for d in range(len(new_shape)))
 
@@ -204,5 +206,9 @@ def links(eqn) -> list[Link] | None:
     fn = LINKS.get(compat.primitive_name(eqn))
     return None if fn is None else fn(eqn)
 
+
+# Call-likes whose outputs keep a returned kernel (its inner jaxpr's outvars become the
+# equation's outvars one to one); the others' rules make outputs dense.
+RETURNS = frozenset(compat.JIT_NAMES)
 
 KNOWN = frozenset(MOVES) | frozenset(USES) | frozenset(LINKS)

@@ -7,6 +7,7 @@ build and check trees, and the model applies its own constraints when it runs.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from flax import nnx
@@ -59,3 +60,31 @@ def partition_names(box, ndim: int) -> tuple | None:
 def is_logical(box) -> bool:
     """A `LogicallyPartitioned` box: its names are logical, mapped to mesh axes by rules."""
     return isinstance(box, spmd.LogicallyPartitioned)
+
+
+RANK_AXIS = "lora_rank"  # the logical name of the factors' rank axis
+
+
+def box_factors(box, a, b, layout):
+    """`(a, b)` boxed the way a kernel's Linen `box` is (or unboxed if it is none).
+
+    A `Partitioned` box gives `a` the kernel's names for its stacked and input axes and
+    `b` those of its stacked and output axes; the rank axis is named `RANK_AXIS` under
+    logical names (mapped by rules; unsharded without one) and gets no name under
+    physical mesh-axis names, where every name must be an axis of the mesh. Other
+    metadata boxes are copied as they are. (NNX keeps factors inside the kernel's
+    `Variable`, unboxed.)
+    """
+    if isinstance(box, nnx.Variable) or not is_box(box):
+        return a, b
+    names = partition_names(box, layout.ndim)
+    if names is None:
+        return rebox(box, a), rebox(box, b)
+    rank = RANK_AXIS if is_logical(box) else None
+    stack = tuple(names[i] for i in layout.stack_axes)
+    a_names = stack + tuple(names[i] for i in layout.in_axes) + (rank,)
+    b_names = stack + (rank,) + tuple(names[i] for i in layout.out_axes)
+    return (
+        dataclasses.replace(box, value=a, names=a_names),
+        dataclasses.replace(box, value=b, names=b_names),
+    )

@@ -8,10 +8,11 @@ against an abstract target built from the base params, so the result has `LoraWe
 nodes with their scale and layout, never plain dicts.
 
 Every save is written into a staging directory beside its target and swapped in by
-renames that leave, at every instant, either the previous or the new checkpoint
-complete, or a marked sibling from which the next save or load finishes or rolls back
-the swap (`_recover`). On several processes each writes its own shards; process 0 does
-the renames between barriers.
+renames that leave, after every step, a complete checkpoint at the target or in a
+marked sibling: loads read it from there without touching the disk (`_readable`), and
+the next save finishes or rolls back the swap (`_recover`). On several processes each
+writes its own shards; process 0 does the renames, and a failure on any process is
+raised on every process.
 """
 
 from __future__ import annotations
@@ -32,11 +33,11 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-from jlora._boxes import unbox
+from jlora._boxes import box_factors, is_variable, rebox, unbox
 from jlora._config import LoraConfig
 from jlora._merge import combine, merge
 from jlora._sharding import factor_shardings, named_sharding_of
-from jlora._targets import LORA, TRAINED, path_string, walk
+from jlora._targets import EMPTY, LORA, TRAINED, path_string, walk
 from jlora._version import VERSION
 from jlora._weight import Layout, LoraWeight, Trainable
 
@@ -63,10 +64,27 @@ def _primary() -> bool:
     return jax.process_index() == 0
 
 
-def _barrier(name: str) -> None:
-    """Every process waits here for the others (nothing to wait for on one process)."""
-    if jax.process_count() > 1:
-        multihost_utils.sync_global_devices(f"jlora:{name}")
+def _all_ok(ok: bool) -> bool:
+    """Whether `ok` holds on every process (one collective; also a barrier)."""
+    if jax.process_count() == 1:
+        return ok
+    return bool(np.all(multihost_utils.process_allgather(np.asarray(ok))))
+
+
+def _on_primary(step: str, fn) -> None:
+    """`fn()` on process 0; then every process learns whether it worked, so a failure
+    there raises on every process instead of leaving the others waiting."""
+    error = None
+    if _primary():
+        try:
+            fn()
+        except Exception as e:  # re-raised below, after the others have heard
+            error = e
+    ok = _all_ok(error is None)
+    if error is not None:
+        raise error
+    if not ok:
+        raise RuntimeError(f"jlora: process 0 failed to {step}; see its error.")
 
 
 def _agreed_token() -> str:
@@ -101,17 +119,33 @@ def _siblings(path: str, kind: str) -> list[str]:
     return sorted(found, key=os.path.getmtime)
 
 
+def _readable(path: str) -> str:
+    """Where the checkpoint saved at `path` is, without changing anything on disk.
+
+    At `path`, unless a save died in the middle of its swap: then the new checkpoint,
+    complete, waits in a `ready` sibling, or the old one in a `retired` sibling (the
+    next save to `path` moves it back into place). Readers never rename or delete, so
+    a load running beside a save cannot disturb it.
+    """
+    if os.path.exists(path):
+        return path
+    for kind in ("ready", "retired"):
+        found = _siblings(path, kind)
+        if found:
+            return found[-1]
+    return path
+
+
 def _recover(path: str) -> None:
-    """Finishes or rolls back a swap that a crash interrupted (process 0 only).
+    """Finishes or rolls back a swap that a crash interrupted (a save does this first).
 
     A save marks its new checkpoint complete by renaming its staging directory to a
     `ready` sibling, then moves the old checkpoint to a `retired` sibling and the ready
     one into place. So: with nothing at `path`, a `ready` sibling is the new, complete
     checkpoint (finish the swap), else a `retired` one is the old (roll back); with a
-    checkpoint at `path`, leftover siblings are stale and removed.
+    checkpoint at `path`, leftover siblings are stale and removed, and so are staging
+    directories of saves that died.
     """
-    if not _primary():
-        return
     ready, retired = _siblings(path, "ready"), _siblings(path, "retired")
     if not os.path.exists(path):
         if ready:
@@ -121,52 +155,74 @@ def _recover(path: str) -> None:
     if os.path.exists(path):
         for stale in ready + retired:
             _FS.rmtree(stale, ignore_errors=True)
+    for stale in _siblings(path, "staging"):
+        _FS.rmtree(stale, ignore_errors=True)
 
 
 def _write_atomically(path: str, overwrite: bool, fn_name: str, write) -> None:
     """`write(staging)` into a fresh sibling directory, then swap it in by renames.
 
     orbax's own forced save deletes the old directory before writing the new one; here
-    the old checkpoint stays complete until the new one is, and a save that dies at any
-    step leaves a checkpoint that the next save or load completes (`_recover`). A save
-    that fails with an exception removes its staging directory; staging directories of
-    saves that died are removed by the next save to the same path.
+    the old checkpoint stays complete until the new one is. A save that dies at any
+    step leaves a complete checkpoint at `path` or in a marked sibling, which loads
+    read and the next save moves into place (`_readable`, `_recover`). A save that
+    fails with an error removes its staging directory and, if it failed in the middle
+    of the swap, puts the old checkpoint back. On several processes, every process
+    writes its shards; process 0 renames, and every process hears of a failure.
     """
-    _recover(path)
-    _barrier(f"{path}:recovered")
+
+    def prepare():
+        _FS.makedirs(os.path.dirname(path), exist_ok=True)
+        _recover(path)
+
+    _on_primary("prepare the save", prepare)
     exists = os.path.exists(path)
     if exists and not overwrite:
         raise FileExistsError(
             f"jlora.{fn_name}: {path} already exists; pass overwrite=True to replace it "
             "(written beside it, then swapped in), or choose another path."
         )
-    if _primary():
-        _FS.makedirs(os.path.dirname(path), exist_ok=True)
-        for stale in _siblings(path, "staging"):
-            _FS.rmtree(stale, ignore_errors=True)
     token = _agreed_token()
-    _barrier(f"{path}:prepared")
     staging = _sibling(path, "staging", token)
+
+    def clean():
+        shutil.rmtree(staging, ignore_errors=True)
+        for tmp in glob.glob(glob.escape(staging) + "*"):  # orbax's temporaries
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    error = None
     try:
         write(staging)
-        _barrier(f"{path}:written")
+    except Exception as e:  # re-raised below, after every process has heard
+        error = e
+    if not _all_ok(error is None):
         if _primary():
-            ready = _sibling(path, "ready", token)
+            clean()
+        if error is not None:
+            raise error
+        raise RuntimeError(f"jlora.{fn_name}: another process failed to write {path}.")
+
+    def swap():
+        ready = _sibling(path, "ready", token)
+        try:
             _FS.rename(staging, ready)  # from here on, the new checkpoint is complete
-            if exists:
-                retired = _sibling(path, "retired", token)
-                _FS.rename(path, retired)
-                _FS.rename(ready, path)
-                _FS.rmtree(retired, ignore_errors=True)
-            else:
-                _FS.rename(ready, path)
-    except Exception:
-        if _primary():
-            shutil.rmtree(staging, ignore_errors=True)
-            for tmp in glob.glob(glob.escape(staging) + "*"):  # orbax's temporaries
-                shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    _barrier(f"{path}:swapped")
+        except Exception:
+            clean()
+            raise
+        if not exists:
+            _FS.rename(ready, path)
+            return
+        retired = _sibling(path, "retired", token)
+        _FS.rename(path, retired)
+        try:
+            _FS.rename(ready, path)
+        except Exception:
+            if not os.path.exists(path):  # roll back: the old one goes back in place
+                os.rename(retired, path)
+            raise
+        _FS.rmtree(retired, ignore_errors=True)
+
+    _on_primary(f"swap in {path}", swap)
 
 
 # Metadata -------------------------------------------------------------------------------
@@ -342,8 +398,7 @@ def read_adapter_metadata(path) -> dict:
       FileNotFoundError: no directory at `path`.
       ValueError: missing or corrupt metadata, or a checkpoint of another kind.
     """
-    path = os.path.abspath(os.fspath(path))
-    _recover(path)
+    path = _readable(os.path.abspath(os.fspath(path)))
     if not os.path.isdir(path):
         raise FileNotFoundError(f"jlora: no checkpoint directory at {path}.")
     meta_file = os.path.join(path, META, "metadata")
@@ -412,9 +467,7 @@ def load_adapter(
             f"jlora.load_adapter: base_mismatch must be one of {BASE_MISMATCH}, got "
             f"{base_mismatch!r}."
         )
-    path = os.path.abspath(os.fspath(path))
-    _recover(path)
-    _barrier(f"{path}:load")
+    path = _readable(os.path.abspath(os.fspath(path)))
     meta = read_adapter_metadata(path)
     base = walk(base_params, keep_none=True)
     by_path = base.by_path()
@@ -432,7 +485,7 @@ def load_adapter(
             )
             continue
         if kind == "full":
-            if inner is None:  # split()'s base: the trained leaf is restored as stored
+            if by_path[p].kind == EMPTY:  # split()'s base: restored as stored
                 nodes[p] = (entry, len(targets))
                 targets.append((entry["value"], sharding))
                 continue
@@ -445,7 +498,7 @@ def load_adapter(
             nodes[p] = (entry, len(targets))
             targets.append((entry["value"], sharding or named_sharding_of(unbox(inner))))
         elif kind == "lora":
-            if inner is None:
+            if by_path[p].kind == EMPTY:
                 errors.append(f"  {p}: the base has no kernel here (None)")
                 continue
             w = unbox(inner)
@@ -505,17 +558,16 @@ def load_adapter(
             out.append(None)
             continue
         entry, i = nodes[base_node.path]
+        box = base_node.leaf  # a Linen box: the restored arrays are boxed like init's
         if entry["kind"] == "lora":
+            layout = Layout(*entry["layout"])
+            a, b = box_factors(box, restored[_key(i)], restored[_key(i + 1)], layout)
             node = LoraWeight(
-                None,
-                restored[_key(i)],
-                restored[_key(i + 1)],
-                scale=entry["scale"],
-                layout=Layout(*entry["layout"]),
-                dropout=entry["dropout"],
+                None, a, b, scale=entry["scale"], layout=layout, dropout=entry["dropout"]
             )
         else:
-            node = Trainable(restored[_key(i)])
+            value = restored[_key(i)]
+            node = Trainable(value if is_variable(box) else rebox(box, value))
         out.append(base_node.put_back(node))
     return combine(base.rebuild(out), base_params)
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -10,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jlora._boxes import is_box, is_logical, is_variable, partition_names, rebox, unbox
+from jlora._boxes import box_factors, is_box, is_variable, rebox, unbox
 from jlora._config import LoraConfig
 from jlora._probe import infer as infer_layouts
 from jlora._sharding import factor_shardings
@@ -24,8 +23,6 @@ from jlora._targets import (
     walk,
 )
 from jlora._weight import DEFAULT_LAYOUT, Layout, LoraWeight, Trainable
-
-RANK_AXIS = "lora_rank"
 
 
 def _leaf_name(path: str) -> str:
@@ -265,17 +262,6 @@ def _wrap(key, path, leaf, layout, config):
     )
     if is_variable(leaf):
         return rebox(leaf, LoraWeight(w, a, b, **meta_kw))
-    names = partition_names(leaf, w.ndim)
-    if names is not None:
-        # The rank axis gets a logical name (mapped by rules, unsharded without one)
-        # under logical partitioning, and no mesh axis under physical names.
-        rank = RANK_AXIS if is_logical(leaf) else None
-        a_names = tuple(names[i] for i in layout.stack_axes + layout.in_axes) + (rank,)
-        b_names = tuple(names[i] for i in layout.stack_axes) + (rank,)
-        b_names += tuple(names[i] for i in layout.out_axes)
-        a_box = dataclasses.replace(leaf, value=a, names=a_names)
-        b_box = dataclasses.replace(leaf, value=b, names=b_names)
-        return LoraWeight(leaf, a_box, b_box, **meta_kw)
     if is_box(leaf):
-        return LoraWeight(leaf, rebox(leaf, a), rebox(leaf, b), **meta_kw)
+        return LoraWeight(leaf, *box_factors(leaf, a, b, layout), **meta_kw)
     return LoraWeight(w, a, b, **meta_kw)

@@ -92,6 +92,8 @@ class Context:
     warned: set = dataclasses.field(default_factory=set)
     sites: dict[str, int] = dataclasses.field(default_factory=dict)
     in_shard_map: bool = False
+    manual_axes: frozenset = frozenset()
+    vma_checked: bool = True
 
     def note(self, f: Factored, rule: str) -> None:
         seen = self.record.setdefault(f.path, [])
@@ -110,11 +112,18 @@ class Context:
             return self
         return dataclasses.replace(self, rng=jax.random.fold_in(self.rng, index))
 
-    def manual(self, rng=None) -> Context:
-        """The context inside a `shard_map` body, whose dropout key `rng` came in as an
-        operand: each mask is also folded with the index of every mesh axis its input
-        varies over."""
-        return dataclasses.replace(self, rng=rng, in_shard_map=True)
+    def manual(self, rng, axes, vma_checked: bool) -> Context:
+        """The context inside a `shard_map` body (manual over `axes`), whose dropout key
+        `rng` came in as an operand: each mask is also folded with the index of every
+        mesh axis its input varies over, which JAX tracks when `vma_checked`; without
+        it, with the index along every manual axis (each shard its own mask)."""
+        return dataclasses.replace(
+            self,
+            rng=rng,
+            in_shard_map=True,
+            manual_axes=frozenset(axes),
+            vma_checked=vma_checked,
+        )
 
     def dropout(self, x, f: Factored):
         """`x` with inverted dropout at rate `f.dropout`, if a key was given."""
@@ -124,7 +133,8 @@ class Context:
         self.sites[f.path] = site + 1
         key = jax.random.fold_in(path_key(self.rng, f.path), site)
         if self.in_shard_map:
-            for axis in sorted(compat.varying_axes(x) or (), key=str):
+            varying = compat.varying_axes(x) if self.vma_checked else None
+            for axis in sorted(self.manual_axes if varying is None else varying, key=str):
                 key = jax.random.fold_in(key, jax.lax.axis_index(axis))
         keep = jax.random.bernoulli(key, 1.0 - f.dropout, jnp.shape(x))
         kept = x * jnp.asarray(1.0 / (1.0 - f.dropout), x.dtype)

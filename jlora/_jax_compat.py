@@ -326,21 +326,53 @@ def shard_map_specs(eqn) -> tuple[tuple, tuple]:
     return tuple(eqn.params["in_specs"]), tuple(eqn.params["out_specs"])
 
 
-def shard_map_call(eqn, body, in_specs, out_specs):
-    """`jax.shard_map` of `body` with the mesh and options of a `shard_map` equation."""
+def shard_map_manual_axes(eqn) -> frozenset:
+    """The mesh axes a `shard_map` body is manual over."""
     p = eqn.params
     manual = p.get("newly_manual_axes", p.get("manual_axes"))
     if manual is None and "auto" in p:  # releases that list the automatic axes
         manual = frozenset(p["mesh"].axis_names) - frozenset(p["auto"])
+    return frozenset(manual or ())
+
+
+def shard_map_checks_vma(eqn) -> bool:
+    """Whether JAX tracks which mesh axes each value of the body varies over."""
+    return bool(eqn.params.get("check_vma", eqn.params.get("check_rep", True)))
+
+
+def shard_map_call(eqn, body, in_specs, out_specs):
+    """`jax.shard_map` of `body` with the mesh and options of a `shard_map` equation."""
     return jax.shard_map(
         body,
         mesh=shard_map_mesh(eqn),
         in_specs=tuple(in_specs),
         out_specs=tuple(out_specs),
-        axis_names=frozenset(manual or ()),
-        check_vma=p.get("check_vma", p.get("check_rep", True)),
+        axis_names=shard_map_manual_axes(eqn),
+        check_vma=shard_map_checks_vma(eqn),
     )
 
 
 def shard_map_mesh(eqn):
     return eqn.params["mesh"]
+
+
+def spec_entries(spec) -> tuple:
+    """A `PartitionSpec`'s per-axis entries (iterating one that has `unreduced` or
+    `reduced` axes raises on some releases)."""
+    if spec is None:
+        return ()
+    if hasattr(spec, "partitions"):
+        return tuple(spec.partitions)
+    if hasattr(spec, "_partitions"):
+        return tuple(spec._partitions)
+    return tuple(spec)
+
+
+def spec_like(spec, entries):
+    """A `PartitionSpec` with `entries`, keeping `spec`'s unreduced and reduced axes."""
+    kwargs = {}
+    for name in ("unreduced", "reduced"):
+        value = getattr(spec, name, None)
+        if value:
+            kwargs[name] = value
+    return jax.sharding.PartitionSpec(*entries, **kwargs)

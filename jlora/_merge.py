@@ -8,7 +8,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jlora._boxes import rebox, unbox
+from jlora._boxes import is_box, is_variable, rebox, unbox
 from jlora._jax_compat import is_tracer
 from jlora._sharding import constrain, named_sharding_of
 from jlora._targets import EMPTY, LEAF, LORA, TRAINED, walk
@@ -115,7 +115,8 @@ def split(params: Any) -> tuple[Any, Any]:
     `adapters` holds every trainable leaf: `LoraWeight(None, a, b)` (scale and layout
     kept as metadata, so `combine` and `unmerge(merged, adapters)` need nothing else)
     and the `Trainable` leaves; `None` elsewhere. `base` holds the rest as plain leaves
-    (the frozen kernels `w` where the adapters are) and `None` where a leaf is trained:
+    (the frozen kernels `w` where the adapters are) and `None` where a leaf is trained
+    (inside the leaf's box, if it had one: an NNX `Variable` or a Linen box holding None):
     it is the frozen model, with no jlora nodes, so passing it into a jitted step costs
     no more than passing the base params. Differentiate and update `adapters` only;
     `combine(adapters, base)` gives the params back exactly.
@@ -136,11 +137,21 @@ def split(params: Any) -> tuple[Any, Any]:
             base.append(node.put_back(node.value.w))
         elif node.kind == TRAINED:
             adapters.append(node.leaf)
-            base.append(None)
+            base.append(_emptied(node))
         else:
             adapters.append(None)
             base.append(node.leaf)
     return tree.rebuild(adapters), tree.rebuild(base)
+
+
+def _emptied(node):
+    """What `split`'s base holds where a leaf is trained: None, in the box it had (an
+    NNX `Variable`, a Linen box inside the `Trainable`), so that loading adapters onto
+    this base gives the tree `init` gave."""
+    if is_variable(node.leaf):
+        return node.leaf.replace(value=None)
+    inner = node.value.value
+    return rebox(inner, None) if is_box(inner) else None
 
 
 def _paired(adapters, base, fn_name: str, base_name: str):

@@ -54,7 +54,8 @@ def _sliced(t: Tracked) -> Tracked:
     return Tracked(t.path, t.axes[1:], t.stacked | ({t.axes[0]} - {None}))
 
 
-def _walk(jaxpr, tracked_in: dict, obs: dict) -> None:
+def _walk(jaxpr, tracked_in: dict, obs: dict) -> list:
+    """Follows the tracked kernels through `jaxpr`; returns what its outputs are."""
     env = dict(tracked_in)
 
     def get(v):
@@ -85,7 +86,10 @@ def _walk(jaxpr, tracked_in: dict, obs: dict) -> None:
             else:
                 inner.setdefault(id(link.jaxpr), (link.jaxpr, {}))[1][link.target] = t
         for body, bound in inner.values():
-            _walk(body, bound, obs)
+            outs = _walk(body, bound, obs)
+            if compat.primitive_name(eqn) in _axes.RETURNS:
+                env.update({v: t for v, t in zip(eqn.outvars, outs) if t is not None})
+    return [get(v) for v in jaxpr.outvars]
 
 
 def infer(probe: Callable, params, targets: set[str]) -> dict[str, Layout]:

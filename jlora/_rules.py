@@ -50,10 +50,13 @@ def _derived_sharding(out_sharding, ndim: int, dims):
     if out_sharding is None:
         return None
     named = isinstance(out_sharding, NamedSharding)
-    spec = tuple(out_sharding.spec if named else out_sharding)
+    original = out_sharding.spec if named else out_sharding
+    spec = compat.spec_entries(original)
     spec += (None,) * (ndim - len(spec))
-    new = PartitionSpec(*(None if d is None else spec[d] for d in dims))
-    return NamedSharding(out_sharding.mesh, new) if named else new
+    new = compat.spec_like(original, [None if d is None else spec[d] for d in dims])
+    if not named:
+        return new
+    return NamedSharding(out_sharding.mesh, new, memory_kind=out_sharding.memory_kind)
 
 
 def _sharding_kw(sharding):
@@ -201,13 +204,25 @@ def move_rule(ctx, eqn, invals):
     dropped = [i for i in range(ndim) if i not in moves]
     if not set(dropped) <= set(lay.stack_axes):
         return _fallback(ctx, eqn, invals, f"drops kernel axes {dropped}")
-    starts, sizes = _window(eqn, rest, f.shape)
-    resized = [i for i in range(ndim) if i not in dropped and sizes[i] != f.shape[i]]
+    where = {src: i for i, src in enumerate(moves) if src is not None}
+    out_shape = compat.var_shape(eqn.outvars[0])
+    resized = [i for i in where if out_shape[where[i]] != f.shape[i]]
     if not set(resized) <= set(lay.stack_axes):
-        return _fallback(ctx, eqn, invals, f"slices kernel axes {resized}")
+        return _fallback(ctx, eqn, invals, f"resizes kernel axes {resized}")
     w = compat.bind(eqn, [f.w, *rest])[0]
     a, b = f.a, f.b
-    if resized:
+    if resized and compat.primitive_name(eqn) == "broadcast_in_dim":
+        # A size-1 stacked axis broadcast: every new layer carries the same update.
+        for axis in resized:
+            j = lay.stack_axes.index(axis)
+            a, b = (
+                jnp.broadcast_to(
+                    x, x.shape[:j] + (out_shape[where[axis]],) + x.shape[j + 1 :]
+                )
+                for x in (a, b)
+            )
+    elif resized:  # a slice narrowing stacked axes: the factors are sliced alike
+        starts, sizes = _window(eqn, rest, f.shape)
         dynamic = compat.primitive_name(eqn) == "dynamic_slice"
         a, b = (_slice_factor(x, lay.stack_axes, starts, sizes, dynamic) for x in (a, b))
     if dropped:  # size-1 stacked axes: the factors' matching leading axes go too
@@ -217,7 +232,6 @@ def move_rule(ctx, eqn, invals):
     if new:  # new leading stacked axes
         lead = tuple(w.shape[i] for i in new)
         a, b = jnp.broadcast_to(a, lead + a.shape), jnp.broadcast_to(b, lead + b.shape)
-    where = {src: i for i, src in enumerate(moves) if src is not None}
     stack = tuple(new) + tuple(where[s] for s in lay.stack_axes if s not in dropped)
     layout = Layout(
         tuple(where[i] for i in lay.in_axes), tuple(where[i] for i in lay.out_axes), stack
@@ -388,7 +402,11 @@ def shard_map_rule(ctx, eqn, invals):
     keyed = ctx.rng is not None  # the dropout key goes in as a replicated operand
 
     def body(*args):
-        inner = ctx.manual(args[0] if keyed else None)
+        inner = ctx.manual(
+            args[0] if keyed else None,
+            compat.shard_map_manual_axes(eqn),
+            compat.shard_map_checks_vma(eqn),
+        )
         outs = interpret(inner, jaxpr, consts, rebuild(args[1:] if keyed else args))
         return tuple(inner.materialize_all(outs, "shard_map output"))
 
@@ -428,6 +446,16 @@ def _refill(slots, flat) -> list:
     return out
 
 
+def _only_named(opts) -> bool:
+    """A jit with no shardings, donation or options: nothing but its name to keep."""
+    return (
+        all(s is None for s in opts.in_shardings + opts.out_shardings)
+        and not any(opts.donated)
+        and not opts.keep_unused
+        and not opts.compiler_options
+    )
+
+
 @rule(*compat.JIT_NAMES)
 def jit_rule(ctx, eqn, invals):
     """A nested `jit` stays a `jit`: same name, shardings, donation and options, with
@@ -436,6 +464,11 @@ def jit_rule(ctx, eqn, invals):
     jaxpr, consts = compat.call_jaxpr(eqn)
     opts = compat.jit_options(eqn)
     ctx.note_all(invals, "jit")
+    eager = not any(map(compat.is_tracer, jax.tree.leaves(invals)))
+    if eager and _only_named(opts):
+        # Called eagerly with nothing to keep but a name: run it op by op, as JAX's own
+        # evaluation of a jaxpr would (a fresh jit here would compile on every call).
+        return interpret(ctx, jaxpr, consts, invals)
     flat, rebuild = _flatten_factored(invals)
     in_sh, donate = [], []
     for val, sh, don in zip(invals, opts.in_shardings, opts.donated):
@@ -455,7 +488,10 @@ def jit_rule(ctx, eqn, invals):
     body.__name__ = body.__qualname__ = opts.name
     out_sh = None
     if any(s is not None for s in opts.out_shardings):
+        sites = dict(ctx.sites)
         jax.eval_shape(body, *flat)  # which outputs stay factored decides the layout
+        ctx.sites.clear()  # (a trace for shapes only: dropout sites count once)
+        ctx.sites.update(sites)
         out_sh = []
         for kind, sh in zip(out_kinds, opts.out_shardings):
             if kind is None:

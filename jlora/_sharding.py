@@ -15,7 +15,7 @@ import jax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from jlora._boxes import unbox
-from jlora._jax_compat import explicit_axes, is_tracer
+from jlora._jax_compat import explicit_axes, is_tracer, spec_entries
 from jlora._targets import LORA, TRAINED, walk
 from jlora._weight import Layout, Trainable
 
@@ -27,7 +27,7 @@ def factor_specs(kernel_spec, ndim: int, layout: Layout, unconstrained=()):
     sharding constraint); the factors' matching axes are left unconstrained too. The
     rank axis is always replicated.
     """
-    spec = tuple(kernel_spec or ())
+    spec = spec_entries(kernel_spec)
     spec = spec + (None,) * (ndim - len(spec))
     spec = tuple(
         PartitionSpec.UNCONSTRAINED if i in set(unconstrained) else e

@@ -18,7 +18,7 @@ from typing import Any, NamedTuple
 
 import jax
 
-from jlora._boxes import is_box, is_variable
+from jlora._boxes import is_box, is_variable, unbox
 from jlora._weight import LoraWeight, Trainable, is_node
 
 
@@ -63,7 +63,9 @@ class Node:
             return LORA
         if isinstance(self.value, Trainable):
             return TRAINED
-        return EMPTY if self.value is None else LEAF
+        if self.value is None or (is_box(self.value) and unbox(self.value) is None):
+            return EMPTY  # (a box holding None: where split's base has no value)
+        return LEAF
 
     def put_back(self, new):
         if is_variable(self.leaf):

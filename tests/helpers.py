@@ -52,6 +52,7 @@ UNIT_ROUNDOFF = {"float32": 2.0**-24, "bfloat16": 2.0**-8, "float16": 2.0**-11}
 def gamma(k: int, dtype=jnp.float32) -> float:
     """Worst-case relative error of a `k`-term sum in `dtype`, in any order."""
     ku = k * UNIT_ROUNDOFF[jnp.dtype(dtype).name]
+    assert ku < 0.5, f"{k} terms in {jnp.dtype(dtype).name}: no useful bound"
     return ku / (1.0 - ku)
 
 

@@ -102,11 +102,13 @@ resumed = (
 restored_spec = restored["up"]["kernel"].a.sharding.spec
 
 flat = gather(adapters)
+start = gather(jlora.split(lp)[0])
 if pid == 0:
     np.savez(
         out / "result.npz",
         losses=np.asarray(losses),
         **{f"ad{i}": v for i, v in enumerate(jax.tree.leaves(flat))},
+        **{f"start{i}": v for i, v in enumerate(jax.tree.leaves(start))},
     )
     (out / "result.json").write_text(
         json.dumps(

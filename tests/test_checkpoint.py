@@ -15,6 +15,7 @@ import numpy as np
 import optax
 import pytest
 from helpers import perturb
+from jax.sharding import PartitionSpec as P
 
 import jlora
 
@@ -488,3 +489,60 @@ def test_fingerprint_does_not_depend_on_sharding_or_device_count():
         mesh = jax.make_mesh(shape, names, devices=jax.devices()[: int(np.prod(shape))])
         assert fingerprint(jax.device_put(w, NamedSharding(mesh, spec))) == one
     assert fingerprint(w.T.reshape(w.shape)) != one
+
+
+def test_a_load_beside_a_save_neither_disturbs_it_nor_reads_half(
+    model, tmp_path, monkeypatch
+):
+    """A reader that runs between any two renames of an overwriting save gets the old
+    or the new checkpoint, whole, and the save still completes."""
+    from jlora import _checkpoint
+
+    _, _, base, lp = model
+    new = perturb(lp, jax.random.key(7))
+    path = jlora.save_adapter(tmp_path / "ad", lp, CFG)
+    real = _checkpoint._FS.rename
+    seen = []
+
+    def rename_then_read(src, dst):
+        real(src, dst)
+        seen.append(jlora.load_adapter(path, base))  # a reader, mid-swap
+
+    monkeypatch.setattr(_checkpoint._FS, "rename", staticmethod(rename_then_read))
+    jlora.save_adapter(path, new, CFG, overwrite=True)
+    monkeypatch.undo()
+    assert len(seen) == 3  # staging -> ready, path -> retired, ready -> path
+    for got in seen:
+        assert _same(got, lp) or _same(got, new)
+    assert _same(jlora.load_adapter(path, base), new)
+    assert sorted(os.listdir(tmp_path)) == ["ad"]
+
+
+def test_load_keeps_the_boxes_init_gives(tmp_path):
+    """Linen boxes (logical names) and NNX variables come back as init made them, from
+    the plain base and from split()'s base, so optimizer states and shardings built
+    from init's tree still fit."""
+    from flax import nnx
+
+    class Boxed(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            kernel = nn.with_logical_partitioning(
+                nn.initializers.lecun_normal(), ("e", "m")
+            )
+            bias = nn.with_logical_partitioning(nn.initializers.zeros, ("m",))
+            return nn.Dense(3, kernel_init=kernel, bias_init=bias)(x)
+
+    cfg = jlora.LoraConfig(2, 2, train_bias="all")
+    variables = Boxed().init(jax.random.key(0), jnp.ones((1, 4)))
+    _, state = nnx.split(nnx.Linear(4, 3, rngs=nnx.Rngs(0)))
+    for name, base in (("linen", variables), ("nnx", state)):
+        lp = perturb(jlora.init(jax.random.key(1), base, cfg), jax.random.key(2))
+        path = jlora.save_adapter(tmp_path / name, lp)
+        for onto in (base, jlora.split(lp)[1]):
+            back = jlora.load_adapter(path, onto)
+            assert jax.tree.structure(back) == jax.tree.structure(lp), name
+            assert _same(back, lp)
+    spec = nn.get_partition_spec(jlora.load_adapter(tmp_path / "linen", variables))
+    kernel = spec["params"]["Dense_0"]["kernel"]
+    assert kernel.a == P("e", "lora_rank") and kernel.b == P("lora_rank", "m")

@@ -315,9 +315,11 @@ def test_barrier_reshard_and_shard_map_keep_the_kernel_factored(axis_type):
             assert_close(a, b, chain_bound(k=16, depth=3))
 
 
-def test_dropout_in_shard_map_draws_per_shard_of_a_varying_input():
-    """Rows of a batch split over "data" get their own masks; shards along "model",
-    where the input does not vary, share theirs (as the unsharded function would)."""
+@pytest.mark.parametrize("check_vma", [True, False])
+def test_dropout_in_shard_map_draws_per_shard_of_a_varying_input(check_vma):
+    """Rows of a batch split over "data" get their own masks. (With `check_vma`, shards
+    along "model", where the input does not vary, share theirs, as the unsharded
+    function would; without it JAX does not say, and every shard draws its own.)"""
     d = 16
     msh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(AxisType.Explicit,) * 2)
     cfg = jlora.LoraConfig(d, d, targets="kernel", dropout=0.5)
@@ -327,7 +329,10 @@ def test_dropout_in_shard_map_draws_per_shard_of_a_varying_input():
 
     def fn(p, x):
         body = jax.shard_map(
-            lambda k, x: x @ k, in_specs=(P(), P("data", None)), out_specs=P("data", None)
+            lambda k, x: x @ k,
+            in_specs=(P(), P("data", None)),
+            out_specs=P("data", None),
+            check_vma=check_vma,
         )
         return body(p["kernel"], x)
 

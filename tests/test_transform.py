@@ -656,3 +656,58 @@ def test_lora_weight_used_outside_lora_says_what_to_do():
     for use in uses:
         with pytest.raises(TypeError, match=r"outside jlora.lora.*jlora.lora\(fn\).*merge"):
             use()
+
+
+def test_a_kernel_returned_by_a_nested_jit_stays_factored_and_is_probed():
+    """A jit that returns the kernel (with an out_sharding) and one that donates:
+    the kernel comes back factored, and the probe follows it out of the jit too."""
+    params = {"w": jax.random.normal(jax.random.key(0), (3, 6, 5))}
+
+    @jax.jit
+    def layer(ws, i):
+        return ws[i]  # returns a kernel
+
+    def fn(p, x):
+        w = layer(p["w"], 1)
+        stacked = jnp.broadcast_to(p["w"][:1], (4, 6, 5))  # a size-1 stack, repeated
+        xs = jnp.broadcast_to(x, (4, *x.shape))
+        return x @ w + jnp.einsum("lbi,lio->lbo", xs, stacked).sum(0)
+
+    x = jax.random.normal(jax.random.key(1), (2, 6))
+    lp = adapt(params, jlora.LoraConfig(2, 4, targets="w"), probe=lambda p: fn(p, x))
+    assert lp["w"].layout == jlora.Layout((1,), (2,), (0,))
+    check(
+        fn,
+        lp,
+        (x,),
+        ["jit", "dynamic_slice", "squeeze", "slice", "broadcast_in_dim", "dot_general"],
+        k=6,
+        depth=4,
+    )
+
+
+def test_an_eager_call_does_not_compile_nested_jits_again():
+    params = {"kernel": jax.random.normal(jax.random.key(0), (6, 5))}
+    lp = adapt(params, jlora.LoraConfig(2, 4))
+
+    @jax.jit
+    def project(x, w):
+        return jnp.tanh(x @ w)
+
+    fn = jlora.lora(lambda p, x: project(x, p["kernel"]), strict=True)
+    x = jnp.ones((2, 6))
+    fn(lp, x)  # warm: every primitive compiled once
+    with jax.log_compiles():
+        import logging
+
+        records = []
+        handler = logging.Handler()
+        handler.emit = records.append
+        logging.getLogger("jax").addHandler(handler)
+        try:
+            for _ in range(3):
+                fn(lp, x)
+        finally:
+            logging.getLogger("jax").removeHandler(handler)
+    compiled = [r.getMessage() for r in records if "ompil" in r.getMessage()]
+    assert not any("project" in m for m in compiled), compiled
