@@ -180,7 +180,8 @@ def interpret(ctx: Context, jaxpr, consts, args) -> list[Any]:
     last_used = compat.last_used(jaxpr)
     for eqn in jaxpr.eqns:
         invals = [read(v) for v in eqn.invars]
-        with compat.equation_context(eqn):
+        source, context = compat.equation_context(eqn)
+        with source, context:
             if any(isinstance(v, Factored) for v in invals):
                 name = compat.primitive_name(eqn)
                 rule = ctx.rules.get(name)

@@ -10,7 +10,6 @@ GPU).
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any, NamedTuple
 
 import jax
@@ -81,20 +80,32 @@ _user_context = _source_info("user_context")
 _current_name_stack = _source_info("current_name_stack")
 
 
-@contextlib.contextmanager
+class _NoContext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+_NO_CONTEXT = _NoContext()
+
+
 def equation_context(eqn):
     """The source info (traceback, name stack) and context (compute type, metadata,
     mesh) an equation was traced under, as `eval_jaxpr` restores them, so the ops a
-    rule emits carry the model's names (`up/dot_general`) into HLO and profiles."""
+    rule emits carry the model's names (`up/dot_general`) into HLO and profiles.
+
+    Two context managers, to enter together: `with a, b:`.
+    """
     info = getattr(eqn, "source_info", None)
-    with contextlib.ExitStack() as stack:
-        if info is not None and _user_context is not None:
-            name_stack = _current_name_stack() + info.name_stack
-            stack.enter_context(_user_context(info.traceback, name_stack=name_stack))
-        manager = getattr(getattr(eqn, "ctx", None), "manager", None)
-        if manager is not None:
-            stack.enter_context(manager)
-        yield
+    if info is None or _user_context is None:
+        source = _NO_CONTEXT
+    else:
+        name_stack = _current_name_stack() + info.name_stack
+        source = _user_context(info.traceback, name_stack=name_stack)
+    manager = getattr(getattr(eqn, "ctx", None), "manager", None)
+    return source, (_NO_CONTEXT if manager is None else manager)
 
 
 def last_used(jaxpr) -> dict:
