@@ -297,11 +297,32 @@ def bench_checkpoint(cfg, rank, rounds):
     _, params, _, _, (adapters, base) = build(cfg, rank, 1)
     lp = jlora.combine(adapters, base)
     root = tempfile.mkdtemp(prefix="jlora-bench-")
-    times = {k: [] for k in ("adapter save", "adapter load", "full save", "full load")}
+    times = {
+        k: []
+        for k in (
+            "adapter save",
+            "adapter load",
+            "peft save",
+            "peft load",
+            "full save",
+            "full load",
+        )
+    }
+
+    def names(path):  # Dense kernels are [in, out]: PyTorch's [out, in] is the transpose
+        return jlora.PeftModule(jlora.default_module_name(path), to_torch=np.transpose)
+
     sizes = {}
     try:
         for r in range(rounds):
             a_dir, f_dir = os.path.join(root, f"a{r}"), os.path.join(root, f"f{r}")
+            p_dir = os.path.join(root, f"p{r}")
+            t0 = time.perf_counter()
+            jlora.save_peft(p_dir, lp, module_names=names)
+            times["peft save"].append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            _block(jlora.load_peft(p_dir, params, module_names=names))
+            times["peft load"].append(time.perf_counter() - t0)
             t0 = time.perf_counter()
             jlora.save_adapter(a_dir, lp)
             times["adapter save"].append(time.perf_counter() - t0)
@@ -317,7 +338,11 @@ def bench_checkpoint(cfg, rank, rounds):
             with ocp.StandardCheckpointer() as c:
                 _block(c.restore(f_dir, jax.eval_shape(lambda p: p, params)))
             times["full load"].append(time.perf_counter() - t0)
-            sizes = {"adapter": _dir_bytes(a_dir), "full": _dir_bytes(f_dir)}
+            sizes = {
+                "adapter": _dir_bytes(a_dir),
+                "peft": _dir_bytes(p_dir),
+                "full": _dir_bytes(f_dir),
+            }
     finally:
         shutil.rmtree(root, ignore_errors=True)
     return sizes, {k: statistics.median(v) for k, v in times.items()}
@@ -519,6 +544,8 @@ def render(args, main, inf_rows, ckpt=None, merge_row=None, large=None):
             "|---|---|---|---|",
             f"| adapters (`jlora.save_adapter` / `load_adapter`) | {sizes['adapter']:,} | "
             f"{t['adapter save']:.3f} | {t['adapter load']:.3f} |",
+            f"| adapters as PEFT (`jlora.save_peft` / `load_peft`, safetensors) | "
+            f"{sizes['peft']:,} | {t['peft save']:.3f} | {t['peft load']:.3f} |",
             f"| full params (`StandardCheckpointer`) | {sizes['full']:,} | "
             f"{t['full save']:.3f} | {t['full load']:.3f} |",
             "",

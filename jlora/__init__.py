@@ -11,6 +11,13 @@ from jlora._config import LoraConfig
 from jlora._init import init
 from jlora._merge import combine, merge, split, unmerge
 from jlora._optim import Summary, optimizer, summary
+from jlora._peft import (
+    PeftModule,
+    default_module_name,
+    load_peft,
+    read_peft_config,
+    save_peft,
+)
 from jlora._sharding import adapter_specs
 from jlora._transform import RuleError, explain, lora
 from jlora._version import VERSION as __version__  # noqa: F401
@@ -21,20 +28,25 @@ __all__ = [
     "Layout",
     "LoraConfig",
     "LoraWeight",
+    "PeftModule",
     "RuleError",
     "Summary",
     "Trainable",
     "adapter_specs",
     "combine",
+    "default_module_name",
     "explain",
     "init",
     "load_adapter",
+    "load_peft",
     "lora",
     "merge",
     "optimizer",
     "read_adapter_metadata",
+    "read_peft_config",
     "save_adapter",
     "save_merged",
+    "save_peft",
     "split",
     "summary",
     "unmerge",

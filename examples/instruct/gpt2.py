@@ -188,3 +188,34 @@ def save(path: str, cfg: GPTConfig, params: Any, tokenizer) -> str:
         json.dump(cfg.to_hf(), f, indent=2)
     tokenizer.save(os.path.join(path, "tokenizer.json"))
     return path
+
+
+def peft_module_names(cfg: GPTConfig):
+    """`module_names` for `jlora.save_peft` / `load_peft` on `GPT` params: each path ->
+    its `GPT2LMHeadModel` module. GPT-2's fused `c_attn` is one PEFT module; query, key
+    and value are its three row blocks (`rows=`), so an exported q/v adapter is one
+    module and an imported `c_attn` adapter adapts all three. Kernels are `[in, out]`,
+    so their `[out, in]` matrix is the transpose (`to_torch`), which also settles the
+    orientation of square kernels without a probe."""
+    import jlora
+
+    d = cfg.n_embd
+    rows = {name: (i * d, 3 * d) for i, name in enumerate(_QKV)}
+    modules = {"attn/out": "attn.c_proj", "fc": "mlp.c_fc", "proj": "mlp.c_proj"}
+
+    def name(path: str):
+        parts = path.removeprefix("params/").split("/")
+        if parts[0] in ("wte", "wpe", "ln_f"):
+            return f"transformer.{parts[0]}"
+        if not parts[0].startswith("h_"):
+            return None
+        prefix = f"transformer.h.{parts[0][2:]}."
+        inner = "/".join(parts[1:-1])
+        to_torch = np.transpose if parts[-1] == "kernel" else None
+        if parts[1] == "attn" and parts[2] in rows:
+            return jlora.PeftModule(prefix + "attn.c_attn", to_torch, rows[parts[2]])
+        if inner in modules:
+            return jlora.PeftModule(prefix + modules[inner], to_torch)
+        return jlora.PeftModule(prefix + inner)  # ln_1, ln_2
+
+    return name

@@ -1,0 +1,959 @@
+"""Hugging Face PEFT LoRA adapter directories: `save_peft` writes one, `load_peft` reads
+one onto JAX params.
+
+A PEFT directory holds `adapter_config.json` and `adapter_model.safetensors`, whose
+keys are `base_model.model.<module>.lora_A.weight` (`[r, in]`) and `.lora_B.weight`
+(`[out, r]`), `.lora_embedding_A` (`[r, num_embeddings]`) / `.lora_embedding_B`
+(`[dim, r]`) for embeddings, and `<module>.<param>` for leaves trained whole
+(`modules_to_save`, biases). PyTorch's `[out, in]` convention holds whatever the base
+layer stores (GPT-2's `Conv1D` keeps `[in, out]`; PEFT's `fan_in_fan_out` says so).
+
+Between a jlora kernel and a PyTorch module stands a `PeftModule`: the module's dotted
+name, optionally a function that rearranges the kernel (one layer of it) into the
+module's `[out, in]` matrix, and optionally the rows the kernel fills in a fused module.
+The factors are mapped by the same rearrangement, read off the function by applying it
+to arrays of axis indices: a rearrangement of the input and output features is exact
+on the factors, anything else is refused.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import difflib
+import json
+import math
+import os
+import re
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import multihost_utils
+
+from jlora import _safetensors
+from jlora._boxes import box_factors, is_variable, rebox, unbox
+from jlora._checkpoint import _primary, _readable, _write_atomically
+from jlora._config import LoraConfig
+from jlora._merge import combine
+from jlora._probe import infer as infer_layouts
+from jlora._sharding import factor_shardings, named_sharding_of
+from jlora._targets import LEAF, LORA, TRAINED, walk
+from jlora._weight import DEFAULT_LAYOUT, Layout, LoraWeight, Trainable
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+PREFIX = "base_model.model."
+
+# Leaf names that name a parameter, not a module: dropped from module names by default.
+_PARAM_OF_LEAF = {
+    "kernel": "weight",
+    "embedding": "weight",
+    "scale": "weight",
+    "bias": "bias",
+}
+_LORA_KEY = re.compile(r"^(?P<module>.+)\.(?P<which>lora_A|lora_B)\.weight$")
+_EMBED_KEY = re.compile(r"^(?P<module>.+)\.(?P<which>lora_embedding_A|lora_embedding_B)$")
+_LIST_ITEM = re.compile(r"^(?P<name>.+)_(?P<index>\d+)$")
+
+
+@dataclasses.dataclass(frozen=True)
+class PeftModule:
+    """Where a jlora kernel lives in the PyTorch model a PEFT adapter is for.
+
+    Args:
+      name: the module's dotted name in the PyTorch model, as `named_modules()` gives
+        it below the PEFT wrapper (e.g. `model.layers.0.self_attn.q_proj`). For a
+        kernel with a stacked (scanned) axis, a template with `{layer}`, filled with
+        each layer's index (`model.layers.{layer}.self_attn.q_proj`).
+      to_torch: optional function of a NumPy array shaped like the kernel (one layer of
+        it) that returns the module's `[out, in]` matrix (for an embedding:
+        `[dim, num_embeddings]`); it must only move, reshape and permute axes, e.g.
+        `lambda k: k.reshape(d, -1).T` or a row permutation for another rotary
+        convention. By default the kernel's output axes, then its input axes (each in
+        axis order), are flattened: `kernel.T` for a 2-axis `[in, out]` kernel.
+      rows: `(start, total)` when the kernel is one part of a fused module: its outputs
+        are rows `start:start + out` of a module with `total` outputs (GPT-2's
+        `c_attn`: query `(0, 3 * d)`, key `(d, 3 * d)`, value `(2 * d, 3 * d)`).
+    """
+
+    name: str
+    to_torch: Callable[[np.ndarray], np.ndarray] | None = None
+    rows: tuple[int, int] | None = None
+
+    def __post_init__(self):
+        if not isinstance(self.name, str) or not self.name:
+            raise TypeError(f"PeftModule: name must be a non-empty str, got {self.name!r}.")
+        if self.to_torch is not None and not callable(self.to_torch):
+            raise TypeError(
+                f"PeftModule: to_torch must be callable, got {self.to_torch!r}."
+            )
+        if self.rows is not None:
+            rows = tuple(self.rows)
+            if (
+                len(rows) != 2
+                or not all(isinstance(r, (int, np.integer)) for r in rows)
+                or not 0 <= rows[0] < rows[1]
+            ):
+                raise ValueError(
+                    f"PeftModule: rows must be (start, total) with 0 <= start < total, got "
+                    f"{self.rows!r}."
+                )
+            object.__setattr__(self, "rows", (int(rows[0]), int(rows[1])))
+
+
+def default_module_name(path: str) -> str:
+    """The PyTorch module name for a jlora path, for Flax ports that keep Hugging Face's
+    names: a leading `params/` and a trailing parameter name (`kernel`, `embedding`,
+    `scale`, `bias`) are dropped, Linen's list items `layers_0` become `layers.0`, and
+    `/` becomes `.`: `params/model/layers_0/self_attn/q_proj/kernel` ->
+    `model.layers.0.self_attn.q_proj`."""
+    parts = path.split("/")
+    if parts and parts[0] == "params":
+        parts = parts[1:]
+    if parts and parts[-1] in _PARAM_OF_LEAF:
+        parts = parts[:-1]
+    out = []
+    for p in parts:
+        m = _LIST_ITEM.match(p)
+        out += [m["name"], m["index"]] if m else [p]
+    return ".".join(out)
+
+
+def _param_name(path: str) -> str:
+    leaf = path.rsplit("/", 1)[-1]
+    return _PARAM_OF_LEAF.get(leaf, leaf)
+
+
+def _module_for(module_names, path: str, fn_name: str) -> PeftModule | None:
+    if module_names is None:
+        return PeftModule(default_module_name(path))
+    if isinstance(module_names, Mapping):
+        got = module_names.get(path)
+    elif callable(module_names):
+        got = module_names(path)
+    else:
+        raise TypeError(
+            f"jlora.{fn_name}: module_names must be None, a dict {{path: name}} or a "
+            f"callable path -> name, got {type(module_names).__name__}."
+        )
+    if got is None or isinstance(got, PeftModule):
+        return got
+    if isinstance(got, str):
+        return PeftModule(got)
+    if isinstance(got, tuple) and len(got) == 2:
+        return PeftModule(got[0], to_torch=got[1])
+    raise TypeError(
+        f"jlora.{fn_name}: module_names gave {got!r} for {path}; expected a module name "
+        "(str), a (name, to_torch) pair or a jlora.PeftModule."
+    )
+
+
+# The factor mapping -------------------------------------------------------------------
+
+
+def _per_layer(layout: Layout) -> tuple[Layout, int | None]:
+    """The layout of one layer of a kernel (its stack axis removed) and that axis."""
+    if not layout.stack_axes:
+        return layout, None
+    if len(layout.stack_axes) > 1:
+        raise ValueError(f"kernels with several stacked axes ({layout}) are not supported")
+    (s,) = layout.stack_axes
+
+    def drop(axes):
+        return tuple(a - (a > s) for a in axes)
+
+    return Layout(drop(layout.in_axes), drop(layout.out_axes)), s
+
+
+@dataclasses.dataclass(frozen=True)
+class _Mapping:
+    """How one layer's factors map to PEFT's: `A = a2[in_perm].T`, `B = b2[:, out_perm].T`
+    with `a2 = a.reshape(-1, r)` and `b2 = b.reshape(r, -1)`."""
+
+    in_perm: np.ndarray
+    out_perm: np.ndarray
+
+
+def _factor_mapping(shape: tuple[int, ...], layout: Layout, to_torch) -> _Mapping:
+    """Applies `to_torch` to the kernel's input and output feature indices; it must
+    give an `[out, in]` matrix whose rows carry one output feature each and whose
+    columns one input feature each (a rearrangement), or a ValueError says why."""
+    grids = np.indices(shape)
+    in_dims = [shape[a] for a in layout.in_axes]
+    out_dims = [shape[a] for a in layout.out_axes]
+    in_index = np.ravel_multi_index([grids[a] for a in layout.in_axes], in_dims)
+    out_index = np.ravel_multi_index([grids[a] for a in layout.out_axes], out_dims)
+    n_in, n_out = int(np.prod(in_dims)), int(np.prod(out_dims))
+    if to_torch is None:
+        order = tuple(sorted(layout.out_axes)) + tuple(sorted(layout.in_axes))
+
+        def to_torch(k):
+            return np.transpose(k, order).reshape(n_out, n_in)
+
+    t_in, t_out = np.asarray(to_torch(in_index)), np.asarray(to_torch(out_index))
+    if t_in.shape != (n_out, n_in):
+        raise ValueError(
+            f"to_torch turned a kernel {list(shape)} ({layout}) into shape "
+            f"{list(t_in.shape)}; expected the module's [out, in] = [{n_out}, {n_in}]"
+        )
+    in_perm, out_perm = t_in[0], t_out[:, 0]
+    if (
+        not np.array_equal(t_in, np.broadcast_to(in_perm, t_in.shape))
+        or not np.array_equal(t_out, np.broadcast_to(out_perm[:, None], t_out.shape))
+        or not np.array_equal(np.sort(in_perm), np.arange(n_in))
+        or not np.array_equal(np.sort(out_perm), np.arange(n_out))
+    ):
+        raise ValueError(
+            f"to_torch does not rearrange the kernel {list(shape)} ({layout}) into an "
+            "[out, in] matrix with one output feature per row and one input feature per "
+            "column; only moves, reshapes and permutations of axes are exact on factors"
+        )
+    return _Mapping(in_perm, out_perm)
+
+
+def _to_peft(a, b, m: _Mapping) -> tuple[np.ndarray, np.ndarray]:
+    r = a.shape[-1]
+    a2, b2 = a.reshape(-1, r), b.reshape(r, -1)
+    return np.ascontiguousarray(a2[m.in_perm].T), np.ascontiguousarray(b2[:, m.out_perm].T)
+
+
+def _from_peft(
+    big_a, big_b, m: _Mapping, a_shape, b_shape
+) -> tuple[np.ndarray, np.ndarray]:
+    r = big_a.shape[0]
+    a2 = np.empty((len(m.in_perm), r), big_a.dtype)
+    b2 = np.empty((r, len(m.out_perm)), big_b.dtype)
+    a2[m.in_perm] = big_a.T
+    b2[:, m.out_perm] = big_b.T
+    return a2.reshape(a_shape), b2.reshape(b_shape)
+
+
+def _host(x) -> np.ndarray:
+    """A whole array on this host (gathered from every process if it spans several)."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        x = multihost_utils.process_allgather(x, tiled=True)
+    return np.asarray(jax.device_get(x))
+
+
+def _layer(x, axis, i):
+    return x if axis is None else np.take(x, i, axis=axis)
+
+
+# Config --------------------------------------------------------------------------------
+
+
+def _pattern_value(patterns: Mapping, module: str, default):
+    """PEFT's lookup of a per-module value: the first key that matches the end of the
+    dotted module name (as a regex, at a dot boundary)."""
+    for key, value in (patterns or {}).items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
+
+
+def _scale(alpha, r, rslora) -> float:
+    return alpha / math.sqrt(r) if rslora else alpha / r
+
+
+def _global_settings(config, ranks: list[int], alphas: list[float]) -> dict:
+    if isinstance(config, LoraConfig):
+        return {
+            "r": config.rank,
+            "lora_alpha": config.alpha,
+            "use_rslora": config.use_rslora,
+            "lora_dropout": config.dropout,
+            "bias": config.train_bias,
+        }
+    if isinstance(config, Mapping):
+        return {
+            "r": int(config.get("r", 8)),
+            "lora_alpha": config.get("lora_alpha", 8),
+            "use_rslora": bool(config.get("use_rslora", False)),
+            "lora_dropout": float(config.get("lora_dropout", 0.0)),
+            "bias": config.get("bias", "none"),
+        }
+    if config is not None:
+        raise TypeError(
+            "jlora.save_peft: config must be a jlora.LoraConfig, a PEFT config dict "
+            f"(jlora.read_peft_config) or None, got {type(config).__name__}."
+        )
+    common = collections.Counter(zip(ranks, alphas)).most_common(1)
+    r, alpha = common[0][0] if common else (8, 8.0)
+    return {
+        "r": r,
+        "lora_alpha": alpha,
+        "use_rslora": False,
+        "lora_dropout": 0.0,
+        "bias": "none",
+    }
+
+
+# What load_peft refuses: field -> (is it set?, why it can't be loaded).
+_REFUSED = {
+    "use_dora": (bool, "DoRA adapters need a magnitude vector jlora does not have yet"),
+    "lora_bias": (bool, "a LoRA bias on lora_B is not supported"),
+    "trainable_token_indices": (bool, "trainable token embeddings are not supported"),
+    "target_parameters": (bool, "adapters on bare parameters are not supported"),
+    "layer_replication": (bool, "it changes the base model's layers"),
+    "use_qalora": (bool, "QA-LoRA changes the forward pass"),
+    "alora_invocation_tokens": (
+        lambda v: v is not None,
+        "activated LoRA changes the forward pass",
+    ),
+    "use_bdlora": (bool, "block-diagonal LoRA is not supported"),
+    "arrow_config": (bool, "Arrow routing is not supported"),
+    "monteclora_config": (bool, "MonteCLoRA is not supported"),
+    "velora_config": (bool, "VeLoRA is not supported"),
+    "kasa_config": (bool, "KaSA is not supported"),
+}
+_CHANGED_BASE_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
+
+
+def _refusals(cfg: dict) -> list[str]:
+    errors = []
+    if cfg.get("peft_type") != "LORA":
+        errors.append(
+            f"  peft_type: {cfg.get('peft_type')!r}; jlora loads LoRA adapters only "
+            "(peft_type 'LORA')"
+        )
+    for field, (is_set, why) in _REFUSED.items():
+        if field in cfg and is_set(cfg[field]):
+            errors.append(f"  {field}: {cfg[field]!r}; {why}")
+    init = cfg.get("init_lora_weights")
+    if isinstance(init, str) and init.lower().startswith(_CHANGED_BASE_INITS):
+        errors.append(
+            f"  init_lora_weights: {init!r}; these adapters assume a base changed at "
+            "initialization. Convert them to plain LoRA first (PEFT's "
+            "`path_initial_model_for_weight_conversion` on save_pretrained)"
+        )
+    return errors
+
+
+def read_peft_config(path) -> dict:
+    """The `adapter_config.json` of a PEFT adapter directory, as a dict.
+
+    Raises:
+      FileNotFoundError: no directory or no config file (named).
+      ValueError: a config that is not JSON.
+    """
+    path = _readable(os.path.abspath(os.fspath(path)))
+    file = os.path.join(path, CONFIG_FILE)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"jlora: no PEFT adapter directory at {path}.")
+    if not os.path.exists(file):
+        raise FileNotFoundError(
+            f"jlora: {path} has no {CONFIG_FILE}; is it a PEFT adapter?"
+        )
+    try:
+        with open(file) as f:
+            cfg = json.load(f)
+    except ValueError as e:
+        raise ValueError(f"jlora: {file} is not valid JSON ({e}).") from None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"jlora: {file} holds {type(cfg).__name__}, not a JSON object.")
+    return cfg
+
+
+# Save ----------------------------------------------------------------------------------
+
+
+def save_peft(
+    path,
+    params: Any,
+    config: LoraConfig | Mapping | None = None,
+    *,
+    module_names: Any = None,
+    base_model_name_or_path: str | None = None,
+    task_type: str | None = None,
+    fan_in_fan_out: bool = False,
+    overwrite: bool = False,
+) -> str:
+    """Writes the adapters of `params` as a Hugging Face PEFT LoRA directory.
+
+    `PeftModel.from_pretrained(torch_model, path)` then computes what `jlora.lora(fn)`
+    computes on `params`, and PEFT's `merge_and_unload()` gives `jlora.merge`'s kernels.
+    Factors keep their dtype. `target_modules` is written as the explicit list of module
+    names, and each module whose rank or alpha differs from the global `r` /
+    `lora_alpha` gets its own `rank_pattern` / `alpha_pattern` entry (its exact name),
+    so PEFT reproduces every module's scale. Leaves trained whole are written under
+    their plain keys: biases (with `train_bias`) as PEFT's `bias`, others as
+    `modules_to_save`. Written beside `path` and swapped in, like `save_adapter`.
+
+    Args:
+      path: the directory to write (must not exist unless `overwrite=True`).
+      params: adapted params (`jlora.init`, `combine`, `load_peft`).
+      config: the `LoraConfig` (global `r`, `lora_alpha`, `use_rslora`, dropout, bias),
+        a PEFT config dict (e.g. `jlora.read_peft_config` of the directory the
+        adapters came from), or None (the most common rank and alpha).
+      module_names: jlora path -> PyTorch module: None (`default_module_name`), a dict
+        `{path: name | PeftModule}`, or a callable `path -> name | (name, to_torch) |
+        PeftModule`. Paths are those of the adapted kernels (and of leaves trained
+        whole).
+      base_model_name_or_path, task_type: written to the config for PEFT's loaders.
+      fan_in_fan_out: set for models whose targeted layers store `[in, out]` (GPT-2's
+        `Conv1D`); the tensors are the same either way.
+      overwrite: replace an existing directory.
+
+    Returns:
+      the absolute path written.
+
+    Raises:
+      ValueError: no adapters, a path without a module name, a stacked kernel whose name
+        has no `{layer}`, parts of a fused module that overlap or disagree, a `to_torch`
+        that is not a rearrangement (every problem listed at once).
+      FileExistsError: `path` exists and `overwrite` is False.
+    """
+    modules: dict[str, list] = {}
+    plain: dict[str, np.ndarray] = {}
+    trained_whole: list[tuple[str, str]] = []
+    errors: list[str] = []
+    for node in walk(params).nodes:
+        if node.kind == LORA:
+            lw = node.value
+            pm = _module_for(module_names, node.path, "save_peft")
+            if pm is None:
+                errors.append(f"  {node.path}: module_names gives no module name")
+                continue
+            try:
+                layer_layout, axis = _per_layer(lw.layout)
+                w_shape = tuple(lw.shape) if lw.w is not None else None
+                if w_shape is None:
+                    raise ValueError("params hold no base kernel; pass combined params")
+                shape = tuple(d for i, d in enumerate(w_shape) if i != axis)
+                mapping = _factor_mapping(shape, layer_layout, pm.to_torch)
+            except ValueError as e:
+                errors.append(f"  {node.path}: {e}")
+                continue
+            a, b = _host(unbox(lw.a)), _host(unbox(lw.b))
+            layers = 1 if axis is None else w_shape[axis]
+            if axis is not None and "{layer}" not in pm.name:
+                errors.append(
+                    f"  {node.path}: stacked kernel ({layers} layers) but its module name "
+                    f"{pm.name!r} has no '{{layer}}' to fill with each layer's index"
+                )
+                continue
+            embed = node.path.rsplit("/", 1)[-1] == "embedding"
+            for i in range(layers):
+                name = pm.name.format(layer=i) if axis is not None else pm.name
+                big_a, big_b = _to_peft(
+                    _layer(a, 0 if axis is not None else None, i),
+                    _layer(b, 0 if axis is not None else None, i),
+                    mapping,
+                )
+                modules.setdefault(name, []).append(
+                    (node.path, pm.rows, big_a, big_b, float(lw.scale), embed)
+                )
+        elif node.kind == TRAINED:
+            pm = _module_for(module_names, node.path, "save_peft")
+            if pm is None:
+                errors.append(f"  {node.path}: module_names gives no module name")
+                continue
+            value = _host(unbox(node.value.value))
+            param = _param_name(node.path)
+            if node.path.rsplit("/", 1)[-1] == "kernel":
+                if value.ndim != 2 and pm.to_torch is None:
+                    errors.append(
+                        f"  {node.path}: a kernel of {value.ndim} axes trained whole needs "
+                        "a PeftModule with to_torch giving PyTorch's weight"
+                    )
+                    continue
+                value = np.asarray(pm.to_torch(value)) if pm.to_torch else value.T
+            plain[f"{PREFIX}{pm.name}.{param}"] = np.ascontiguousarray(value)
+            trained_whole.append((pm.name, param))
+    if not modules and not plain and not errors:
+        raise ValueError(
+            "jlora.save_peft: params hold no adapters (no LoraWeight or Trainable leaves); "
+            "call jlora.init on the base params first."
+        )
+
+    tensors, ranks, scales, embeds = {}, {}, {}, {}
+    for name, parts in modules.items():
+        try:
+            big_a, big_b, scale = _fuse(parts)
+        except ValueError as e:
+            errors.append(f"  {name} (from {[p[0] for p in parts]}): {e}")
+            continue
+        kind = ("lora_embedding_A", "lora_embedding_B") if parts[0][5] else None
+        if kind:
+            tensors[f"{PREFIX}{name}.{kind[0]}"] = big_a
+            tensors[f"{PREFIX}{name}.{kind[1]}"] = big_b
+        else:
+            tensors[f"{PREFIX}{name}.lora_A.weight"] = big_a
+            tensors[f"{PREFIX}{name}.lora_B.weight"] = big_b
+        ranks[name], scales[name], embeds[name] = big_a.shape[0], scale, bool(kind)
+    if errors:
+        raise ValueError(
+            "jlora.save_peft: cannot write these adapters as PEFT modules:\n"
+            + "\n".join(errors)
+        )
+
+    rslora_cfg = (
+        config.use_rslora
+        if isinstance(config, LoraConfig)
+        else (
+            bool(config.get("use_rslora", False)) if isinstance(config, Mapping) else False
+        )
+    )
+    alphas = {
+        n: scales[n] * (math.sqrt(ranks[n]) if rslora_cfg else ranks[n]) for n in ranks
+    }
+    settings = _global_settings(
+        config, [ranks[n] for n in sorted(ranks)], [alphas[n] for n in sorted(ranks)]
+    )
+    rank_pattern, alpha_pattern = {}, {}
+    for n in sorted(ranks):
+        if ranks[n] != settings["r"]:
+            rank_pattern[n] = int(ranks[n])
+        if math.isclose(alphas[n], settings["lora_alpha"], rel_tol=1e-12):
+            continue
+        alpha_pattern[n] = alphas[n]
+    biases = sorted({n for n, p in trained_whole if p == "bias"})
+    to_save = sorted({n for n, p in trained_whole if p != "bias"})
+    bias = settings["bias"] if biases else "none"
+    if biases and bias == "none":
+        bias = "all"
+    cfg = {
+        "peft_type": "LORA",
+        "task_type": task_type,
+        "base_model_name_or_path": base_model_name_or_path,
+        "r": int(settings["r"]),
+        "lora_alpha": settings["lora_alpha"],
+        "use_rslora": settings["use_rslora"],
+        "lora_dropout": settings["lora_dropout"],
+        "target_modules": sorted(ranks),
+        "rank_pattern": rank_pattern,
+        "alpha_pattern": alpha_pattern,
+        "fan_in_fan_out": bool(fan_in_fan_out),
+        "bias": bias,
+        "modules_to_save": to_save or None,
+        "init_lora_weights": True,
+        "use_dora": False,
+        "inference_mode": True,
+    }
+    tensors.update(plain)
+    text = json.dumps(cfg, indent=2, sort_keys=True) + "\n"
+
+    def write(target):
+        if not _primary():
+            return
+        os.makedirs(target)
+        with open(os.path.join(target, CONFIG_FILE), "w") as f:
+            f.write(text)
+        _safetensors.save(os.path.join(target, WEIGHTS_FILE), tensors, {"format": "pt"})
+
+    path = os.path.abspath(os.fspath(path))
+    _write_atomically(path, overwrite, "save_peft", write)
+    return path
+
+
+def _fuse(parts) -> tuple[np.ndarray, np.ndarray, float]:
+    """One module's `(A, B, scale)` from the kernels that map to it: a single kernel as
+    is; parts of a fused module side by side in `B`'s rows, sharing `A` where they
+    share it (and their scale), else as a block-structured module of the summed rank
+    whose `B` carries each part's scale relative to the first."""
+    if len(parts) == 1 and parts[0][1] is None:
+        _, _, big_a, big_b, scale, _ = parts[0]
+        return big_a, big_b, scale
+    if any(p[1] is None for p in parts):
+        raise ValueError(
+            "several kernels map to this module; give each PeftModule rows=(start, total)"
+        )
+    totals = {p[1][1] for p in parts}
+    if len(totals) != 1:
+        raise ValueError(f"the parts give different module sizes {sorted(totals)}")
+    (total,) = totals
+    spans = sorted((p[1][0], p[1][0] + p[3].shape[0], p[0]) for p in parts)
+    for (_, e0, p0), (s1, _, p1) in zip(spans, spans[1:]):
+        if s1 < e0:
+            raise ValueError(f"{p0} and {p1} overlap in the module's rows")
+    if spans[-1][1] > total:
+        raise ValueError(f"{spans[-1][2]} ends at row {spans[-1][1]} > total {total}")
+    first_a, scale = parts[0][2], parts[0][4]
+    dtype = np.result_type(*[p[2].dtype for p in parts], *[p[3].dtype for p in parts])
+    if all(p[4] == scale and np.array_equal(p[2], first_a) for p in parts):
+        big_b = np.zeros((total, first_a.shape[0]), dtype)
+        for _, (start, _), _, b, _, _ in parts:
+            big_b[start : start + b.shape[0]] = b
+        return first_a.astype(dtype), big_b, scale
+    big_a = np.concatenate([p[2] for p in parts]).astype(dtype)
+    big_b = np.zeros((total, big_a.shape[0]), dtype)
+    col = 0
+    for _, (start, _), a, b, s, _ in parts:
+        r = a.shape[0]
+        big_b[start : start + b.shape[0], col : col + r] = (
+            b if s == scale else b * (s / scale)
+        )
+        col += r
+    return big_a, big_b, scale
+
+
+# Load ----------------------------------------------------------------------------------
+
+
+def _classify(keys, where) -> tuple[dict, dict, dict, list[str]]:
+    """Splits a PEFT state dict's keys into LoRA modules, plain leaves and base weights."""
+    lora: dict[str, dict] = {}
+    plain: dict[str, str] = {}
+    base: dict[str, str] = {}
+    errors = []
+    for key in sorted(keys):
+        if not key.startswith(PREFIX):
+            errors.append(f"  {key}: does not start with {PREFIX!r}; not a PEFT LoRA key")
+            continue
+        rest = key[len(PREFIX) :]
+        m = _LORA_KEY.match(rest) or _EMBED_KEY.match(rest)
+        if m:
+            which = m["which"]
+            slot = "A" if which.endswith("A") else "B"
+            entry = lora.setdefault(m["module"], {"embed": "embedding" in which})
+            entry[slot] = key
+        elif ".base_layer." in rest:
+            base[key] = rest.replace(".base_layer.", ".")
+        elif "lora_magnitude_vector" in rest:
+            errors.append(f"  {key}: a DoRA magnitude vector; jlora has no DoRA yet")
+        elif ".lora_" in rest:
+            errors.append(f"  {key}: a LoRA tensor of a kind jlora does not know")
+        else:
+            plain[key] = rest
+    for module, entry in lora.items():
+        for slot in ("A", "B"):
+            if slot not in entry:
+                errors.append(f"  {module}: lora_{slot} is missing from {where}")
+    return lora, plain, base, errors
+
+
+def _layout_2d(shape, n_in, n_out, to_torch) -> Layout:
+    """Which axis of a 2-axis kernel is the input: the one the shapes (and the module's
+    `to_torch`, if it has one) allow; a square kernel without `to_torch` can't tell."""
+    fits = []
+    for lay in (DEFAULT_LAYOUT, Layout((1,), (0,))):
+        if shape[lay.in_axes[0]] != n_in or shape[lay.out_axes[0]] != n_out:
+            continue
+        if to_torch is not None:
+            try:
+                _factor_mapping(shape, lay, to_torch)
+            except ValueError:
+                continue
+        fits.append(lay)
+    if len(fits) == 2:
+        raise ValueError(
+            f"the kernel {list(shape)} is square, so whether it is stored [in, out] or "
+            "[out, in] can't be read off shapes; pass probe= (a function of params that "
+            "runs the model) to jlora.load_peft, or a PeftModule with to_torch"
+        )
+    if not fits:
+        raise ValueError(
+            f"the kernel {list(shape)} fits neither [in, out] nor [out, in] for the "
+            f"module's in={n_in}, out={n_out}"
+            + (" with its to_torch" if to_torch is not None else "")
+        )
+    return fits[0]
+
+
+def load_peft(
+    path,
+    base_params: Any,
+    *,
+    module_names: Any = None,
+    probe: Callable[[Any], Any] | None = None,
+) -> Any:
+    """Puts a Hugging Face PEFT LoRA adapter onto JAX `base_params`.
+
+    Every tensor in the file is accounted for or the call raises, listing every problem
+    at once: each LoRA module must map to adapted kernels of `base_params` (by
+    `module_names`), each plain key to a leaf (trained whole: `modules_to_save`,
+    biases), and base weights the file carries (`...base_layer.weight`) must equal
+    those of `base_params`. Config fields jlora can't honour are refused by name
+    (`use_dora`, `lora_bias`, `pissa`/`olora`/`corda`/`loftq` inits, ...). Each
+    module's scale follows PEFT: `lora_alpha / r` (`/ sqrt(r)` with `use_rslora`),
+    with `rank_pattern` / `alpha_pattern` matched against the module name as PEFT
+    matches them. Factors keep the file's dtype.
+
+    Args:
+      path: a directory with `adapter_config.json` and `adapter_model.safetensors`.
+      base_params: the JAX model's plain params.
+      module_names: as for `save_peft`; the map is evaluated on every leaf path of
+        `base_params` (a callable may return None for leaves without a module). A fused
+        module (`rows=`) is split over its parts, each getting the module's `A`.
+      probe: a function of params that runs the model (`lambda p: model.apply({"params":
+        p}, x)`); it tells which axes of each kernel are inputs, outputs and stacked.
+        Needed for square 2-axis kernels and for kernels with more axes, unless their
+        PeftModule has a `to_torch`... (with more than 2 axes, always).
+
+    Returns:
+      adapted params, as `jlora.init` would make them, with the file's factors.
+
+    Raises:
+      FileNotFoundError: no directory, or a missing file (named).
+      ValueError: a refused config field, or tensors that don't fit `base_params`.
+    """
+    cfg = read_peft_config(path)
+    path = _readable(os.path.abspath(os.fspath(path)))
+    errors = _refusals(cfg)
+    if errors:
+        raise ValueError(
+            f"jlora.load_peft: {path} is a PEFT adapter jlora can't load as it is:\n"
+            + "\n".join(errors)
+        )
+    file = os.path.join(path, WEIGHTS_FILE)
+    if not os.path.exists(file):
+        raise FileNotFoundError(f"jlora.load_peft: {path} has no {WEIGHTS_FILE}.")
+    tensors, _ = _safetensors.load(file)
+    lora, plain, base_keys, errors = _classify(tensors, WEIGHTS_FILE)
+
+    tree = walk(base_params, keep_none=True)
+    nodes = tree.nodes
+    names: dict[str, list] = {}  # module name -> [(path, PeftModule, layer)]
+    leaf_of: dict[tuple[str, str], str] = {}  # (module, param) -> path
+    for node in nodes:
+        if node.kind in (LORA, TRAINED):
+            raise ValueError(
+                f"jlora.load_peft: base_params already hold an adapter at {node.path}; "
+                "pass plain base params."
+            )
+        if node.kind != LEAF:
+            continue
+        pm = _module_for(module_names, node.path, "load_peft")
+        if pm is None:
+            continue
+        leaf_of[(pm.name, _param_name(node.path))] = node.path
+        value = unbox(node.value)
+        dtype = getattr(value, "dtype", None)
+        if (
+            np.ndim(value) < 2
+            or dtype is None
+            or not jnp.issubdtype(dtype, jnp.floating)
+            or _param_name(node.path) == "bias"
+            or node.path.rsplit("/", 1)[-1] == "scale"
+        ):
+            continue  # only kernels (and embeddings) carry LoRA factors
+        if "{layer}" in pm.name:
+            for i in range(np.shape(value)[0] if np.ndim(value) else 0):
+                names.setdefault(pm.name.format(layer=i), []).append((node.path, pm, i))
+        else:
+            names.setdefault(pm.name, []).append((node.path, pm, None))
+    by_path = {n.path: n for n in nodes}
+    adapted = {
+        path for parts in (names[m] for m in lora if m in names) for path, _, _ in parts
+    }
+    probed = {}
+    if probe is not None and adapted:
+        probed = infer_layouts(probe, base_params, adapted)
+
+    global_r, global_alpha = cfg.get("r", 8), cfg.get("lora_alpha", 8)
+    rslora = bool(cfg.get("use_rslora", False))
+    dropout = float(cfg.get("lora_dropout", 0.0) or 0.0)
+    found: dict[str, dict] = {}  # path -> layer -> (a, b, scale); layout per path
+    layouts: dict[str, Layout] = {}
+    for module in sorted(lora):
+        entry = lora[module]
+        if "A" not in entry or "B" not in entry:
+            continue
+        big_a, big_b = tensors[entry["A"]], tensors[entry["B"]]
+        if big_a.ndim != 2 or big_b.ndim != 2 or big_a.shape[0] != big_b.shape[1]:
+            errors.append(
+                f"  {module}: A {list(big_a.shape)} and B {list(big_b.shape)} are not "
+                "[r, in] and [out, r]"
+            )
+            continue
+        r = big_a.shape[0]
+        want_r = _pattern_value(cfg.get("rank_pattern"), module, global_r)
+        if r != want_r:
+            errors.append(
+                f"  {module}: rank {r} in the file, but the config gives r={want_r} "
+                "(r / rank_pattern)"
+            )
+            continue
+        alpha = _pattern_value(cfg.get("alpha_pattern"), module, global_alpha)
+        scale = _scale(alpha, r, rslora)
+        parts = names.get(module)
+        if not parts:
+            errors.append(
+                f"  {module}: no leaf of base_params maps to this module; closest names: "
+                f"{difflib.get_close_matches(module, list(names), n=3, cutoff=0.0)}"
+                " (module_names= maps jlora paths to module names)"
+            )
+            continue
+        if len(parts) > 1 and any(pm.rows is None for _, pm, _ in parts):
+            errors.append(
+                f"  {module}: several leaves map here ({[p for p, _, _ in parts]}); give "
+                "each a PeftModule with rows=(start, total)"
+            )
+            continue
+        covered = np.zeros(big_b.shape[0], bool)
+        for path_, pm, layer in parts:
+            w = unbox(by_path[path_].value)
+            shape = tuple(np.shape(w))
+            try:
+                layout = probed.get(path_)
+                if layout is not None:
+                    layer_layout, axis = _per_layer(layout)
+                    if (axis is None) != (layer is None):
+                        raise ValueError(
+                            f"the probe reads layout {layout}, but the module name "
+                            f"{pm.name!r} {'has' if layer is not None else 'lacks'} a "
+                            "'{layer}' template"
+                        )
+                else:
+                    axis = None if layer is None else 0
+                lshape = tuple(d for i, d in enumerate(shape) if i != axis)
+                if layout is None:
+                    if len(lshape) != 2:
+                        raise ValueError(
+                            f"the kernel {list(shape)} has {len(shape)} axes; pass probe= "
+                            "to jlora.load_peft to read which are inputs and outputs"
+                        )
+                    n_in = big_a.shape[1]
+                    n_out = (
+                        big_b.shape[0] if pm.rows is None else lshape[0] * lshape[1] // n_in
+                    )
+                    layer_layout = _layout_2d(lshape, n_in, n_out, pm.to_torch)
+                    layout = (
+                        layer_layout
+                        if axis is None
+                        else Layout(
+                            tuple(a + 1 for a in layer_layout.in_axes),
+                            tuple(a + 1 for a in layer_layout.out_axes),
+                            (0,),
+                        )
+                    )
+                mapping = _factor_mapping(lshape, layer_layout, pm.to_torch)
+                n_part = len(mapping.out_perm)
+                start = 0 if pm.rows is None else pm.rows[0]
+                if pm.rows is not None and pm.rows[1] != big_b.shape[0]:
+                    raise ValueError(
+                        f"rows={pm.rows} says the module has {pm.rows[1]} outputs; the "
+                        f"file's lora_B has {big_b.shape[0]}"
+                    )
+                if (
+                    start + n_part > big_b.shape[0]
+                    or len(mapping.in_perm) != big_a.shape[1]
+                ):
+                    raise ValueError(
+                        f"the kernel {list(shape)} (in {len(mapping.in_perm)}, out "
+                        f"{n_part}) does not fit A {list(big_a.shape)}, B "
+                        f"{list(big_b.shape)}"
+                        + ("" if pm.rows is None else f" at rows {pm.rows}")
+                    )
+            except ValueError as e:
+                errors.append(f"  {module} -> {path_}: {e}")
+                continue
+            covered[start : start + n_part] = True
+            a_shape, b_shape = layer_layout.factor_shapes(lshape, r)
+            a, b = _from_peft(
+                big_a, big_b[start : start + n_part], mapping, a_shape, b_shape
+            )
+            if path_ in layouts and layouts[path_] != layout:
+                errors.append(f"  {path_}: layouts disagree across layers")
+                continue
+            layouts[path_] = layout
+            found.setdefault(path_, {})[layer] = (a, b, scale)
+        uncovered = ~covered & np.any(big_b != 0, axis=1)
+        if uncovered.any() and len(parts) > 0 and all(pm.rows for _, pm, _ in parts):
+            errors.append(
+                f"  {module}: rows {np.flatnonzero(uncovered)[:8].tolist()}... of lora_B "
+                "are non-zero but no kernel maps to them; map every part of the fused "
+                "module (rows=) so no part of the adapter is dropped"
+            )
+
+    trained: dict[str, np.ndarray] = {}
+    for key, rest in plain.items():
+        module, _, param = rest.rpartition(".")
+        p = leaf_of.get((module, param))
+        if p is None:
+            errors.append(f"  {key}: no leaf of base_params maps to {module!r}.{param}")
+            continue
+        try:
+            trained[p] = _from_torch_weight(tensors[key], _host(unbox(by_path[p].value)), p)
+        except ValueError as e:
+            errors.append(f"  {key} -> {p}: {e}")
+    for key, rest in base_keys.items():
+        module, _, param = rest.rpartition(".")
+        p = leaf_of.get((module, param))
+        if p is None:
+            errors.append(f"  {key}: base weights for {module!r}, which base_params lack")
+            continue
+        try:
+            value = _from_torch_weight(tensors[key], _host(unbox(by_path[p].value)), p)
+        except ValueError as e:
+            errors.append(f"  {key} -> {p}: {e}")
+            continue
+        if not np.array_equal(value, _host(unbox(by_path[p].value)).astype(value.dtype)):
+            errors.append(
+                f"  {key}: the file carries base weights for {p} that differ from "
+                "base_params; load the base those weights belong to (or drop them from "
+                "the file: PEFT's save_pretrained(..., save_embedding_layers=False))"
+            )
+    if errors:
+        raise ValueError(
+            f"jlora.load_peft: the adapter at {path} does not fit base_params:\n"
+            + "\n".join(errors)
+        )
+
+    out = []
+    for node in nodes:
+        if node.path in found:
+            w = unbox(node.value)
+            layout = layouts[node.path]
+            try:
+                a, b, scale = _stack(found[node.path], layout, np.shape(w))
+            except ValueError as e:
+                raise ValueError(f"jlora.load_peft: {node.path}: {e}") from None
+            a_sh, b_sh = factor_shardings(w, layout)
+            a = jax.device_put(a, a_sh) if a_sh is not None else jnp.asarray(a)
+            b = jax.device_put(b, b_sh) if b_sh is not None else jnp.asarray(b)
+            a, b = box_factors(node.leaf, a, b, layout)
+            lw = LoraWeight(None, a, b, scale=scale, layout=layout, dropout=dropout)
+            out.append(node.put_back(lw))
+        elif node.path in trained:
+            value = trained[node.path]
+            sh = named_sharding_of(unbox(node.value))
+            value = jax.device_put(value, sh) if sh is not None else jnp.asarray(value)
+            box = node.leaf
+            out.append(
+                node.put_back(Trainable(value if is_variable(box) else rebox(box, value)))
+            )
+        else:
+            out.append(None)
+    return combine(tree.rebuild(out), base_params)
+
+
+def _stack(layers: dict, layout: Layout, shape) -> tuple[np.ndarray, np.ndarray, float]:
+    """One kernel's factors from its layers' (a stacked kernel: layers the file leaves
+    out get zero factors, which add nothing)."""
+    if None in layers:
+        return layers[None]
+    (a0, b0, scale) = next(iter(layers.values()))
+    (axis,) = layout.stack_axes
+    a = np.zeros((shape[axis], *a0.shape), a0.dtype)
+    b = np.zeros((shape[axis], *b0.shape), b0.dtype)
+    for i, (ai, bi, si) in layers.items():
+        if ai.shape != a0.shape or si != scale:
+            raise ValueError(
+                f"layer {i} has rank {ai.shape[-1]} and scale {si}, layer "
+                f"{next(iter(layers))} rank {a0.shape[-1]} and scale {scale}; one stacked "
+                "kernel takes one rank and one scale for all its layers"
+            )
+        a[i], b[i] = ai, bi
+    return a, b, scale
+
+
+def _from_torch_weight(value: np.ndarray, leaf, path: str) -> np.ndarray:
+    """A PyTorch module's tensor as the jlora leaf at `path` stores it."""
+    shape = tuple(np.shape(leaf))
+    if path.rsplit("/", 1)[-1] == "kernel" and value.ndim == 2 and len(shape) == 2:
+        if value.T.shape == shape and value.shape != shape:
+            return np.ascontiguousarray(value.T)
+        if value.shape == shape and value.T.shape != shape:
+            raise ValueError(
+                f"PyTorch weight {list(value.shape)} is stored [in, out] (a Conv1D?); "
+                "give the module a PeftModule with to_torch"
+            )
+        if value.shape == shape:
+            return np.ascontiguousarray(value.T)  # nn.Linear's [out, in]
+    if value.shape != shape:
+        raise ValueError(f"file {list(value.shape)}, base leaf {list(shape)}")
+    return value

@@ -1,0 +1,558 @@
+"""Hugging Face PEFT adapter directories: `jlora.save_peft` / `jlora.load_peft`.
+
+The oracle is PEFT itself where PyTorch, PEFT and transformers are installed (the
+`[torch]` extra; `.ci/run` installs it): adapters exported from JAX give PEFT's model
+the logits `jlora.lora` computes, and adapters made by PEFT give jlora PEFT's logits.
+Without them, the rules that need no PyTorch are checked against `jlora.merge`: the
+file's `scale * B @ A`, read as PyTorch reads it, is the merged kernel's change.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+import os
+import sys
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+from helpers import assert_close, chain_bound
+
+import jlora
+from jlora import _safetensors
+from jlora._targets import LORA, walk
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))
+from instruct import gpt2, llama  # noqa: E402
+from instruct import model as gpt_model  # noqa: E402
+
+HAVE_TORCH = all(importlib.util.find_spec(m) for m in ("torch", "peft", "transformers"))
+needs_torch = pytest.mark.skipif(
+    not HAVE_TORCH, reason="needs the [torch] extra (torch, peft, transformers)"
+)
+
+
+def randomize(params, key, scale=0.1):
+    """Non-zero `a` and `b` everywhere (a fresh `b` is zero, which hides a wrong B)."""
+    w = walk(params)
+    out = []
+    for i, n in enumerate(w.nodes):
+        if n.kind == LORA:
+            lw = n.value
+            ka, kb = jax.random.split(jax.random.fold_in(key, i))
+            out.append(
+                lw.replace(
+                    a=(jax.random.normal(ka, lw.a.shape) * scale).astype(lw.a.dtype),
+                    b=(jax.random.normal(kb, lw.b.shape) * scale).astype(lw.b.dtype),
+                )
+            )
+        else:
+            out.append(n.leaf)
+    return w.rebuild(out)
+
+
+def files_of(path):
+    with open(os.path.join(path, "adapter_config.json")) as f:
+        cfg = json.load(f)
+    with open(os.path.join(path, "adapter_model.safetensors"), "rb") as f:
+        return cfg, f.read()
+
+
+def write_peft(path, cfg: dict, tensors: dict):
+    os.makedirs(path)
+    with open(os.path.join(path, "adapter_config.json"), "w") as f:
+        json.dump(cfg, f)
+    _safetensors.save(os.path.join(path, "adapter_model.safetensors"), tensors)
+
+
+def torch_delta(path, module):
+    """`scale * B @ A` of one module, as PEFT computes it from the directory."""
+    cfg, _ = files_of(path)
+    tensors, _ = _safetensors.load(os.path.join(path, "adapter_model.safetensors"))
+    a = tensors[f"base_model.model.{module}.lora_A.weight"].astype(np.float64)
+    b = tensors[f"base_model.model.{module}.lora_B.weight"].astype(np.float64)
+    r = cfg["rank_pattern"].get(module, cfg["r"])
+    alpha = cfg["alpha_pattern"].get(module, cfg["lora_alpha"])
+    scale = alpha / np.sqrt(r) if cfg["use_rslora"] else alpha / r
+    return scale * b @ a
+
+
+# Without PyTorch -------------------------------------------------------------------------
+
+
+def test_safetensors_files_round_trip_every_dtype_and_match_the_reference_reader(tmp_path):
+    rng = np.random.default_rng(0)
+    tensors = {
+        "b": rng.normal(size=(3, 5)).astype(np.float32),
+        "a": rng.normal(size=(7,)).astype(np.float16),
+        "c": rng.normal(size=(2, 2, 2)).astype(ml_dtypes.bfloat16),
+        "d": np.arange(6, dtype=np.int64).reshape(2, 3),
+    }
+    file = str(tmp_path / "t.safetensors")
+    _safetensors.save(file, tensors, {"format": "pt"})
+    back, meta = _safetensors.load(file)
+    assert meta == {"format": "pt"}
+    for k, v in tensors.items():
+        assert back[k].dtype == v.dtype and back[k].tobytes() == v.tobytes(), k
+    safetensors_numpy = pytest.importorskip("safetensors.numpy")
+    plain = {k: v for k, v in tensors.items() if k != "c"}  # the reader lacks bfloat16
+    safetensors_numpy.save_file(plain, str(tmp_path / "ref.safetensors"))
+    theirs, _ = _safetensors.load(str(tmp_path / "ref.safetensors"))
+    for k, v in plain.items():
+        assert np.array_equal(theirs[k], v), k
+    with open(file, "r+b") as f:  # a byte range past the end is refused, not read
+        f.truncate(os.path.getsize(file) - 4)
+    with pytest.raises(ValueError, match="byte range"):
+        _safetensors.load(file)
+
+
+class Tiny(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = nn.Embed(11, 8, name="embed")(x)
+        x = nn.Dense(8, name="square")(x)
+        x = nn.Dense(6, name="wide")(x)
+        x = nn.DenseGeneral((2, 3), name="heads")(x)  # kernel [6, 2, 3]
+        return nn.Dense(5, name="head")(x.reshape(*x.shape[:-2], 6))
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model = Tiny()
+    x = jnp.arange(12).reshape(2, 6) % 11
+    params = model.init(jax.random.key(0), x)["params"]
+    probe = lambda p: model.apply({"params": p}, x)  # noqa: E731
+    return model, params, x, probe
+
+
+def test_export_is_the_merged_change_in_pytorch_orientation(tiny, tmp_path):
+    model, params, x, probe = tiny
+    cfg = jlora.LoraConfig(
+        2,
+        4.0,
+        targets=r"(embed/embedding|square/kernel|wide/kernel|heads/kernel)$",
+        rank_pattern={"wide": 3},
+        alpha_pattern={"heads": 1.5},
+        also_train=r"head/kernel$",
+    )
+    lp = randomize(
+        jlora.init(jax.random.key(1), params, cfg, probe=probe), jax.random.key(2)
+    )
+    out = jlora.save_peft(tmp_path / "ad", lp, cfg)
+    pcfg, _ = files_of(out)
+    assert pcfg["target_modules"] == ["embed", "heads", "square", "wide"]
+    assert pcfg["rank_pattern"] == {"wide": 3} and pcfg["alpha_pattern"] == {"heads": 1.5}
+    assert pcfg["modules_to_save"] == ["head"] and pcfg["r"] == 2
+    merged = jlora.merge(lp)
+    for module, leaf, to_torch in (
+        ("square", "kernel", lambda k: k.T),
+        ("wide", "kernel", lambda k: k.T),
+        ("heads", "kernel", lambda k: k.reshape(6, 6).T),  # outputs (2, 3) flattened
+    ):
+        # The merged kernel is rounded at its own magnitude: compare base + delta.
+        want = to_torch(np.asarray(merged[module][leaf], np.float64))
+        base = to_torch(np.asarray(params[module][leaf], np.float64))
+        assert_close(base + torch_delta(out, module), want, chain_bound(3, 2))
+    tensors, _ = _safetensors.load(os.path.join(out, "adapter_model.safetensors"))
+    a = tensors["base_model.model.embed.lora_embedding_A"]  # [r, num_embeddings]
+    b = tensors["base_model.model.embed.lora_embedding_B"]  # [dim, r]
+    assert a.shape == (2, 11) and b.shape == (8, 2)
+    got = np.asarray(params["embed"]["embedding"], np.float64) + 2.0 * (b @ a).T
+    assert_close(got, merged["embed"]["embedding"], chain_bound(2, 2))
+    head = tensors["base_model.model.head.weight"]  # trained whole, nn.Linear's [out, in]
+    assert np.array_equal(head, np.asarray(params["head"]["kernel"]).T)
+
+
+def test_load_reads_back_exactly_and_resaves_byte_identical(tiny, tmp_path):
+    model, params, x, probe = tiny
+    cfg = jlora.LoraConfig(2, 4.0, targets=r"(square|wide|heads)/kernel$", use_rslora=True)
+    lp = randomize(
+        jlora.init(jax.random.key(1), params, cfg, probe=probe), jax.random.key(3)
+    )
+    jlora.save_peft(tmp_path / "one", lp, cfg)
+    back = jlora.load_peft(tmp_path / "one", params, probe=probe)
+    for path in ("square", "wide", "heads"):
+        want, got = lp[path]["kernel"], back[path]["kernel"]
+        assert np.array_equal(got.a, want.a) and np.array_equal(got.b, want.b), path
+        assert (
+            got.scale == pytest.approx(want.scale, rel=1e-15) and got.layout == want.layout
+        )
+    jlora.save_peft(tmp_path / "two", back, jlora.read_peft_config(tmp_path / "one"))
+    assert files_of(tmp_path / "one") == files_of(tmp_path / "two")
+    assert np.array_equal(
+        jlora.lora(model.apply)({"params": back}, x),
+        jlora.lora(model.apply)({"params": lp}, x),
+    )
+
+
+def test_factors_keep_their_dtype(tiny, tmp_path):
+    _, params, _, probe = tiny
+    cfg = jlora.LoraConfig(2, 4.0, targets=r"wide/kernel$", dtype=jnp.bfloat16)
+    lp = randomize(jlora.init(jax.random.key(1), params, cfg), jax.random.key(4))
+    jlora.save_peft(tmp_path / "bf", lp, cfg)
+    tensors, _ = _safetensors.load(str(tmp_path / "bf" / "adapter_model.safetensors"))
+    assert {t.dtype for t in tensors.values()} == {np.dtype(ml_dtypes.bfloat16)}
+    back = jlora.load_peft(tmp_path / "bf", params)
+    assert back["wide"]["kernel"].a.dtype == jnp.bfloat16
+    assert np.array_equal(back["wide"]["kernel"].b, lp["wide"]["kernel"].b)
+
+
+def test_square_kernel_needs_a_probe_and_errors_list_every_problem(tiny, tmp_path):
+    _, params, _, probe = tiny
+    cfg = jlora.LoraConfig(2, 4.0, targets=r"(square|wide)/kernel$")
+    lp = randomize(jlora.init(jax.random.key(1), params, cfg), jax.random.key(5))
+    jlora.save_peft(tmp_path / "sq", lp, cfg)
+    with pytest.raises(
+        ValueError, match=r"square/kernel: the kernel \[8, 8\] is square.*probe"
+    ):
+        jlora.load_peft(tmp_path / "sq", params)
+    ok = jlora.load_peft(tmp_path / "sq", params, probe=probe)
+    assert np.array_equal(ok["square"]["kernel"].b, lp["square"]["kernel"].b)
+    renamed = {"wide/kernel": "model.wide", "square/kernel": "model.square"}
+    with pytest.raises(ValueError) as e:
+        jlora.load_peft(tmp_path / "sq", params, module_names=renamed)
+    assert "  square: no leaf of base_params maps" in str(e.value)
+    assert "  wide: no leaf of base_params maps" in str(e.value)
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        jlora.save_peft(tmp_path / "sq", lp, cfg)
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("use_dora", True),
+        ("lora_bias", True),
+        ("init_lora_weights", "pissa_niter_4"),
+        ("init_lora_weights", "olora"),
+        ("init_lora_weights", "corda"),
+        ("init_lora_weights", "loftq"),
+        ("trainable_token_indices", [1, 2]),
+        ("target_parameters", ["experts.gate_up_proj"]),
+        ("peft_type", "IA3"),
+    ],
+)
+def test_what_jlora_cannot_load_is_refused_by_field(tiny, tmp_path, field, value):
+    _, params, _, _ = tiny
+    cfg = {"peft_type": "LORA", "r": 2, "lora_alpha": 4, field: value}
+    tensors = {
+        "base_model.model.wide.lora_A.weight": np.ones((2, 8), np.float32),
+        "base_model.model.wide.lora_B.weight": np.ones((6, 2), np.float32),
+    }
+    write_peft(str(tmp_path / "x"), cfg, tensors)
+    with pytest.raises(ValueError, match=rf"  {field}: "):
+        jlora.load_peft(tmp_path / "x", params)
+
+
+def test_base_weights_in_the_file_must_equal_the_base(tiny, tmp_path):
+    _, params, _, _ = tiny
+    emb = np.asarray(params["embed"]["embedding"])
+    tensors = {
+        "base_model.model.embed.lora_embedding_A": np.ones((2, 11), np.float32),
+        "base_model.model.embed.lora_embedding_B": np.ones((8, 2), np.float32),
+        "base_model.model.embed.base_layer.weight": emb,
+    }
+    write_peft(
+        str(tmp_path / "same"), {"peft_type": "LORA", "r": 2, "lora_alpha": 2}, tensors
+    )
+    lp = jlora.load_peft(tmp_path / "same", params)
+    assert lp["embed"]["embedding"].scale == 1.0
+    tensors["base_model.model.embed.base_layer.weight"] = emb + 1
+    write_peft(
+        str(tmp_path / "other"), {"peft_type": "LORA", "r": 2, "lora_alpha": 2}, tensors
+    )
+    with pytest.raises(ValueError, match="base weights for embed/embedding that differ"):
+        jlora.load_peft(tmp_path / "other", params)
+
+
+def test_to_torch_must_be_a_rearrangement(tiny, tmp_path):
+    _, params, _, _ = tiny
+    cfg = jlora.LoraConfig(2, 4.0, targets=r"wide/kernel$")
+    lp = jlora.init(jax.random.key(1), params, cfg)
+    names = {"wide/kernel": jlora.PeftModule("wide", to_torch=lambda k: 2 * k.T)}
+    with pytest.raises(ValueError, match="wide/kernel: to_torch does not rearrange"):
+        jlora.save_peft(tmp_path / "bad", lp, cfg, module_names=names)
+    assert not os.path.exists(tmp_path / "bad")
+
+
+class Scanned(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        w = self.param("w", nn.initializers.normal(0.3), (3, 4, 5))  # [layer, in, out]
+        return jnp.stack([x @ w[i] for i in range(3)])
+
+
+def test_stacked_kernel_exports_one_module_per_layer(tmp_path):
+    model, x = Scanned(), jnp.ones((2, 4))
+    params = model.init(jax.random.key(0), x)["params"]
+    probe = lambda p: model.apply({"params": p}, x)  # noqa: E731
+    cfg = jlora.LoraConfig(2, 2.0, targets=r"^w$")
+    lp = randomize(
+        jlora.init(jax.random.key(1), params, cfg, probe=probe), jax.random.key(6)
+    )
+    assert lp["w"].layout.stack_axes == (0,)
+    with pytest.raises(ValueError, match=r"no '\{layer\}'"):
+        jlora.save_peft(tmp_path / "no", lp, cfg)
+    names = {"w": "layers.{layer}.proj"}
+    jlora.save_peft(tmp_path / "st", lp, cfg, module_names=names)
+    pcfg, _ = files_of(tmp_path / "st")
+    assert pcfg["target_modules"] == ["layers.0.proj", "layers.1.proj", "layers.2.proj"]
+    merged = np.asarray(jlora.merge(lp)["w"], np.float64)
+    for i in range(3):
+        got = np.asarray(params["w"][i], np.float64).T
+        got = got + torch_delta(tmp_path / "st", f"layers.{i}.proj")
+        assert_close(got, merged[i].T, chain_bound(2, 2))  # rounded at |w|
+    back = jlora.load_peft(tmp_path / "st", params, module_names=names)
+    assert np.array_equal(back["w"].a, lp["w"].a) and np.array_equal(back["w"].b, lp["w"].b)
+
+
+def test_fused_module_splits_on_import_and_refuses_unmapped_rows(tmp_path):
+    params = {f"{n}": {"kernel": jnp.ones((4, 3)) * i} for i, n in enumerate("qkv")}
+    rng = np.random.default_rng(0)
+    tensors = {
+        "base_model.model.qkv.lora_A.weight": rng.normal(size=(2, 4)).astype(np.float32),
+        "base_model.model.qkv.lora_B.weight": rng.normal(size=(9, 2)).astype(np.float32),
+    }
+    write_peft(str(tmp_path / "f"), {"peft_type": "LORA", "r": 2, "lora_alpha": 2}, tensors)
+    all3 = {
+        f"{n}/kernel": jlora.PeftModule("qkv", rows=(3 * i, 9)) for i, n in enumerate("qkv")
+    }
+    lp = jlora.load_peft(tmp_path / "f", params, module_names=all3)
+    big_b = tensors["base_model.model.qkv.lora_B.weight"]
+    for i, n in enumerate("qkv"):
+        assert np.array_equal(
+            lp[n]["kernel"].a, tensors["base_model.model.qkv.lora_A.weight"].T
+        )
+        assert np.array_equal(lp[n]["kernel"].b, big_b[3 * i : 3 * i + 3].T)
+    jlora.save_peft(
+        tmp_path / "again", lp, jlora.read_peft_config(tmp_path / "f"), module_names=all3
+    )
+    again, _ = _safetensors.load(str(tmp_path / "again" / "adapter_model.safetensors"))
+    assert {k: v.tobytes() for k, v in again.items()} == {
+        k: v.tobytes() for k, v in tensors.items()
+    }
+    two = {k: v for k, v in all3.items() if not k.startswith("k")}
+    with pytest.raises(ValueError, match=r"rows \[3, 4, 5\].*no kernel maps to them"):
+        jlora.load_peft(tmp_path / "f", params, module_names=two)
+
+
+def test_fused_export_of_differing_parts_is_a_block_module(tmp_path):
+    params = {f"{n}": {"kernel": jnp.zeros((4, 3))} for n in "qkv"}
+    cfg = jlora.LoraConfig(2, 2.0, targets=r"(q|v)/kernel$", alpha_pattern={"^v": 6.0})
+    lp = randomize(jlora.init(jax.random.key(0), params, cfg), jax.random.key(7))
+    names = {
+        f"{n}/kernel": jlora.PeftModule("qkv", rows=(3 * i, 9)) for i, n in enumerate("qkv")
+    }
+    jlora.save_peft(tmp_path / "blk", lp, cfg, module_names=names)
+    tensors, _ = _safetensors.load(str(tmp_path / "blk" / "adapter_model.safetensors"))
+    assert tensors["base_model.model.qkv.lora_A.weight"].shape == (4, 4)  # rank 2 + 2
+    pcfg, _ = files_of(tmp_path / "blk")
+    assert pcfg["rank_pattern"] == {"qkv": 4}
+    delta = torch_delta(tmp_path / "blk", "qkv")
+    merged = jlora.merge(lp)
+    want = np.concatenate([np.asarray(merged[n]["kernel"]) for n in "qkv"], axis=1).T
+    assert_close(delta, want, chain_bound(4, 2))  # the base is zero
+
+
+# Against PEFT itself ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def torch_llama():
+    if not HAVE_TORCH:
+        pytest.skip("needs the [torch] extra (torch, peft, transformers)")
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    hf = transformers.LlamaConfig(
+        vocab_size=96,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        rope_theta=500.0,
+        tie_word_embeddings=False,
+        attn_implementation="eager",
+    )
+    tm = transformers.LlamaForCausalLM(hf).eval()
+    tensors = {k: v.detach().numpy() for k, v in tm.state_dict().items()}
+    cfg = llama.LlamaConfig.from_hf(hf.to_dict())
+    params = llama.hf_to_params(tensors, cfg)
+    model = llama.LlamaForCausalLM(cfg)
+    ids = np.random.default_rng(0).integers(0, 96, (2, 16))
+    probe = lambda p: model.apply({"params": p}, jnp.asarray(ids))  # noqa: E731
+    return tm, model, params, ids, probe, cfg
+
+
+# Two evaluations of the forward differ by at most a chain of reductions: per layer the
+# q/k/v/o, gate/up/down, attention and norm reductions (<= 96 terms), plus the head.
+def logits_bound(n_layers):
+    return chain_bound(96, 8 * n_layers + 2)
+
+
+def torch_logits(m, ids):
+    import torch
+
+    with torch.no_grad():
+        return m(torch.tensor(ids)).logits.numpy()
+
+
+@needs_torch
+def test_llama_port_matches_transformers(torch_llama):
+    tm, model, params, ids, _, cfg = torch_llama
+    ref = torch_logits(tm, ids)
+    assert_close(model.apply({"params": params}, jnp.asarray(ids)), ref, logits_bound(2))
+    bad = {k: v for k, v in tm.state_dict().items() if "layers.1.mlp" not in k}
+    with pytest.raises(llama.CheckpointError, match="missing: model.layers.1.mlp.up_proj"):
+        llama.hf_to_params({k: v.numpy() for k, v in bad.items()}, cfg)
+
+
+@needs_torch
+def test_llama_export_gives_peft_the_same_logits_and_merge(torch_llama, tmp_path):
+    import peft
+
+    tm, model, params, ids, _, _ = torch_llama
+    cfg = jlora.LoraConfig(
+        4,
+        8.0,
+        targets=r"(q_proj|v_proj|gate_proj)/kernel$|embed_tokens/embedding$",
+        rank_pattern={"gate_proj": 2},
+        also_train=r"lm_head/kernel$",
+    )
+    lp = randomize(jlora.init(jax.random.key(1), params, cfg), jax.random.key(2))
+    jlora.save_peft(tmp_path / "ad", lp, cfg, task_type="CAUSAL_LM")
+    pm = peft.PeftModel.from_pretrained(copy.deepcopy(tm), str(tmp_path / "ad")).eval()
+    ours = jlora.lora(model.apply)({"params": lp}, jnp.asarray(ids))
+    assert_close(ours, torch_logits(pm, ids), logits_bound(2))
+    merged_torch = {k: v.numpy() for k, v in pm.merge_and_unload().state_dict().items()}
+    merged = jlora.merge(lp)
+    for name, (path, _, transposed) in llama._table(
+        llama.LlamaConfig.from_hf(tm.config.to_dict())
+    ).items():
+        leaf = merged
+        for key in path:
+            leaf = leaf[key]
+        want = merged_torch[name].T if transposed else merged_torch[name]
+        assert_close(leaf, want, chain_bound(4, 2))
+
+
+@needs_torch
+def test_llama_import_of_a_peft_made_adapter(torch_llama, tmp_path):
+    import peft
+    import torch
+
+    tm, model, params, ids, probe, _ = torch_llama
+    pcfg = peft.LoraConfig(
+        r=4,
+        lora_alpha=8,
+        target_modules=[
+            "q_proj",
+            "k_proj",
+            "v_proj",
+            "o_proj",
+            "gate_proj",
+            "embed_tokens",
+        ],
+        rank_pattern={"q_proj": 8},
+        alpha_pattern={"v_proj": 32},
+        use_rslora=True,
+        modules_to_save=["lm_head"],
+        lora_dropout=0.1,
+    )
+    pm = peft.get_peft_model(copy.deepcopy(tm), pcfg)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_" in n or "modules_to_save" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    pm.eval()
+    pm.save_pretrained(str(tmp_path / "peft"))  # also writes the embedding's base weights
+    lp = jlora.load_peft(tmp_path / "peft", params, probe=probe)
+    q = lp["model"]["layers_0"]["self_attn"]["q_proj"]["kernel"]
+    assert q.rank == 8 and q.scale == pytest.approx(8 / np.sqrt(8)) and q.dropout == 0.1
+    ours = jlora.lora(model.apply)({"params": lp}, jnp.asarray(ids))
+    assert_close(ours, torch_logits(pm, ids), logits_bound(2))
+
+
+@pytest.fixture(scope="module")
+def torch_gpt2():
+    if not HAVE_TORCH:
+        pytest.skip("needs the [torch] extra (torch, peft, transformers)")
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    hf = transformers.GPT2Config(
+        vocab_size=96,
+        n_positions=32,
+        n_embd=64,
+        n_layer=2,
+        n_head=4,
+        bos_token_id=95,
+        eos_token_id=95,
+        attn_implementation="eager",
+    )
+    tm = transformers.GPT2LMHeadModel(hf).eval()
+    cfg = gpt_model.GPTConfig.from_hf(hf.to_dict())
+    tensors = {k: v.detach().numpy() for k, v in tm.state_dict().items()}
+    params = jax.tree.map(jnp.asarray, gpt2.hf_to_params(tensors, cfg))
+    ids = np.random.default_rng(0).integers(0, 96, (2, 16))
+    return tm, gpt_model.GPT(cfg), params, ids, cfg
+
+
+@needs_torch
+def test_gpt2_fused_c_attn_both_ways(torch_gpt2, tmp_path):
+    import peft
+    import torch
+
+    tm, model, params, ids, cfg = torch_gpt2
+    names = gpt2.peft_module_names(cfg)
+    # Import: PEFT's c_attn adapter (Conv1D, fan_in_fan_out) adapts query, key and value.
+    pm = peft.get_peft_model(
+        copy.deepcopy(tm),
+        peft.LoraConfig(
+            r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True
+        ),
+    )
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    pm.eval().save_pretrained(str(tmp_path / "imp"))
+    lp = jlora.load_peft(tmp_path / "imp", params, module_names=names)
+    assert all(lp["h_1"]["attn"][n]["kernel"].rank == 4 for n in ("query", "key", "value"))
+    ours = jlora.lora(model.apply)({"params": lp}, jnp.asarray(ids))
+    assert_close(ours, torch_logits(pm, ids), logits_bound(2))
+    # Export: query and value with their own factors become one rank-8 c_attn module.
+    jcfg = jlora.LoraConfig(4, 8.0, targets=r"(query|value|out)/kernel$")
+    lp = randomize(jlora.init(jax.random.key(0), params, jcfg), jax.random.key(1))
+    jlora.save_peft(tmp_path / "exp", lp, jcfg, module_names=names, fan_in_fan_out=True)
+    exported, _ = files_of(tmp_path / "exp")
+    assert exported["rank_pattern"] == {f"transformer.h.{i}.attn.c_attn": 8 for i in (0, 1)}
+    pm = peft.PeftModel.from_pretrained(copy.deepcopy(tm), str(tmp_path / "exp")).eval()
+    ours = jlora.lora(model.apply)({"params": lp}, jnp.asarray(ids))
+    assert_close(ours, torch_logits(pm, ids), logits_bound(2))
+    merged = jlora.merge(lp)
+    w = pm.merge_and_unload().state_dict()["transformer.h.0.attn.c_attn.weight"].numpy()
+    ours_w = np.concatenate(
+        [np.asarray(merged["h_0"]["attn"][n]["kernel"]) for n in ("query", "key", "value")],
+        -1,
+    )
+    assert_close(ours_w, w, chain_bound(8, 2))
+    back = jlora.load_peft(tmp_path / "exp", params, module_names=names)
+    jlora.save_peft(
+        tmp_path / "exp2",
+        back,
+        jlora.read_peft_config(tmp_path / "exp"),
+        module_names=names,
+        fan_in_fan_out=True,
+    )
+    assert files_of(tmp_path / "exp") == files_of(tmp_path / "exp2")
