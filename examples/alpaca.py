@@ -1,7 +1,9 @@
 """Instruction-tune a causal language model with jlora on Alpaca-format data.
 
     python examples/alpaca.py                      # embedded base + shipped sample
-    python examples/alpaca.py --model-path DIR     # GPT-2, Hugging Face layout
+    python examples/alpaca.py --model-path DIR     # GPT-2 or Llama/Qwen2/Mistral (HF)
+    python examples/alpaca.py --export-peft DIR    # also write a PEFT adapter directory
+    python examples/alpaca.py --init-adapter DIR   # start from a PEFT adapter
     python examples/alpaca.py --data alpaca_data.json --template my_template.json
 
 The default run pretrains a small GPT-2-architecture base model on the generated corpus
@@ -34,7 +36,7 @@ import jlora
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from instruct import base, gpt2, world  # noqa: E402
+from instruct import base, gpt2, llama, world  # noqa: E402
 from instruct.data import (  # noqa: E402
     DEFAULT_TEMPLATE,
     DataError,
@@ -52,6 +54,7 @@ DEFAULT_DATA = os.path.join(os.path.dirname(__file__), "data", "alpaca_sample.js
 # Settings that must match for a run to resume from its checkpoints.
 _RESUME_KEYS = (
     "model_path",
+    "init_adapter",
     "lora_r",
     "lora_alpha",
     "lora_targets",
@@ -74,8 +77,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     a(
         "--model-path",
         default=None,
-        help="GPT-2 directory (config.json, model.safetensors, tokenizer.json); "
-        "default: the embedded base, pretrained on first use",
+        help="a GPT-2 or Llama-family (llama, qwen2, mistral) directory in the Hugging "
+        "Face layout (config.json, model.safetensors, tokenizer.json); default: the "
+        "embedded base, pretrained on first use",
+    )
+    a(
+        "--export-peft",
+        default=None,
+        metavar="DIR",
+        help="after training, write the adapter as a Hugging Face PEFT directory",
+    )
+    a(
+        "--init-adapter",
+        default=None,
+        metavar="DIR",
+        help="start from this PEFT adapter directory instead of fresh factors",
     )
     a("--cache-dir", default=None, help="where the embedded base is cached")
     a(
@@ -92,7 +108,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--lora-r", type=int, default=8)
     a("--lora-alpha", type=float, default=16.0)
     a("--lora-dropout", type=float, default=0.05)
-    a("--lora-targets", default=r"(query|value)/kernel$")
+    a(
+        "--lora-targets",
+        default=None,
+        help="regex of adapted kernels; default: the attention query and value kernels "
+        "((query|value)/kernel$ for GPT-2, (q_proj|v_proj)/kernel$ for Llama)",
+    )
     a("--learning-rate", type=float, default=3e-4)
     a("--warmup-steps", type=int, default=20)
     a("--batch-size", type=int, default=16)
@@ -121,7 +142,7 @@ def claim_output_dir(args) -> None:
     if args.fresh:
         shutil.rmtree(args.output_dir, ignore_errors=True)
     settings = {k: getattr(args, k) for k in _RESUME_KEYS}
-    for k in ("data", "template", "model_path"):
+    for k in ("data", "template", "model_path", "init_adapter"):
         settings[k] = settings[k] and os.path.abspath(settings[k])
     os.makedirs(args.output_dir, exist_ok=True)
     path = os.path.join(args.output_dir, "settings.json")
@@ -139,9 +160,32 @@ def claim_output_dir(args) -> None:
         )
 
 
+def family(path: str | None) -> str:
+    """`"llama"` for a Llama-family `--model-path`, else `"gpt2"`."""
+    config = os.path.join(path, "config.json") if path else ""
+    if path and os.path.isfile(config):
+        try:
+            with open(config) as f:
+                model_type = json.load(f).get("model_type")
+        except (OSError, ValueError) as e:
+            raise gpt2.CheckpointError(f"{config}: unreadable ({e})") from None
+        if model_type in llama.FAMILIES:
+            return "llama"
+    return "gpt2"
+
+
 def load_base(args, log):
     """`(cfg, params, tokenizer)` from `--model-path`, or the cached embedded base."""
     path = args.model_path
+    if family(path) == "llama":
+        cfg, params, tokenizer = llama.load(path)
+        log(
+            f"model: Llama-family, {cfg.num_hidden_layers} layers x {cfg.hidden_size}, "
+            f"{cfg.num_attention_heads} heads ({cfg.kv_heads} key/value), vocabulary "
+            f"{cfg.vocab_size}, {sum(x.size for x in jax.tree.leaves(params)):,} "
+            f"parameters ({path})"
+        )
+        return cfg, jax.tree.map(jnp.asarray, params), tokenizer
     if path is None:
         settings = base.BaseSettings(
             steps=args.base_steps,
@@ -188,7 +232,15 @@ def main(argv=None, log=print) -> dict:
     )
     claim_output_dir(args)
     cfg, base_params, tokenizer = load_base(args, log)
-    model = GPT(cfg)
+    is_llama = isinstance(cfg, llama.LlamaConfig)
+    model = llama.LlamaForCausalLM(cfg) if is_llama else GPT(cfg)
+    # PyTorch module names for PEFT directories: the Llama port keeps Hugging Face's
+    # names (the default map); GPT-2's fused c_attn needs its own.
+    module_names = None if is_llama else gpt2.peft_module_names(cfg)
+    if args.lora_targets is None:
+        args.lora_targets = (
+            r"(q_proj|v_proj)/kernel$" if is_llama else r"(query|value)/kernel$"
+        )
 
     enc = dict(
         cutoff_len=args.cutoff_len,
@@ -226,7 +278,19 @@ def main(argv=None, log=print) -> dict:
         targets=args.lora_targets,
     )
     key = jax.random.key(args.seed)
-    params = jlora.init(jax.random.fold_in(key, 1), base_params, config)
+    if args.init_adapter:
+        peft_config = jlora.read_peft_config(args.init_adapter)
+        probe_ids = jnp.asarray(train.ids[:1, :8])
+        params = jlora.load_peft(
+            args.init_adapter,
+            base_params,
+            module_names=module_names,
+            probe=lambda p: model.apply({"params": p}, probe_ids),
+        )
+        log(f"adapter: started from the PEFT adapter at {args.init_adapter}")
+    else:
+        peft_config = config
+        params = jlora.init(jax.random.fold_in(key, 1), base_params, config)
     adapters, frozen = jlora.split(params)
     summary = jlora.summary(params)
     log(
@@ -350,6 +414,19 @@ def main(argv=None, log=print) -> dict:
     )
     merge_scale = float(jnp.max(jnp.abs(merged_logits)))
     log(f"adapters saved to {adapter_dir}; merged and adapted logits differ by {gap:.1e}")
+    peft_dir = None
+    if args.export_peft:
+        peft_dir = jlora.save_peft(
+            args.export_peft,
+            params,
+            peft_config,
+            module_names=module_names,
+            base_model_name_or_path=args.model_path and os.path.abspath(args.model_path),
+            task_type="CAUSAL_LM",
+            fan_in_fan_out=not is_llama,  # GPT-2's Conv1D layers store [in, out]
+            overwrite=True,
+        )
+        log(f"PEFT adapter written to {peft_dir} (PeftModel.from_pretrained loads it)")
     for rec, response in list(zip(scored, got))[: args.num_examples]:
         log("-" * 60)
         log(template.prompt(rec["instruction"], rec["input"]) + " " + response)
@@ -366,6 +443,8 @@ def main(argv=None, log=print) -> dict:
         "merge_gap": gap,
         "merge_scale": merge_scale,
         "adapter_dir": adapter_dir,
+        "peft_dir": peft_dir,
+        "params": params,
         "responses": got,
         "seconds": seconds,
     }
@@ -374,7 +453,7 @@ def main(argv=None, log=print) -> dict:
 if __name__ == "__main__":
     try:
         result = main()
-    except (DataError, gpt2.CheckpointError) as e:
+    except (DataError, gpt2.CheckpointError, llama.CheckpointError) as e:
         sys.exit(f"error: {e}")
     print(
         json.dumps(

@@ -43,6 +43,20 @@ class LlamaConfig:
     tie_word_embeddings: bool = False
     attention_bias: bool = False
     head_dim: int | None = None
+    max_position_embeddings: int = 2048
+    eos_token_id: int = 0
+
+    # The names generation and the main job read, shared with `GPTConfig`.
+    @property
+    def n_positions(self) -> int:
+        return self.max_position_embeddings
+
+    @property
+    def n_layer(self) -> int:
+        return self.num_hidden_layers
+
+    def cache_shape(self, batch: int, length: int) -> tuple[int, ...]:
+        return (self.num_hidden_layers, batch, length, self.kv_heads, self.dim_per_head)
 
     @property
     def kv_heads(self) -> int:
@@ -57,6 +71,10 @@ class LlamaConfig:
         """From a Hugging Face `config.json` dict (Llama, Qwen2 or Mistral names)."""
         fields = {f.name for f in dataclasses.fields(cls)}
         kwargs = {k: v for k, v in hf.items() if k in fields and v is not None}
+        eos = hf.get("eos_token_id")
+        if isinstance(eos, list):  # Llama 3 lists several; generation stops at the first
+            eos = eos[0] if eos else None
+        kwargs["eos_token_id"] = eos if eos is not None else 0
         if hf.get("model_type") == "qwen2" and "attention_bias" not in hf:
             kwargs["attention_bias"] = True
         rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
@@ -87,7 +105,7 @@ class Attention(nn.Module):
     cfg: LlamaConfig
 
     @nn.compact
-    def __call__(self, x, positions):
+    def __call__(self, x, positions, slots, key_mask, cache):
         b, t, _ = x.shape
         cfg = self.cfg
         h, kv, hd = cfg.num_attention_heads, cfg.kv_heads, cfg.dim_per_head
@@ -96,13 +114,20 @@ class Attention(nn.Module):
         k = nn.Dense(kv * hd, use_bias=bias, name="k_proj")(x).reshape(b, t, kv, hd)
         v = nn.Dense(kv * hd, use_bias=bias, name="v_proj")(x).reshape(b, t, kv, hd)
         q, k = rotary(q, positions, cfg.rope_theta), rotary(k, positions, cfg.rope_theta)
+        if cache is not None:  # write this chunk's keys/values at slots[0]
+            k = jax.lax.dynamic_update_slice(cache[0], k, (0, slots[0], 0, 0))
+            v = jax.lax.dynamic_update_slice(cache[1], v, (0, slots[0], 0, 0))
+            cache = (k, v)
+        key_slots = jnp.arange(k.shape[1])
+        visible = (key_slots[None, :] <= slots[:, None])[None, None]  # [1, 1, T, S]
+        if key_mask is not None:
+            visible = visible & key_mask[:, None, None, :]
         k, v = jnp.repeat(k, h // kv, axis=2), jnp.repeat(v, h // kv, axis=2)
         scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(hd)
-        causal = jnp.tril(jnp.ones((t, t), bool))
-        scores = jnp.where(causal, scores, jnp.finfo(scores.dtype).min)
+        scores = jnp.where(visible, scores, jnp.finfo(scores.dtype).min)
         probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(v.dtype)
         y = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, t, h * hd)
-        return nn.Dense(cfg.hidden_size, use_bias=False, name="o_proj")(y)
+        return nn.Dense(cfg.hidden_size, use_bias=False, name="o_proj")(y), cache
 
 
 class MLP(nn.Module):
@@ -120,40 +145,65 @@ class DecoderLayer(nn.Module):
     cfg: LlamaConfig
 
     @nn.compact
-    def __call__(self, x, positions):
+    def __call__(self, x, positions, slots, key_mask, cache):
         eps = self.cfg.rms_norm_eps
-        x = x + Attention(self.cfg, name="self_attn")(
-            nn.RMSNorm(eps, name="input_layernorm")(x), positions
+        y, cache = Attention(self.cfg, name="self_attn")(
+            nn.RMSNorm(eps, name="input_layernorm")(x), positions, slots, key_mask, cache
         )
+        x = x + y
         y = nn.RMSNorm(eps, name="post_attention_layernorm")(x)
-        return x + MLP(self.cfg, name="mlp")(y)
+        return x + MLP(self.cfg, name="mlp")(y), cache
 
 
 class LlamaModel(nn.Module):
     cfg: LlamaConfig
 
     @nn.compact
-    def __call__(self, tokens, positions):
+    def __call__(self, tokens, positions, slots, key_mask, cache):
         embed = nn.Embed(self.cfg.vocab_size, self.cfg.hidden_size, name="embed_tokens")
         x = embed(tokens)
+        new_kv = []
         for i in range(self.cfg.num_hidden_layers):
-            x = DecoderLayer(self.cfg, name=f"layers_{i}")(x, positions)
-        return nn.RMSNorm(self.cfg.rms_norm_eps, name="norm")(x), embed
+            layer_cache = None if cache is None else (cache["k"][i], cache["v"][i])
+            x, layer_cache = DecoderLayer(self.cfg, name=f"layers_{i}")(
+                x, positions, slots, key_mask, layer_cache
+            )
+            new_kv.append(layer_cache)
+        return nn.RMSNorm(self.cfg.rms_norm_eps, name="norm")(x), embed, new_kv
 
 
 class LlamaForCausalLM(nn.Module):
-    """`__call__(tokens)` -> logits `[batch, time, vocab]` (a causal pass from 0)."""
+    """Llama-family causal LM, called as `instruct.model.GPT` is.
+
+    `__call__(tokens)` returns logits `[batch, time, vocab]` for a causal pass from
+    slot 0. For generation pass `positions`, `key_mask` and a `cache` from
+    `instruct.model.init_cache`; it then returns `(logits, cache)`.
+    """
 
     cfg: LlamaConfig
 
     @nn.compact
-    def __call__(self, tokens, positions=None):
+    def __call__(self, tokens, positions=None, key_mask=None, cache=None):
+        b, t = tokens.shape
+        start = 0 if cache is None else cache["index"]
+        slots = start + jnp.arange(t)
         if positions is None:
-            positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-        x, embed = LlamaModel(self.cfg, name="model")(tokens, positions)
+            positions = jnp.broadcast_to(slots, (b, t))
+        x, embed, new_kv = LlamaModel(self.cfg, name="model")(
+            tokens, positions, slots, key_mask, cache
+        )
         if self.cfg.tie_word_embeddings:
-            return embed.attend(x)
-        return nn.Dense(self.cfg.vocab_size, use_bias=False, name="lm_head")(x)
+            logits = embed.attend(x)
+        else:
+            logits = nn.Dense(self.cfg.vocab_size, use_bias=False, name="lm_head")(x)
+        if cache is None:
+            return logits
+        cache = {
+            "k": jnp.stack([kv[0] for kv in new_kv]),
+            "v": jnp.stack([kv[1] for kv in new_kv]),
+            "index": start + t,
+        }
+        return logits, cache
 
 
 def _table(cfg: LlamaConfig) -> dict[str, tuple[tuple[str, ...], tuple[int, ...], bool]]:
@@ -228,3 +278,65 @@ def hf_to_params(tensors: dict[str, np.ndarray], cfg: LlamaConfig, where: str = 
             + "\n".join(errors)
         )
     return params
+
+
+FAMILIES = ("llama", "qwen2", "mistral")
+
+
+def load(path: str):
+    """`(cfg, params, tokenizer)` from a Hugging Face Llama-family directory:
+    `config.json`, `model.safetensors` (or shards listed in
+    `model.safetensors.index.json`) and `tokenizer.json`.
+
+    Raises:
+      CheckpointError: missing files (named), an unsupported config, or tensors that
+        don't fit (every problem listed).
+    """
+    import json
+    import os
+
+    import tokenizers
+
+    from jlora import _safetensors
+
+    if not os.path.isdir(path):
+        raise CheckpointError(f"--model-path {path!r} is not a directory")
+    index = os.path.join(path, "model.safetensors.index.json")
+    weights = [os.path.join(path, "model.safetensors")]
+    if os.path.exists(index):
+        with open(index) as f:
+            weights = [
+                os.path.join(path, w)
+                for w in sorted(set(json.load(f)["weight_map"].values()))
+            ]
+    needed = [
+        os.path.join(path, "config.json"),
+        os.path.join(path, "tokenizer.json"),
+        *weights,
+    ]
+    missing = [os.path.basename(f) for f in needed if not os.path.isfile(f)]
+    if missing:
+        raise CheckpointError(
+            f"--model-path {path!r} lacks {', '.join(missing)}; a Llama-family checkpoint "
+            "in the Hugging Face layout has config.json, model.safetensors (or its "
+            "shards and index) and tokenizer.json"
+        )
+    with open(needed[0]) as f:
+        hf = json.load(f)
+    if hf.get("model_type") not in FAMILIES:
+        raise CheckpointError(
+            f"{needed[0]}: model_type {hf.get('model_type')!r} is not one of {FAMILIES}"
+        )
+    cfg = LlamaConfig.from_hf(hf)
+    tensors = {}
+    for w in weights:
+        tensors.update(_safetensors.load(w)[0])
+    tensors = {k: np.asarray(v, np.float32) for k, v in tensors.items()}
+    params = hf_to_params(tensors, cfg, path)
+    tokenizer = tokenizers.Tokenizer.from_file(needed[1])
+    if tokenizer.get_vocab_size() > cfg.vocab_size:
+        raise CheckpointError(
+            f"tokenizer.json has {tokenizer.get_vocab_size()} tokens but the model's "
+            f"vocab_size is {cfg.vocab_size}"
+        )
+    return cfg, params, tokenizer

@@ -51,6 +51,9 @@ class GPTConfig:
     def inner(self) -> int:
         return self.n_inner or 4 * self.n_embd
 
+    def cache_shape(self, batch: int, length: int) -> tuple[int, ...]:
+        return (self.n_layer, batch, length, self.n_head, self.n_embd // self.n_head)
+
     def to_hf(self) -> dict:
         """The fields of a Hugging Face GPT-2 `config.json`."""
         return {
@@ -161,9 +164,9 @@ class GPT(nn.Module):
         return logits, cache
 
 
-def init_cache(cfg: GPTConfig, batch: int, length: int, dtype=jnp.float32) -> dict:
-    """An empty KV cache of `length` slots."""
-    shape = (cfg.n_layer, batch, length, cfg.n_head, cfg.n_embd // cfg.n_head)
+def init_cache(cfg, batch: int, length: int, dtype=jnp.float32) -> dict:
+    """An empty KV cache of `length` slots (for `GPT` or `llama.LlamaForCausalLM`)."""
+    shape = cfg.cache_shape(batch, length)
     return {
         "k": jnp.zeros(shape, dtype),
         "v": jnp.zeros(shape, dtype),
