@@ -235,8 +235,8 @@ def main(argv=None, log=print) -> dict:
     is_llama = isinstance(cfg, llama.LlamaConfig)
     model = llama.LlamaForCausalLM(cfg) if is_llama else GPT(cfg)
     # PyTorch module names for PEFT directories: the Llama port keeps Hugging Face's
-    # names (the default map); GPT-2's fused c_attn needs its own.
-    module_names = None if is_llama else gpt2.peft_module_names(cfg)
+    # names; GPT-2's fused c_attn needs its own map.
+    module_names = llama.peft_module_names(cfg) if is_llama else gpt2.peft_module_names(cfg)
     if args.lora_targets is None:
         args.lora_targets = (
             r"(q_proj|v_proj)/kernel$" if is_llama else r"(query|value)/kernel$"

@@ -231,6 +231,62 @@ def _from_peft(
     return a2.reshape(a_shape), b2.reshape(b_shape)
 
 
+def _matrix_layout(shape, to_torch) -> Layout:
+    """The layout of a 2-axis kernel trained whole: `[in, out]` (Flax's), unless its
+    `to_torch` is only a rearrangement for the other orientation."""
+    if to_torch is None:
+        return DEFAULT_LAYOUT
+    fits = []
+    for lay in (DEFAULT_LAYOUT, Layout((1,), (0,))):
+        try:
+            _factor_mapping(shape, lay, to_torch)
+            fits.append(lay)
+        except ValueError:
+            pass
+    if len(fits) != 1:
+        raise ValueError(
+            f"its to_torch does not tell which axis of the kernel {list(shape)} is the "
+            "input (it must rearrange the kernel into PyTorch's [out, in] matrix)"
+        )
+    return fits[0]
+
+
+def _whole_to_torch(value, path, pm: PeftModule, fan_in_fan_out: bool) -> np.ndarray:
+    """A leaf trained whole as its PyTorch module stores it: a kernel as `nn.Linear`'s
+    `[out, in]` (`to_torch`'s matrix; `[in, out]` with `fan_in_fan_out`, as GPT-2's
+    `Conv1D`), other leaves as they are."""
+    if path.rsplit("/", 1)[-1] != "kernel":
+        return value
+    if value.ndim != 2:
+        raise ValueError(f"a kernel of {value.ndim} axes written whole; only 2-axis are")
+    layout = _matrix_layout(value.shape, pm.to_torch)
+    m = _factor_mapping(value.shape, layout, pm.to_torch)
+    k2 = np.transpose(value, layout.in_axes + layout.out_axes)
+    matrix = k2[np.ix_(m.in_perm, m.out_perm)].T
+    return matrix.T if fan_in_fan_out else matrix
+
+
+def _whole_from_torch(value, leaf, path, pm: PeftModule, fan_in_fan_out: bool):
+    """The inverse of `_whole_to_torch`, checked against the base leaf's shape."""
+    shape = tuple(np.shape(leaf))
+    if path.rsplit("/", 1)[-1] == "kernel" and len(shape) == 2 and value.ndim == 2:
+        matrix = value.T if fan_in_fan_out else value
+        layout = _matrix_layout(shape, pm.to_torch)
+        n_in, n_out = shape[layout.in_axes[0]], shape[layout.out_axes[0]]
+        if matrix.shape != (n_out, n_in):
+            raise ValueError(
+                f"PyTorch weight {list(value.shape)} does not fit the kernel "
+                f"{list(shape)} ({layout}; fan_in_fan_out={fan_in_fan_out})"
+            )
+        m = _factor_mapping(shape, layout, pm.to_torch)
+        k2 = np.empty((n_in, n_out), value.dtype)
+        k2[np.ix_(m.in_perm, m.out_perm)] = matrix.T
+        return np.transpose(k2, np.argsort(layout.in_axes + layout.out_axes))
+    if value.shape != shape:
+        raise ValueError(f"file {list(value.shape)}, base leaf {list(shape)}")
+    return value
+
+
 def _host(x) -> np.ndarray:
     """A whole array on this host (gathered from every process if it spans several)."""
     if isinstance(x, jax.Array) and not x.is_fully_addressable:
@@ -407,8 +463,8 @@ def save_peft(
       FileExistsError: `path` exists and `overwrite` is False.
     """
     modules: dict[str, list] = {}
-    plain: dict[str, np.ndarray] = {}
-    trained_whole: list[tuple[str, str]] = []
+    trained_whole: list[tuple] = []
+    frozen: dict[str, list] = {}
     errors: list[str] = []
     for node in walk(params).nodes:
         if node.kind == LORA:
@@ -451,18 +507,41 @@ def save_peft(
             if pm is None:
                 errors.append(f"  {node.path}: module_names gives no module name")
                 continue
-            value = _host(unbox(node.value.value))
-            param = _param_name(node.path)
-            if node.path.rsplit("/", 1)[-1] == "kernel":
-                if value.ndim != 2 and pm.to_torch is None:
-                    errors.append(
-                        f"  {node.path}: a kernel of {value.ndim} axes trained whole needs "
-                        "a PeftModule with to_torch giving PyTorch's weight"
-                    )
-                    continue
-                value = np.asarray(pm.to_torch(value)) if pm.to_torch else value.T
-            plain[f"{PREFIX}{pm.name}.{param}"] = np.ascontiguousarray(value)
-            trained_whole.append((pm.name, param))
+            if "{layer}" in pm.name or pm.rows is not None:
+                errors.append(
+                    f"  {node.path}: a leaf trained whole must map to one whole PyTorch "
+                    f"module; {pm} is a template or a part of a fused module"
+                )
+                continue
+            trained_whole.append((pm, node.path, unbox(node.value.value)))
+        elif node.kind == LEAF:
+            pm = _module_for(module_names, node.path, "save_peft")
+            if pm is not None and "{layer}" not in pm.name and pm.rows is None:
+                frozen.setdefault(pm.name, []).append((pm, node.path, unbox(node.value)))
+    plain: dict[str, np.ndarray] = {}
+    biases, to_save = set(), set()
+    for pm, path_, _ in trained_whole:
+        if _param_name(path_) != "bias":
+            to_save.add(pm.name)
+    extra = [leaf for name in sorted(to_save) for leaf in frozen.get(name, [])]
+    for pm, path_, value in trained_whole + extra:
+        # A module in modules_to_save is written whole (PEFT reads every parameter of
+        # its copy); a trained bias of a module with LoRA factors sits on its base layer.
+        param = _param_name(path_)
+        is_bias = param == "bias" and pm.name not in to_save
+        if is_bias:
+            biases.add(pm.name)
+        inner = "base_layer." if is_bias and pm.name in modules else ""
+        key = f"{PREFIX}{pm.name}.{inner}{param}"
+        try:
+            value = _whole_to_torch(_host(value), path_, pm, fan_in_fan_out)
+        except ValueError as e:
+            errors.append(f"  {path_}: {e}")
+            continue
+        if key in plain:
+            errors.append(f"  {path_}: writes {key}, which another leaf writes too")
+            continue
+        plain[key] = np.ascontiguousarray(value)
     if not modules and not plain and not errors:
         raise ValueError(
             "jlora.save_peft: params hold no adapters (no LoraWeight or Trainable leaves); "
@@ -510,8 +589,7 @@ def save_peft(
         if math.isclose(alphas[n], settings["lora_alpha"], rel_tol=1e-12):
             continue
         alpha_pattern[n] = alphas[n]
-    biases = sorted({n for n, p in trained_whole if p == "bias"})
-    to_save = sorted({n for n, p in trained_whole if p != "bias"})
+    biases, to_save = sorted(biases), sorted(to_save)
     bias = settings["bias"] if biases else "none"
     if biases and bias == "none":
         bias = "all"
@@ -719,7 +797,7 @@ def load_peft(
         pm = _module_for(module_names, node.path, "load_peft")
         if pm is None:
             continue
-        leaf_of[(pm.name, _param_name(node.path))] = node.path
+        leaf_of[(pm.name, _param_name(node.path))] = (node.path, pm)
         value = unbox(node.value)
         dtype = getattr(value, "dtype", None)
         if (
@@ -828,6 +906,11 @@ def load_peft(
                         f"rows={pm.rows} says the module has {pm.rows[1]} outputs; the "
                         f"file's lora_B has {big_b.shape[0]}"
                     )
+                if pm.rows is None and n_part != big_b.shape[0]:
+                    raise ValueError(
+                        f"the kernel {list(shape)} has {n_part} outputs; the file's lora_B "
+                        f"{list(big_b.shape)} has {big_b.shape[0]}"
+                    )
                 if (
                     start + n_part > big_b.shape[0]
                     or len(mapping.in_perm) != big_a.shape[1]
@@ -859,25 +942,31 @@ def load_peft(
                 "module (rows=) so no part of the adapter is dropped"
             )
 
+    fan = bool(cfg.get("fan_in_fan_out", False))
+    if cfg.get("bias", "none") != "none":  # trained biases of adapted layers
+        for key, rest in list(base_keys.items()):
+            if rest.endswith(".bias"):
+                plain[key] = base_keys.pop(key)
     trained: dict[str, np.ndarray] = {}
     for key, rest in plain.items():
         module, _, param = rest.rpartition(".")
-        p = leaf_of.get((module, param))
-        if p is None:
+        if (module, param) not in leaf_of:
             errors.append(f"  {key}: no leaf of base_params maps to {module!r}.{param}")
             continue
+        p, pm = leaf_of[(module, param)]
         try:
-            trained[p] = _from_torch_weight(tensors[key], _host(unbox(by_path[p].value)), p)
+            leaf = unbox(by_path[p].value)
+            trained[p] = _whole_from_torch(tensors[key], leaf, p, pm, fan)
         except ValueError as e:
             errors.append(f"  {key} -> {p}: {e}")
     for key, rest in base_keys.items():
         module, _, param = rest.rpartition(".")
-        p = leaf_of.get((module, param))
-        if p is None:
+        if (module, param) not in leaf_of:
             errors.append(f"  {key}: base weights for {module!r}, which base_params lack")
             continue
+        p, pm = leaf_of[(module, param)]
         try:
-            value = _from_torch_weight(tensors[key], _host(unbox(by_path[p].value)), p)
+            value = _whole_from_torch(tensors[key], unbox(by_path[p].value), p, pm, fan)
         except ValueError as e:
             errors.append(f"  {key} -> {p}: {e}")
             continue
@@ -939,21 +1028,3 @@ def _stack(layers: dict, layout: Layout, shape) -> tuple[np.ndarray, np.ndarray,
             )
         a[i], b[i] = ai, bi
     return a, b, scale
-
-
-def _from_torch_weight(value: np.ndarray, leaf, path: str) -> np.ndarray:
-    """A PyTorch module's tensor as the jlora leaf at `path` stores it."""
-    shape = tuple(np.shape(leaf))
-    if path.rsplit("/", 1)[-1] == "kernel" and value.ndim == 2 and len(shape) == 2:
-        if value.T.shape == shape and value.shape != shape:
-            return np.ascontiguousarray(value.T)
-        if value.shape == shape and value.T.shape != shape:
-            raise ValueError(
-                f"PyTorch weight {list(value.shape)} is stored [in, out] (a Conv1D?); "
-                "give the module a PeftModule with to_torch"
-            )
-        if value.shape == shape:
-            return np.ascontiguousarray(value.T)  # nn.Linear's [out, in]
-    if value.shape != shape:
-        raise ValueError(f"file {list(value.shape)}, base leaf {list(shape)}")
-    return value

@@ -86,7 +86,7 @@ def load(file: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     if not isinstance(header, dict):
         raise ValueError(f"{file}: corrupt safetensors header (not an object).")
     metadata = header.pop("__metadata__", None) or {}
-    tensors = {}
+    tensors, spans = {}, []
     for name, info in header.items():
         try:
             dtype = DTYPES[info["dtype"]]
@@ -102,7 +102,12 @@ def load(file: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
                 f"{file}: tensor {name!r} ({info['dtype']}{list(shape)}) has byte range "
                 f"[{begin}, {end}) that does not fit its shape or the file."
             )
+        spans.append((begin, end, name))
         count = nbytes // dtype.itemsize
         x = np.frombuffer(data, dtype=dtype, count=count, offset=begin)
         tensors[name] = x.reshape(shape)
+    spans.sort()
+    for (_, end0, a), (begin1, _, b) in zip(spans, spans[1:]):
+        if begin1 < end0:
+            raise ValueError(f"{file}: tensors {a!r} and {b!r} overlap in the file.")
     return tensors, metadata

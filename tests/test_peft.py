@@ -166,6 +166,8 @@ def test_export_is_the_merged_change_in_pytorch_orientation(tiny, tmp_path):
     assert_close(got, merged["embed"]["embedding"], chain_bound(2, 2))
     head = tensors["base_model.model.head.weight"]  # trained whole, nn.Linear's [out, in]
     assert np.array_equal(head, np.asarray(params["head"]["kernel"]).T)
+    # PEFT reads every parameter of a module in modules_to_save: the frozen bias too.
+    assert np.array_equal(tensors["base_model.model.head.bias"], params["head"]["bias"])
 
 
 def test_load_reads_back_exactly_and_resaves_byte_identical(tiny, tmp_path):
@@ -220,6 +222,33 @@ def test_square_kernel_needs_a_probe_and_errors_list_every_problem(tiny, tmp_pat
     assert "  wide: no leaf of base_params maps" in str(e.value)
     with pytest.raises(FileExistsError, match="overwrite=True"):
         jlora.save_peft(tmp_path / "sq", lp, cfg)
+
+
+def test_trained_bias_of_an_adapted_module_sits_on_its_base_layer(tiny, tmp_path):
+    _, params, _, _ = tiny
+    cfg = jlora.LoraConfig(2, 4.0, targets=r"wide/kernel$", train_bias="lora_only")
+    lp = randomize(jlora.init(jax.random.key(1), params, cfg), jax.random.key(8))
+    trained_bias = jnp.arange(6.0)
+    lp["wide"]["bias"] = jlora.Trainable(trained_bias)
+    jlora.save_peft(tmp_path / "b", lp, cfg)
+    pcfg, _ = files_of(tmp_path / "b")
+    tensors, _ = _safetensors.load(str(tmp_path / "b" / "adapter_model.safetensors"))
+    assert pcfg["bias"] == "lora_only" and pcfg["modules_to_save"] is None
+    assert np.array_equal(tensors["base_model.model.wide.base_layer.bias"], trained_bias)
+    back = jlora.load_peft(tmp_path / "b", params)
+    assert isinstance(back["wide"]["bias"], jlora.Trainable)
+    assert np.array_equal(back["wide"]["bias"].value, trained_bias)
+
+
+def test_lora_b_that_does_not_fit_the_kernel_is_refused(tiny, tmp_path):
+    _, params, _, probe = tiny
+    tensors = {
+        "base_model.model.square.lora_A.weight": np.ones((2, 8), np.float32),
+        "base_model.model.square.lora_B.weight": np.ones((6, 2), np.float32),
+    }
+    write_peft(str(tmp_path / "t"), {"peft_type": "LORA", "r": 2, "lora_alpha": 2}, tensors)
+    with pytest.raises(ValueError, match=r"has 8 outputs; the file's lora_B \[6, 2\]"):
+        jlora.load_peft(tmp_path / "t", params, probe=probe)
 
 
 @pytest.mark.parametrize(
@@ -556,3 +585,42 @@ def test_gpt2_fused_c_attn_both_ways(torch_gpt2, tmp_path):
         fan_in_fan_out=True,
     )
     assert files_of(tmp_path / "exp") == files_of(tmp_path / "exp2")
+
+
+@needs_torch
+def test_qwen2_biases_and_a_trained_bias_go_through_peft(tmp_path):
+    import peft
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    hf = transformers.Qwen2Config(
+        vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+        tie_word_embeddings=False, attn_implementation="eager",
+    )  # fmt: skip
+    tm = transformers.Qwen2ForCausalLM(hf).eval()
+    with torch.no_grad():  # Qwen2 initializes its q/k/v biases to zero: make them count
+        for n, p in tm.named_parameters():
+            if n.endswith("proj.bias"):
+                p.copy_(torch.randn(p.shape) * 0.1)
+    cfg = llama.LlamaConfig.from_hf(hf.to_dict() | {"model_type": "qwen2"})
+    tensors = {k: v.detach().numpy() for k, v in tm.state_dict().items()}
+    params = llama.hf_to_params(tensors, cfg)
+    model = llama.LlamaForCausalLM(cfg)
+    ids = np.random.default_rng(0).integers(0, 96, (2, 12))
+    assert_close(
+        model.apply({"params": params}, jnp.asarray(ids)),
+        torch_logits(tm, ids),
+        logits_bound(2),
+    )
+    jcfg = jlora.LoraConfig(
+        4, 8.0, targets=r"(q_proj|v_proj)/kernel$", train_bias="lora_only"
+    )
+    lp = randomize(jlora.init(jax.random.key(0), params, jcfg), jax.random.key(1))
+    q = lp["model"]["layers_0"]["self_attn"]["q_proj"]
+    q["bias"] = jlora.Trainable(q["bias"].value + 0.5)  # as if trained
+    jlora.save_peft(tmp_path / "q", lp, jcfg)
+    pm = peft.PeftModel.from_pretrained(copy.deepcopy(tm), str(tmp_path / "q")).eval()
+    ours = jlora.lora(model.apply)({"params": lp}, jnp.asarray(ids))
+    assert_close(ours, torch_logits(pm, ids), logits_bound(2))

@@ -196,7 +196,9 @@ def peft_module_names(cfg: GPTConfig):
     and value are its three row blocks (`rows=`), so an exported q/v adapter is one
     module and an imported `c_attn` adapter adapts all three. Kernels are `[in, out]`,
     so their `[out, in]` matrix is the transpose (`to_torch`), which also settles the
-    orientation of square kernels without a probe."""
+    orientation of square kernels without a probe. The token embedding `wte` is left
+    unmapped: it is also the output head here, which PEFT's embedding LoRA does not
+    change."""
     import jlora
 
     d = cfg.n_embd
@@ -205,7 +207,11 @@ def peft_module_names(cfg: GPTConfig):
 
     def name(path: str):
         parts = path.removeprefix("params/").split("/")
-        if parts[0] in ("wte", "wpe", "ln_f"):
+        if parts[0] == "wte":
+            # Tied to the output head: jlora's factors on it change the logits too,
+            # PEFT's only the lookup. Left unmapped, so either direction is an error.
+            return None
+        if parts[0] in ("wpe", "ln_f"):
             return f"transformer.{parts[0]}"
         if not parts[0].startswith("h_"):
             return None

@@ -41,7 +41,8 @@ class LlamaConfig:
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
     tie_word_embeddings: bool = False
-    attention_bias: bool = False
+    attention_bias: bool = False  # q, k, v (and o, unless o_proj_bias=False) biases
+    o_proj_bias: bool | None = None  # None: as attention_bias (Llama); Qwen2: False
     head_dim: int | None = None
     max_position_embeddings: int = 2048
     eos_token_id: int = 0
@@ -75,8 +76,8 @@ class LlamaConfig:
         if isinstance(eos, list):  # Llama 3 lists several; generation stops at the first
             eos = eos[0] if eos else None
         kwargs["eos_token_id"] = eos if eos is not None else 0
-        if hf.get("model_type") == "qwen2" and "attention_bias" not in hf:
-            kwargs["attention_bias"] = True
+        if hf.get("model_type") == "qwen2":  # q/k/v biases, none on o_proj
+            kwargs["attention_bias"], kwargs["o_proj_bias"] = True, False
         rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
         if "rope_theta" in rope:  # newer transformers keep theta with the rope type
             kwargs["rope_theta"] = rope["rope_theta"]
@@ -127,7 +128,8 @@ class Attention(nn.Module):
         scores = jnp.where(visible, scores, jnp.finfo(scores.dtype).min)
         probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(v.dtype)
         y = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, t, h * hd)
-        return nn.Dense(cfg.hidden_size, use_bias=False, name="o_proj")(y), cache
+        o_bias = bias if cfg.o_proj_bias is None else cfg.o_proj_bias
+        return nn.Dense(cfg.hidden_size, use_bias=o_bias, name="o_proj")(y), cache
 
 
 class MLP(nn.Module):
@@ -235,7 +237,11 @@ def _table(cfg: LlamaConfig) -> dict[str, tuple[tuple[str, ...], tuple[int, ...]
         ):
             path = (*layer, *name.split("."))
             table[p + name + ".weight"] = ((*path, "kernel"), (n_out, n_in), True)
-            if cfg.attention_bias and name.split(".")[-1] in ("q_proj", "k_proj", "v_proj"):
+            leaf = name.split(".")[-1]
+            o_bias = cfg.attention_bias if cfg.o_proj_bias is None else cfg.o_proj_bias
+            if (cfg.attention_bias and leaf in ("q_proj", "k_proj", "v_proj")) or (
+                o_bias and leaf == "o_proj"
+            ):
                 table[p + name + ".bias"] = ((*path, "bias"), (n_out,), False)
     return table
 
@@ -281,6 +287,21 @@ def hf_to_params(tensors: dict[str, np.ndarray], cfg: LlamaConfig, where: str = 
 
 
 FAMILIES = ("llama", "qwen2", "mistral")
+
+
+def peft_module_names(cfg: LlamaConfig):
+    """`module_names` for `jlora.save_peft` / `load_peft`: Hugging Face's own names
+    (`jlora.default_module_name`), except a tied embedding, which is also the output
+    head here while PEFT's embedding LoRA changes only the lookup: left unmapped, so
+    adapting it in either direction is an error, not a different model."""
+    import jlora
+
+    def name(path: str):
+        if cfg.tie_word_embeddings and path.endswith("embed_tokens/embedding"):
+            return None
+        return jlora.default_module_name(path)
+
+    return name
 
 
 def load(path: str):
