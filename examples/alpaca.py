@@ -340,12 +340,22 @@ def main(argv=None, log=print) -> dict:
             args,
             jax.random.fold_in(key, 2),
         )
-        return world.score(got, [r["output"] for r in scored]), got
+        expected = [r["output"] for r in scored]
+        return world.score(got, expected, [bool(r["input"]) for r in scored]), got
 
     def report(when, loss, score):
         log(
             f"{when} held-out loss {loss:.3f}; answers in the format "
             f"{score['format']:.0%}, exactly right {score['exact']:.0%}"
+        )
+
+        def share(kind):
+            got = score[f"exact_{kind}"]
+            return "none scored" if got is None else f"{got:.0%} of {score[f'n_{kind}']}"
+
+        log(
+            f"{' ' * len(when)} exactly right, answer in the input: {share('input')}; "
+            f"answer from what the base knows (no input): {share('world')}"
         )
 
     val_before, (score_before, _) = eval_loss(base_params), behaviour(base_params)

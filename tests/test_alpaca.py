@@ -193,6 +193,13 @@ def test_shipped_sample_teaches_a_format_the_corpus_never_shows():
         ["The answer is red.", "red", "The answer is blue."],
         ["The answer is red.", "The answer is red.", "x"],
     ) == {"format": 2 / 3, "exact": 1 / 3}
+    split = world.score(
+        ["The answer is red.", "The answer is six.", "The answer is two."],
+        ["The answer is red.", "The answer is five.", "The answer is two."],
+        [True, False, False],
+    )
+    assert (split["exact_input"], split["n_input"]) == (1.0, 1)
+    assert (split["exact_world"], split["n_world"]) == (0.5, 2)
 
 
 # --- the GPT-2 loader and a NumPy reference of GPT-2 -----------------------------------

@@ -142,8 +142,11 @@ def test_llama_loader_lists_every_problem(tmp_path, tokenizer):
     (tmp_path / "nofile" / "tokenizer.json").unlink()
     with pytest.raises(llama.CheckpointError, match="lacks tokenizer.json"):
         llama.load(path)
+    scaled = dict(hf, rope_scaling={"rope_type": "yarn", "factor": 8.0})
+    with pytest.raises(llama.CheckpointError, match="rope type 'yarn' is not supported"):
+        llama.load(write_llama(tmp_path / "yarn", good, scaled, tokenizer))
     scaled = dict(hf, rope_scaling={"rope_type": "llama3", "factor": 8.0})
-    with pytest.raises(llama.CheckpointError, match="rope type 'llama3'"):
+    with pytest.raises(llama.CheckpointError, match="needs 'low_freq_factor'"):
         llama.load(write_llama(tmp_path / "l3", good, scaled, tokenizer))
 
 
@@ -219,6 +222,31 @@ def test_llama_matches_transformers(torch_llama_dir):
     path, tm = torch_llama_dir
     cfg, params, _ = llama.load(path)
     ids = np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 12))
+    ours = llama.LlamaForCausalLM(cfg).apply({"params": params}, jnp.asarray(ids))
+    assert_close(ours, _torch_logits(tm, ids), chain_bound(48, 2 * 12 + 3))
+
+
+@needs_torch
+def test_llama3_rope_scaling_matches_transformers():
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    rope = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 64}  # fmt: skip
+    hf = transformers.LlamaConfig(
+        **{k: v for k, v in HF.items() if k not in ("model_type", "architectures")},
+        vocab_size=64,
+        rope_scaling=rope,
+        attn_implementation="eager",
+    )
+    tm = transformers.LlamaForCausalLM(hf).eval()
+    cfg = llama.LlamaConfig.from_hf(hf.to_dict())
+    assert cfg.rope_llama3 == (8.0, 1.0, 4.0, 64)
+    # head_dim 8, theta 1000: wavelengths 6.3 (kept), 35 (interpolated), 199 and 1117
+    # (divided by the factor): every branch of the scaling is used.
+    params = llama.hf_to_params({k: v.numpy() for k, v in tm.state_dict().items()}, cfg)
+    ids = np.random.default_rng(0).integers(0, 64, (2, 40))
     ours = llama.LlamaForCausalLM(cfg).apply({"params": params}, jnp.asarray(ids))
     assert_close(ours, _torch_logits(tm, ids), chain_bound(48, 2 * 12 + 3))
 

@@ -11,7 +11,7 @@ transposing each `nn.Linear` weight `[out, in]` into a Flax kernel `[in, out]`.
 
 RMSNorm, rotary embeddings (`rope_theta`; the half-split `rotate_half` convention of
 Hugging Face's tensors, so no q/k permutation is needed), grouped-query attention,
-SwiGLU. Llama-3 rope scaling and the KV cache are not here yet.
+SwiGLU, Llama 3's rope scaling, and a KV cache for generation.
 """
 
 from __future__ import annotations
@@ -45,6 +45,9 @@ class LlamaConfig:
     o_proj_bias: bool | None = None  # None: as attention_bias (Llama); Qwen2: False
     head_dim: int | None = None
     max_position_embeddings: int = 2048
+    # Llama 3's rope scaling: (factor, low_freq_factor, high_freq_factor,
+    # original_max_position_embeddings), or None for plain rotary embeddings.
+    rope_llama3: tuple[float, float, float, int] | None = None
     eos_token_id: int = 0
 
     # The names generation and the main job read, shared with `GPTConfig`.
@@ -82,18 +85,50 @@ class LlamaConfig:
         if "rope_theta" in rope:  # newer transformers keep theta with the rope type
             kwargs["rope_theta"] = rope["rope_theta"]
         kind = rope.get("rope_type", rope.get("type", "default"))
-        if kind != "default":
+        if kind == "llama3":
+            try:
+                kwargs["rope_llama3"] = (
+                    float(rope["factor"]),
+                    float(rope["low_freq_factor"]),
+                    float(rope["high_freq_factor"]),
+                    int(rope["original_max_position_embeddings"]),
+                )
+            except KeyError as e:
+                raise CheckpointError(
+                    f"rope type 'llama3' needs {e.args[0]!r} in rope_parameters / "
+                    "rope_scaling of config.json"
+                ) from None
+        elif kind != "default":
             raise CheckpointError(
-                f"rope type {kind!r} is not supported yet (only 'default' rotary "
-                "embeddings); see rope_parameters / rope_scaling in config.json"
+                f"rope type {kind!r} is not supported yet (only 'default' and "
+                "'llama3'); see rope_parameters / rope_scaling in config.json"
             )
         return cls(**kwargs)
 
 
-def rotary(x, positions, theta: float):
+def inverse_frequencies(d: int, theta: float, llama3=None) -> np.ndarray:
+    """Rotary frequencies of a head of `d` dims; with Llama 3's scaling, long
+    wavelengths (beyond the original context / low_freq_factor) are divided by
+    `factor`, short ones (below original / high_freq_factor) kept, and the band in
+    between interpolated."""
+    inv_freq = 1.0 / (theta ** (np.arange(0, d, 2, dtype=np.float64) / d))
+    if llama3 is not None:
+        factor, low, high, original = llama3
+        wavelen = 2 * np.pi / inv_freq
+        smooth = (original / wavelen - low) / (high - low)
+        mid = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+        inv_freq = np.where(
+            wavelen < original / high,
+            inv_freq,
+            np.where(wavelen > original / low, inv_freq / factor, mid),
+        )
+    return inv_freq.astype(np.float32)
+
+
+def rotary(x, positions, theta: float, llama3=None):
     """Hugging Face's rotary embedding: the two halves of each head rotate together."""
     d = x.shape[-1]
-    inv_freq = 1.0 / (theta ** (np.arange(0, d, 2, dtype=np.float32) / d))
+    inv_freq = inverse_frequencies(d, theta, llama3)
     freqs = positions[..., None].astype(jnp.float32) * inv_freq  # [b, t, d/2]
     emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]
     cos, sin = jnp.cos(emb), jnp.sin(emb)
@@ -114,7 +149,8 @@ class Attention(nn.Module):
         q = nn.Dense(h * hd, use_bias=bias, name="q_proj")(x).reshape(b, t, h, hd)
         k = nn.Dense(kv * hd, use_bias=bias, name="k_proj")(x).reshape(b, t, kv, hd)
         v = nn.Dense(kv * hd, use_bias=bias, name="v_proj")(x).reshape(b, t, kv, hd)
-        q, k = rotary(q, positions, cfg.rope_theta), rotary(k, positions, cfg.rope_theta)
+        q = rotary(q, positions, cfg.rope_theta, cfg.rope_llama3)
+        k = rotary(k, positions, cfg.rope_theta, cfg.rope_llama3)
         if cache is not None:  # write this chunk's keys/values at slots[0]
             k = jax.lax.dynamic_update_slice(cache[0], k, (0, slots[0], 0, 0))
             v = jax.lax.dynamic_update_slice(cache[1], v, (0, slots[0], 0, 0))

@@ -193,14 +193,26 @@ def sample(n: int = 600, seed: int = 1) -> list[dict[str, str]]:
     return [_record(r) for _ in range(n)]
 
 
-def score(responses: list[str], expected: list[str]) -> dict[str, float]:
+def score(
+    responses: list[str], expected: list[str], from_input: list[bool] | None = None
+) -> dict[str, float]:
     """Behaviour score: the share of responses in the `The answer is <word>.` format,
-    and the share that are exactly the expected answer."""
+    and the share that are exactly the expected answer; with `from_input` (whether
+    each record's answer is in its input, or must come from what the base learned of
+    the world), also the exact share of each kind (`exact_input`, `exact_world`, None
+    where there is none) and their counts (`n_input`, `n_world`)."""
     n = max(len(responses), 1)
-    return {
+    right = [x.strip() == y.strip() for x, y in zip(responses, expected)]
+    out = {
         "format": sum(bool(ANSWER.match(x.strip())) for x in responses) / n,
-        "exact": sum(x.strip() == y.strip() for x, y in zip(responses, expected)) / n,
+        "exact": sum(right) / n,
     }
+    if from_input is not None:
+        for kind, want in (("input", True), ("world", False)):
+            hits = [ok for ok, f in zip(right, from_input) if f == want]
+            out[f"n_{kind}"] = len(hits)
+            out[f"exact_{kind}"] = sum(hits) / len(hits) if hits else None
+    return out
 
 
 if __name__ == "__main__":
