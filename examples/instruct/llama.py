@@ -17,13 +17,13 @@ SwiGLU, Llama 3's rope scaling, and a KV cache for generation.
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 import numpy as np
+
+from .model import attend, chunk_slots, pack_cache
 
 
 class CheckpointError(ValueError):
@@ -151,19 +151,8 @@ class Attention(nn.Module):
         v = nn.Dense(kv * hd, use_bias=bias, name="v_proj")(x).reshape(b, t, kv, hd)
         q = rotary(q, positions, cfg.rope_theta, cfg.rope_llama3)
         k = rotary(k, positions, cfg.rope_theta, cfg.rope_llama3)
-        if cache is not None:  # write this chunk's keys/values at slots[0]
-            k = jax.lax.dynamic_update_slice(cache[0], k, (0, slots[0], 0, 0))
-            v = jax.lax.dynamic_update_slice(cache[1], v, (0, slots[0], 0, 0))
-            cache = (k, v)
-        key_slots = jnp.arange(k.shape[1])
-        visible = (key_slots[None, :] <= slots[:, None])[None, None]  # [1, 1, T, S]
-        if key_mask is not None:
-            visible = visible & key_mask[:, None, None, :]
-        k, v = jnp.repeat(k, h // kv, axis=2), jnp.repeat(v, h // kv, axis=2)
-        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(hd)
-        scores = jnp.where(visible, scores, jnp.finfo(scores.dtype).min)
-        probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(v.dtype)
-        y = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, t, h * hd)
+        y, cache = attend(q, k, v, slots, key_mask, cache)  # grouped-query
+        y = y.reshape(b, t, h * hd)
         o_bias = bias if cfg.o_proj_bias is None else cfg.o_proj_bias
         return nn.Dense(cfg.hidden_size, use_bias=o_bias, name="o_proj")(y), cache
 
@@ -222,11 +211,7 @@ class LlamaForCausalLM(nn.Module):
 
     @nn.compact
     def __call__(self, tokens, positions=None, key_mask=None, cache=None):
-        b, t = tokens.shape
-        start = 0 if cache is None else cache["index"]
-        slots = start + jnp.arange(t)
-        if positions is None:
-            positions = jnp.broadcast_to(slots, (b, t))
+        start, slots, positions = chunk_slots(tokens, positions, cache)
         x, embed, new_kv = LlamaModel(self.cfg, name="model")(
             tokens, positions, slots, key_mask, cache
         )
@@ -236,12 +221,7 @@ class LlamaForCausalLM(nn.Module):
             logits = nn.Dense(self.cfg.vocab_size, use_bias=False, name="lm_head")(x)
         if cache is None:
             return logits
-        cache = {
-            "k": jnp.stack([kv[0] for kv in new_kv]),
-            "v": jnp.stack([kv[1] for kv in new_kv]),
-            "index": start + t,
-        }
-        return logits, cache
+        return logits, pack_cache(new_kv, start, tokens.shape[1])
 
 
 def _table(cfg: LlamaConfig) -> dict[str, tuple[tuple[str, ...], tuple[int, ...], bool]]:

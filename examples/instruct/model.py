@@ -83,6 +83,48 @@ class GPTConfig:
         return cls(**kwargs)
 
 
+def chunk_slots(tokens, positions, cache):
+    """`(start, slots, positions)` of a chunk of `tokens`: its first cache slot (0
+    without a cache), the slots it fills, and its position ids (the slots, unless
+    given)."""
+    b, t = tokens.shape
+    start = 0 if cache is None else cache["index"]
+    slots = start + jnp.arange(t)
+    if positions is None:
+        positions = jnp.broadcast_to(slots, (b, t))
+    return start, slots, positions
+
+
+def attend(q, k, v, slots, key_mask, cache):
+    """Causal attention of a chunk (`q`, `k`, `v`: `[batch, time, heads, head_dim]`)
+    over the cache, which first takes this chunk's keys and values at `slots[0]`.
+    Grouped-query when `k`/`v` have fewer heads than `q`. Returns `(y, cache)`."""
+    if cache is not None:
+        k = jax.lax.dynamic_update_slice(cache[0], k, (0, slots[0], 0, 0))
+        v = jax.lax.dynamic_update_slice(cache[1], v, (0, slots[0], 0, 0))
+        cache = (k, v)
+    key_slots = jnp.arange(k.shape[1])
+    visible = (key_slots[None, :] <= slots[:, None])[None, None]  # [1, 1, T, S]
+    if key_mask is not None:
+        visible = visible & key_mask[:, None, None, :]
+    group = q.shape[2] // k.shape[2]
+    if group > 1:
+        k, v = jnp.repeat(k, group, axis=2), jnp.repeat(v, group, axis=2)
+    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(q.shape[-1])
+    scores = jnp.where(visible, scores, jnp.finfo(scores.dtype).min)
+    probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(v.dtype)
+    return jnp.einsum("bhqk,bkhd->bqhd", probs, v), cache
+
+
+def pack_cache(layer_caches, start, t) -> dict:
+    """The cache after a chunk of `t` tokens from each layer's `(k, v)`."""
+    return {
+        "k": jnp.stack([kv[0] for kv in layer_caches]),
+        "v": jnp.stack([kv[1] for kv in layer_caches]),
+        "index": start + t,
+    }
+
+
 class Attention(nn.Module):
     cfg: GPTConfig
 
@@ -94,18 +136,8 @@ class Attention(nn.Module):
             nn.Dense(d, name=name)(x).reshape(b, t, h, d // h)
             for name in ("query", "key", "value")
         )
-        if cache is not None:  # write this chunk's keys/values at slots[0]
-            k = jax.lax.dynamic_update_slice(cache[0], k, (0, slots[0], 0, 0))
-            v = jax.lax.dynamic_update_slice(cache[1], v, (0, slots[0], 0, 0))
-            cache = (k, v)
-        key_slots = jnp.arange(k.shape[1])
-        visible = (key_slots[None, :] <= slots[:, None])[None, None]  # [1, 1, T, S]
-        if key_mask is not None:
-            visible = visible & key_mask[:, None, None, :]
-        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(d // h)
-        scores = jnp.where(visible, scores, jnp.finfo(scores.dtype).min)
-        probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(v.dtype)
-        y = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, t, d)
+        y, cache = attend(q, k, v, slots, key_mask, cache)
+        y = y.reshape(b, t, d)
         return nn.Dense(d, name="out")(y), cache
 
 
@@ -139,11 +171,7 @@ class GPT(nn.Module):
 
     @nn.compact
     def __call__(self, tokens, positions=None, key_mask=None, cache=None):
-        b, t = tokens.shape
-        start = 0 if cache is None else cache["index"]
-        slots = start + jnp.arange(t)
-        if positions is None:
-            positions = jnp.broadcast_to(slots, (b, t))
+        start, slots, positions = chunk_slots(tokens, positions, cache)
         wte = nn.Embed(self.cfg.vocab_size, self.cfg.n_embd, name="wte")
         wpe = nn.Embed(self.cfg.n_positions, self.cfg.n_embd, name="wpe")
         x = wte(tokens) + wpe(positions)
@@ -156,12 +184,7 @@ class GPT(nn.Module):
         logits = wte.attend(x)
         if cache is None:
             return logits
-        cache = {
-            "k": jnp.stack([kv[0] for kv in new_kv]),
-            "v": jnp.stack([kv[1] for kv in new_kv]),
-            "index": start + t,
-        }
-        return logits, cache
+        return logits, pack_cache(new_kv, start, tokens.shape[1])
 
 
 def init_cache(cfg, batch: int, length: int, dtype=jnp.float32) -> dict:
