@@ -758,8 +758,8 @@ def load_peft(
         module (`rows=`) is split over its parts, each getting the module's `A`.
       probe: a function of params that runs the model (`lambda p: model.apply({"params":
         p}, x)`); it tells which axes of each kernel are inputs, outputs and stacked.
-        Needed for square 2-axis kernels and for kernels with more axes, unless their
-        PeftModule has a `to_torch`... (with more than 2 axes, always).
+        Needed for kernels with more than 2 axes, and for square 2-axis kernels whose
+        PeftModule has no `to_torch` (shapes can't tell their orientation).
 
     Returns:
       adapted params, as `jlora.init` would make them, with the file's factors.
