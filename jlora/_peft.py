@@ -180,19 +180,25 @@ class _Mapping:
 def _factor_mapping(shape: tuple[int, ...], layout: Layout, to_torch) -> _Mapping:
     """Applies `to_torch` to the kernel's input and output feature indices; it must
     give an `[out, in]` matrix whose rows carry one output feature each and whose
-    columns one input feature each (a rearrangement), or a ValueError says why."""
-    grids = np.indices(shape)
+    columns one input feature each (a rearrangement), or a ValueError says why.
+
+    The default (each side's axes flattened in axis order) is computed from the feature
+    counts alone; a given `to_torch` is applied to kernel-sized index arrays."""
     in_dims = [shape[a] for a in layout.in_axes]
     out_dims = [shape[a] for a in layout.out_axes]
-    in_index = np.ravel_multi_index([grids[a] for a in layout.in_axes], in_dims)
-    out_index = np.ravel_multi_index([grids[a] for a in layout.out_axes], out_dims)
     n_in, n_out = int(np.prod(in_dims)), int(np.prod(out_dims))
     if to_torch is None:
-        order = tuple(sorted(layout.out_axes)) + tuple(sorted(layout.in_axes))
 
-        def to_torch(k):
-            return np.transpose(k, order).reshape(n_out, n_in)
+        def flattened(axes, dims):  # factor order -> the same features in axis order
+            index = np.arange(int(np.prod(dims))).reshape(dims)
+            return index.transpose(np.argsort(axes)).ravel()
 
+        return _Mapping(
+            flattened(layout.in_axes, in_dims), flattened(layout.out_axes, out_dims)
+        )
+    grids = np.indices(shape)
+    in_index = np.ravel_multi_index([grids[a] for a in layout.in_axes], in_dims)
+    out_index = np.ravel_multi_index([grids[a] for a in layout.out_axes], out_dims)
     t_in, t_out = np.asarray(to_torch(in_index)), np.asarray(to_torch(out_index))
     if t_in.shape != (n_out, n_in):
         raise ValueError(
@@ -231,18 +237,31 @@ def _from_peft(
     return a2.reshape(a_shape), b2.reshape(b_shape)
 
 
-def _matrix_layout(shape, to_torch) -> Layout:
-    """The layout of a 2-axis kernel trained whole: `[in, out]` (Flax's), unless its
-    `to_torch` is only a rearrangement for the other orientation."""
-    if to_torch is None:
-        return DEFAULT_LAYOUT
+def _orientations(shape, to_torch, n_in=None, n_out=None) -> list[tuple[Layout, _Mapping]]:
+    """The orientations (`[in, out]`, `[out, in]`) of a 2-axis kernel that fit the
+    module's sizes (where given) and, with a `to_torch`, that it rearranges exactly,
+    each with its factor mapping."""
     fits = []
     for lay in (DEFAULT_LAYOUT, Layout((1,), (0,))):
+        if n_in is not None and (shape[lay.in_axes[0]], shape[lay.out_axes[0]]) != (
+            n_in,
+            n_out,
+        ):
+            continue
         try:
-            _factor_mapping(shape, lay, to_torch)
-            fits.append(lay)
+            fits.append((lay, _factor_mapping(shape, lay, to_torch)))
         except ValueError:
-            pass
+            if to_torch is None:
+                raise
+    return fits
+
+
+def _matrix_layout(shape, to_torch) -> tuple[Layout, _Mapping]:
+    """The layout of a 2-axis kernel trained whole, with its mapping: `[in, out]`
+    (Flax's), unless its `to_torch` is only a rearrangement for the other orientation."""
+    if to_torch is None:
+        return DEFAULT_LAYOUT, _factor_mapping(shape, DEFAULT_LAYOUT, None)
+    fits = _orientations(shape, to_torch)
     if len(fits) != 1:
         raise ValueError(
             f"its to_torch does not tell which axis of the kernel {list(shape)} is the "
@@ -259,8 +278,7 @@ def _whole_to_torch(value, path, pm: PeftModule, fan_in_fan_out: bool) -> np.nda
         return value
     if value.ndim != 2:
         raise ValueError(f"a kernel of {value.ndim} axes written whole; only 2-axis are")
-    layout = _matrix_layout(value.shape, pm.to_torch)
-    m = _factor_mapping(value.shape, layout, pm.to_torch)
+    layout, m = _matrix_layout(value.shape, pm.to_torch)
     k2 = np.transpose(value, layout.in_axes + layout.out_axes)
     matrix = k2[np.ix_(m.in_perm, m.out_perm)].T
     return matrix.T if fan_in_fan_out else matrix
@@ -271,14 +289,13 @@ def _whole_from_torch(value, leaf, path, pm: PeftModule, fan_in_fan_out: bool):
     shape = tuple(np.shape(leaf))
     if path.rsplit("/", 1)[-1] == "kernel" and len(shape) == 2 and value.ndim == 2:
         matrix = value.T if fan_in_fan_out else value
-        layout = _matrix_layout(shape, pm.to_torch)
+        layout, m = _matrix_layout(shape, pm.to_torch)
         n_in, n_out = shape[layout.in_axes[0]], shape[layout.out_axes[0]]
         if matrix.shape != (n_out, n_in):
             raise ValueError(
                 f"PyTorch weight {list(value.shape)} does not fit the kernel "
                 f"{list(shape)} ({layout}; fan_in_fan_out={fan_in_fan_out})"
             )
-        m = _factor_mapping(shape, layout, pm.to_torch)
         k2 = np.empty((n_in, n_out), value.dtype)
         k2[np.ix_(m.in_perm, m.out_perm)] = matrix.T
         return np.transpose(k2, np.argsort(layout.in_axes + layout.out_axes))
@@ -314,7 +331,9 @@ def _scale(alpha, r, rslora) -> float:
     return alpha / math.sqrt(r) if rslora else alpha / r
 
 
-def _global_settings(config, ranks: list[int], alphas: list[float]) -> dict:
+def _global_settings(config) -> dict:
+    """The config's global fields; `r` and `lora_alpha` are None without a config (the
+    caller takes the most common module's)."""
     if isinstance(config, LoraConfig):
         return {
             "r": config.rank,
@@ -336,11 +355,9 @@ def _global_settings(config, ranks: list[int], alphas: list[float]) -> dict:
             "jlora.save_peft: config must be a jlora.LoraConfig, a PEFT config dict "
             f"(jlora.read_peft_config) or None, got {type(config).__name__}."
         )
-    common = collections.Counter(zip(ranks, alphas)).most_common(1)
-    r, alpha = common[0][0] if common else (8, 8.0)
     return {
-        "r": r,
-        "lora_alpha": alpha,
+        "r": None,
+        "lora_alpha": None,
         "use_rslora": False,
         "lora_dropout": 0.0,
         "bias": "none",
@@ -569,19 +586,13 @@ def save_peft(
             + "\n".join(errors)
         )
 
-    rslora_cfg = (
-        config.use_rslora
-        if isinstance(config, LoraConfig)
-        else (
-            bool(config.get("use_rslora", False)) if isinstance(config, Mapping) else False
-        )
-    )
-    alphas = {
-        n: scales[n] * (math.sqrt(ranks[n]) if rslora_cfg else ranks[n]) for n in ranks
-    }
-    settings = _global_settings(
-        config, [ranks[n] for n in sorted(ranks)], [alphas[n] for n in sorted(ranks)]
-    )
+    settings = _global_settings(config)
+    rslora = settings["use_rslora"]
+    alphas = {n: scales[n] * (math.sqrt(ranks[n]) if rslora else ranks[n]) for n in ranks}
+    if settings["r"] is None:  # no config: the most common rank and alpha
+        common = collections.Counter((ranks[n], alphas[n]) for n in sorted(ranks))
+        top = common.most_common(1)
+        settings["r"], settings["lora_alpha"] = top[0][0] if top else (8, 8.0)
     rank_pattern, alpha_pattern = {}, {}
     for n in sorted(ranks):
         if ranks[n] != settings["r"]:
@@ -703,19 +714,10 @@ def _classify(keys, where) -> tuple[dict, dict, dict, list[str]]:
     return lora, plain, base, errors
 
 
-def _layout_2d(shape, n_in, n_out, to_torch) -> Layout:
+def _layout_2d(shape, n_in, n_out, to_torch) -> tuple[Layout, _Mapping]:
     """Which axis of a 2-axis kernel is the input: the one the shapes (and the module's
     `to_torch`, if it has one) allow; a square kernel without `to_torch` can't tell."""
-    fits = []
-    for lay in (DEFAULT_LAYOUT, Layout((1,), (0,))):
-        if shape[lay.in_axes[0]] != n_in or shape[lay.out_axes[0]] != n_out:
-            continue
-        if to_torch is not None:
-            try:
-                _factor_mapping(shape, lay, to_torch)
-            except ValueError:
-                continue
-        fits.append(lay)
+    fits = _orientations(shape, to_torch, n_in, n_out)
     if len(fits) == 2:
         raise ValueError(
             f"the kernel {list(shape)} is square, so whether it is stored [in, out] or "
@@ -888,7 +890,7 @@ def load_peft(
                     n_out = (
                         big_b.shape[0] if pm.rows is None else lshape[0] * lshape[1] // n_in
                     )
-                    layer_layout = _layout_2d(lshape, n_in, n_out, pm.to_torch)
+                    layer_layout, mapping = _layout_2d(lshape, n_in, n_out, pm.to_torch)
                     layout = (
                         layer_layout
                         if axis is None
@@ -898,7 +900,8 @@ def load_peft(
                             (0,),
                         )
                     )
-                mapping = _factor_mapping(lshape, layer_layout, pm.to_torch)
+                else:
+                    mapping = _factor_mapping(lshape, layer_layout, pm.to_torch)
                 n_part = len(mapping.out_perm)
                 start = 0 if pm.rows is None else pm.rows[0]
                 if pm.rows is not None and pm.rows[1] != big_b.shape[0]:
@@ -947,29 +950,31 @@ def load_peft(
         for key, rest in list(base_keys.items()):
             if rest.endswith(".bias"):
                 plain[key] = base_keys.pop(key)
+
+    def onto_leaf(key, rest, missing):
+        """`(path, value)` of the leaf a plain tensor belongs to, as the leaf stores
+        it, or None with the problem in `errors`."""
+        module, _, param = rest.rpartition(".")
+        if (module, param) not in leaf_of:
+            errors.append(f"  {key}: {missing} {module!r}.{param}")
+            return None
+        p, pm = leaf_of[(module, param)]
+        try:
+            return p, _whole_from_torch(tensors[key], unbox(by_path[p].value), p, pm, fan)
+        except ValueError as e:
+            errors.append(f"  {key} -> {p}: {e}")
+            return None
+
     trained: dict[str, np.ndarray] = {}
     for key, rest in plain.items():
-        module, _, param = rest.rpartition(".")
-        if (module, param) not in leaf_of:
-            errors.append(f"  {key}: no leaf of base_params maps to {module!r}.{param}")
-            continue
-        p, pm = leaf_of[(module, param)]
-        try:
-            leaf = unbox(by_path[p].value)
-            trained[p] = _whole_from_torch(tensors[key], leaf, p, pm, fan)
-        except ValueError as e:
-            errors.append(f"  {key} -> {p}: {e}")
+        got = onto_leaf(key, rest, "no leaf of base_params maps to")
+        if got is not None:
+            trained[got[0]] = got[1]
     for key, rest in base_keys.items():
-        module, _, param = rest.rpartition(".")
-        if (module, param) not in leaf_of:
-            errors.append(f"  {key}: base weights for {module!r}, which base_params lack")
+        got = onto_leaf(key, rest, "base weights for a leaf base_params lack:")
+        if got is None:
             continue
-        p, pm = leaf_of[(module, param)]
-        try:
-            value = _whole_from_torch(tensors[key], unbox(by_path[p].value), p, pm, fan)
-        except ValueError as e:
-            errors.append(f"  {key} -> {p}: {e}")
-            continue
+        p, value = got
         if not np.array_equal(value, _host(unbox(by_path[p].value)).astype(value.dtype)):
             errors.append(
                 f"  {key}: the file carries base weights for {p} that differ from "
