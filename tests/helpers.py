@@ -86,3 +86,16 @@ def collectives(hlo: str):
         dims = re.findall(r"\d+", shape.split("[", 1)[1])
         out.append((op, int(np.prod([int(d) for d in dims])) if dims else 1))
     return out
+
+
+def randomize_torch(model, selected, seed: int, scale: float = 0.1) -> None:
+    """Overwrites, in place, every PyTorch parameter whose name `selected(name)` picks
+    with `scale` times standard normal draws from a generator seeded with `seed` (PEFT
+    starts `lora_B` at zero, which would hide a wrong B)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if selected(name):
+                p.copy_(torch.randn(p.shape, generator=g) * scale)

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import assert_close, chain_bound
+from helpers import assert_close, chain_bound, randomize_torch
 
 import jlora
 from jlora import _safetensors
@@ -254,7 +254,6 @@ def test_llama3_rope_scaling_matches_transformers():
 @needs_torch
 def test_main_job_on_llama_exports_and_imports_peft(tmp_path, torch_llama_dir):
     import peft
-    import torch
 
     path, tm = torch_llama_dir
     alpaca = _alpaca()
@@ -279,11 +278,7 @@ def test_main_job_on_llama_exports_and_imports_peft(tmp_path, torch_llama_dir):
         copy.deepcopy(tm),
         peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
     )
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for n, p in made.named_parameters():
-            if "lora_B" in n:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    randomize_torch(made, lambda n: "lora_B" in n, seed=1)
     made.save_pretrained(str(tmp_path / "made"))
     _, params, _ = llama.load(path)
     start = jlora.load_peft(

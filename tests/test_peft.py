@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
-from helpers import assert_close, chain_bound
+from helpers import assert_close, chain_bound, randomize_torch
 
 import jlora
 from jlora import _safetensors
@@ -475,7 +475,6 @@ def test_llama_export_gives_peft_the_same_logits_and_merge(torch_llama, tmp_path
 @needs_torch
 def test_llama_import_of_a_peft_made_adapter(torch_llama, tmp_path):
     import peft
-    import torch
 
     tm, model, params, ids, probe, _ = torch_llama
     pcfg = peft.LoraConfig(
@@ -496,11 +495,7 @@ def test_llama_import_of_a_peft_made_adapter(torch_llama, tmp_path):
         lora_dropout=0.1,
     )
     pm = peft.get_peft_model(copy.deepcopy(tm), pcfg)
-    g = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for n, p in pm.named_parameters():
-            if "lora_" in n or "modules_to_save" in n:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    randomize_torch(pm, lambda n: "lora_" in n or "modules_to_save" in n, seed=3)
     pm.eval()
     pm.save_pretrained(str(tmp_path / "peft"))  # also writes the embedding's base weights
     lp = jlora.load_peft(tmp_path / "peft", params, probe=probe)
@@ -539,7 +534,6 @@ def torch_gpt2():
 @needs_torch
 def test_gpt2_fused_c_attn_both_ways(torch_gpt2, tmp_path):
     import peft
-    import torch
 
     tm, model, params, ids, cfg = torch_gpt2
     names = gpt2.peft_module_names(cfg)
@@ -550,11 +544,7 @@ def test_gpt2_fused_c_attn_both_ways(torch_gpt2, tmp_path):
             r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True
         ),
     )
-    g = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for n, p in pm.named_parameters():
-            if "lora_" in n:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    randomize_torch(pm, lambda n: "lora_" in n, seed=3)
     pm.eval().save_pretrained(str(tmp_path / "imp"))
     lp = jlora.load_peft(tmp_path / "imp", params, module_names=names)
     assert all(lp["h_1"]["attn"][n]["kernel"].rank == 4 for n in ("query", "key", "value"))
@@ -600,10 +590,8 @@ def test_qwen2_biases_and_a_trained_bias_go_through_peft(tmp_path):
         tie_word_embeddings=False, attn_implementation="eager",
     )  # fmt: skip
     tm = transformers.Qwen2ForCausalLM(hf).eval()
-    with torch.no_grad():  # Qwen2 initializes its q/k/v biases to zero: make them count
-        for n, p in tm.named_parameters():
-            if n.endswith("proj.bias"):
-                p.copy_(torch.randn(p.shape) * 0.1)
+    # Qwen2 initializes its q/k/v biases to zero: make them count.
+    randomize_torch(tm, lambda n: n.endswith("proj.bias"), seed=4)
     cfg = llama.LlamaConfig.from_hf(hf.to_dict() | {"model_type": "qwen2"})
     tensors = {k: v.detach().numpy() for k, v in tm.state_dict().items()}
     params = llama.hf_to_params(tensors, cfg)
