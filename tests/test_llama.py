@@ -6,6 +6,7 @@ tiny random Llama checkpoint with `--export-peft` and `--init-adapter`."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import importlib.util
 import json
 import pathlib
@@ -62,7 +63,8 @@ def random_tensors(cfg: llama.LlamaConfig, seed=0) -> dict[str, np.ndarray]:
 
 
 def numpy_llama(t: dict, cfg: llama.LlamaConfig, ids: np.ndarray) -> np.ndarray:
-    """Llama's forward in float64 NumPy, straight from the Hugging Face tensors."""
+    """Llama's forward in float64 NumPy, straight from the Hugging Face tensors
+    (biases where the tensors have them, the attention window of each layer)."""
     t = {k: v.astype(np.float64) for k, v in t.items()}
     h, kv, hd = cfg.num_attention_heads, cfg.kv_heads, cfg.dim_per_head
     b, n = ids.shape
@@ -77,20 +79,29 @@ def numpy_llama(t: dict, cfg: llama.LlamaConfig, ids: np.ndarray) -> np.ndarray:
         x1, x2 = x[..., : hd // 2], x[..., hd // 2 :]
         return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1)
 
+    def linear(x, name):  # an nn.Linear, with its bias where the file has one
+        return x @ t[name + ".weight"].T + t.get(name + ".bias", 0.0)
+
     x = t["model.embed_tokens.weight"][ids]
     for i in range(cfg.num_hidden_layers):
         p = f"model.layers.{i}."
         y = norm(x, t[p + "input_layernorm.weight"])
-        q = rope((y @ t[p + "self_attn.q_proj.weight"].T).reshape(b, n, h, hd))
-        k = rope((y @ t[p + "self_attn.k_proj.weight"].T).reshape(b, n, kv, hd))
-        v = (y @ t[p + "self_attn.v_proj.weight"].T).reshape(b, n, kv, hd)
+
+        q = rope(linear(y, p + "self_attn.q_proj").reshape(b, n, h, hd))
+        k = rope(linear(y, p + "self_attn.k_proj").reshape(b, n, kv, hd))
+        v = linear(y, p + "self_attn.v_proj").reshape(b, n, kv, hd)
         group = h // kv
         s = np.einsum("bqhd,bkhd->bhqk", q, k[:, :, np.arange(h) // group]) / np.sqrt(hd)
-        s = np.where(np.tril(np.ones((n, n), bool)), s, -np.inf)
+        w = cfg.window(i) or n
+        s = np.where(
+            np.tril(np.ones((n, n), bool)) & np.triu(np.ones((n, n), bool), 1 - w),
+            s,
+            -np.inf,
+        )
         s = np.exp(s - s.max(-1, keepdims=True))
         s /= s.sum(-1, keepdims=True)
         o = np.einsum("bhqk,bkhd->bqhd", s, v[:, :, np.arange(h) // group])
-        x = x + o.reshape(b, n, h * hd) @ t[p + "self_attn.o_proj.weight"].T
+        x = x + linear(o.reshape(b, n, h * hd), p + "self_attn.o_proj")
         y = norm(x, t[p + "post_attention_layernorm.weight"])
         gate = y @ t[p + "mlp.gate_proj.weight"].T
         up = y @ t[p + "mlp.up_proj.weight"].T
@@ -124,6 +135,44 @@ def test_llama_forward_matches_a_numpy_reference(tmp_path, tokenizer):
     assert_close(ours, numpy_llama(tensors, cfg, ids), chain_bound(48, 2 * 12 + 3))
 
 
+SLIDING = {
+    # Mistral: every layer slides once sliding_window is set.
+    "mistral": dict(HF, model_type="mistral", sliding_window=3),
+    # Qwen2: only with use_sliding_window, and only from layer max_window_layers on.
+    "qwen2": dict(
+        HF, model_type="qwen2", use_sliding_window=True, sliding_window=3,
+        max_window_layers=1,
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("family", sorted(SLIDING))
+def test_sliding_window_matches_a_numpy_reference(tmp_path, tokenizer, family):
+    hf = dict(SLIDING[family], vocab_size=tokenizer.get_vocab_size())
+    cfg = llama.LlamaConfig.from_hf(hf)
+    slides = [cfg.window(i) for i in range(cfg.num_hidden_layers)]
+    assert slides == ([3, 3] if family == "mistral" else [None, 3])
+    tensors = random_tensors(cfg)  # with Qwen2's q/k/v biases
+    _, params, _ = llama.load(write_llama(tmp_path / family, tensors, hf, tokenizer))
+    ids = np.random.default_rng(1).integers(0, cfg.vocab_size, (2, 12))
+    ours = llama.LlamaForCausalLM(cfg).apply({"params": params}, jnp.asarray(ids))
+    assert_close(ours, numpy_llama(tensors, cfg, ids), chain_bound(48, 2 * 12 + 3))
+    # The window matters: full attention gives other logits past the window.
+    full = numpy_llama(tensors, dataclasses.replace(cfg, sliding_window=None), ids)
+    assert np.abs(np.asarray(ours)[:, 3:] - full[:, 3:]).max() > 1e-2
+    assert_close(ours[:, :3], full[:, :3], chain_bound(48, 2 * 12 + 3))
+
+
+def test_sliding_window_config_errors():
+    bad = dict(SLIDING["qwen2"], layer_types=["sliding_attention", "local"])
+    with pytest.raises(llama.CheckpointError, match="layer_types .* 'local'"):
+        llama.LlamaConfig.from_hf(bad)
+    # Llama never slides; Qwen2 without use_sliding_window doesn't either.
+    assert llama.LlamaConfig.from_hf(dict(HF, sliding_window=3)).window(0) is None
+    off = dict(SLIDING["qwen2"], use_sliding_window=False)
+    assert llama.LlamaConfig.from_hf(off).sliding_window is None
+
+
 def test_llama_loader_lists_every_problem(tmp_path, tokenizer):
     hf = dict(HF, vocab_size=tokenizer.get_vocab_size())
     cfg = llama.LlamaConfig.from_hf(hf)
@@ -150,8 +199,9 @@ def test_llama_loader_lists_every_problem(tmp_path, tokenizer):
         llama.load(write_llama(tmp_path / "l3", good, scaled, tokenizer))
 
 
-def test_llama_cached_generation_equals_full_recompute():
-    cfg = llama.LlamaConfig.from_hf(dict(HF, vocab_size=40))
+@pytest.mark.parametrize("family", ["llama", "mistral"])
+def test_llama_cached_generation_equals_full_recompute(family):
+    cfg = llama.LlamaConfig.from_hf(dict(SLIDING.get(family, HF), vocab_size=40))
     model = llama.LlamaForCausalLM(cfg)
     params = model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]
     params = jax.tree.map(lambda x: x * 8 if x.ndim == 2 else x, params)  # sharper
@@ -247,6 +297,35 @@ def test_llama3_rope_scaling_matches_transformers():
     # (divided by the factor): every branch of the scaling is used.
     params = llama.hf_to_params({k: v.numpy() for k, v in tm.state_dict().items()}, cfg)
     ids = np.random.default_rng(0).integers(0, 64, (2, 40))
+    ours = llama.LlamaForCausalLM(cfg).apply({"params": params}, jnp.asarray(ids))
+    assert_close(ours, _torch_logits(tm, ids), chain_bound(48, 2 * 12 + 3))
+
+
+@needs_torch
+@pytest.mark.parametrize("family", sorted(SLIDING))
+def test_sliding_window_matches_transformers(family):
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    kind = {"mistral": "Mistral", "qwen2": "Qwen2"}[family]
+    hf = getattr(transformers, f"{kind}Config")(
+        **{
+            k: v
+            for k, v in SLIDING[family].items()
+            if k not in ("model_type", "architectures")
+        },
+        vocab_size=64,
+        attn_implementation="eager",
+    )
+    tm = getattr(transformers, f"{kind}ForCausalLM")(hf).eval()
+    randomize_torch(tm, lambda name: "norm" not in name, seed=0, scale=0.2)
+    cfg = llama.LlamaConfig.from_hf(hf.to_dict())
+    assert [cfg.window(i) for i in range(2)] == (
+        [3, 3] if family == "mistral" else [None, 3]
+    )
+    params = llama.hf_to_params({k: v.numpy() for k, v in tm.state_dict().items()}, cfg)
+    ids = np.random.default_rng(0).integers(0, 64, (2, 12))
     ours = llama.LlamaForCausalLM(cfg).apply({"params": params}, jnp.asarray(ids))
     assert_close(ours, _torch_logits(tm, ids), chain_bound(48, 2 * 12 + 3))
 

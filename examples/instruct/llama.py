@@ -11,7 +11,8 @@ transposing each `nn.Linear` weight `[out, in]` into a Flax kernel `[in, out]`.
 
 RMSNorm, rotary embeddings (`rope_theta`; the half-split `rotate_half` convention of
 Hugging Face's tensors, so no q/k permutation is needed), grouped-query attention,
-SwiGLU, Llama 3's rope scaling, and a KV cache for generation.
+SwiGLU, Llama 3's rope scaling, Mistral's and Qwen2's sliding-window attention, and
+a KV cache for generation.
 """
 
 from __future__ import annotations
@@ -48,6 +49,11 @@ class LlamaConfig:
     # Llama 3's rope scaling: (factor, low_freq_factor, high_freq_factor,
     # original_max_position_embeddings), or None for plain rotary embeddings.
     rope_llama3: tuple[float, float, float, int] | None = None
+    # Sliding-window attention: each query sees the last `sliding_window` positions
+    # (itself included) in the layers marked "sliding_attention" in `layer_types`
+    # (all layers when `layer_types` is None); None is full causal attention.
+    sliding_window: int | None = None
+    layer_types: tuple[str, ...] | None = None
     eos_token_id: int = 0
 
     # The names generation and the main job read, shared with `GPTConfig`.
@@ -62,6 +68,14 @@ class LlamaConfig:
     def cache_shape(self, batch: int, length: int) -> tuple[int, ...]:
         return (self.num_hidden_layers, batch, length, self.kv_heads, self.dim_per_head)
 
+    def window(self, layer: int) -> int | None:
+        """The attention window of layer `layer` (None: full causal attention)."""
+        if self.sliding_window is None:
+            return None
+        if self.layer_types is None or self.layer_types[layer] == "sliding_attention":
+            return self.sliding_window
+        return None
+
     @property
     def kv_heads(self) -> int:
         return self.num_key_value_heads or self.num_attention_heads
@@ -74,6 +88,7 @@ class LlamaConfig:
     def from_hf(cls, hf: dict) -> LlamaConfig:
         """From a Hugging Face `config.json` dict (Llama, Qwen2 or Mistral names)."""
         fields = {f.name for f in dataclasses.fields(cls)}
+        fields -= {"sliding_window", "layer_types"}  # read below, by family
         kwargs = {k: v for k, v in hf.items() if k in fields and v is not None}
         eos = hf.get("eos_token_id")
         if isinstance(eos, list):  # Llama 3 lists several; generation stops at the first
@@ -81,6 +96,7 @@ class LlamaConfig:
         kwargs["eos_token_id"] = eos if eos is not None else 0
         if hf.get("model_type") == "qwen2":  # q/k/v biases, none on o_proj
             kwargs["attention_bias"], kwargs["o_proj_bias"] = True, False
+        kwargs.update(_sliding(hf))
         rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
         if "rope_theta" in rope:  # newer transformers keep theta with the rope type
             kwargs["rope_theta"] = rope["rope_theta"]
@@ -104,6 +120,30 @@ class LlamaConfig:
                 "'llama3'); see rope_parameters / rope_scaling in config.json"
             )
         return cls(**kwargs)
+
+
+def _sliding(hf: dict) -> dict:
+    """`sliding_window` and `layer_types` from a config dict, as transformers reads
+    them: Mistral slides in every layer whenever `sliding_window` is set; Qwen2 only
+    with `use_sliding_window`, from layer `max_window_layers` on, unless
+    `layer_types` lists each layer; Llama never slides."""
+    kind, window = hf.get("model_type"), hf.get("sliding_window")
+    if kind == "mistral" and window is not None:
+        return {"sliding_window": int(window)}
+    if kind != "qwen2" or not hf.get("use_sliding_window") or window is None:
+        return {}
+    n = hf.get("num_hidden_layers", LlamaConfig.num_hidden_layers)
+    types = hf.get("layer_types") or [
+        "sliding_attention" if i >= hf.get("max_window_layers", 28) else "full_attention"
+        for i in range(n)
+    ]
+    unknown = sorted(set(types) - {"sliding_attention", "full_attention"})
+    if len(types) != n or unknown:
+        raise CheckpointError(
+            f"layer_types in config.json must list 'sliding_attention' or "
+            f"'full_attention' for each of the {n} layers; got {types!r}"
+        )
+    return {"sliding_window": int(window), "layer_types": tuple(types)}
 
 
 def inverse_frequencies(d: int, theta: float, llama3=None) -> np.ndarray:
@@ -139,6 +179,7 @@ def rotary(x, positions, theta: float, llama3=None):
 
 class Attention(nn.Module):
     cfg: LlamaConfig
+    layer: int = 0
 
     @nn.compact
     def __call__(self, x, positions, slots, key_mask, cache):
@@ -151,7 +192,8 @@ class Attention(nn.Module):
         v = nn.Dense(kv * hd, use_bias=bias, name="v_proj")(x).reshape(b, t, kv, hd)
         q = rotary(q, positions, cfg.rope_theta, cfg.rope_llama3)
         k = rotary(k, positions, cfg.rope_theta, cfg.rope_llama3)
-        y, cache = attend(q, k, v, slots, key_mask, cache)  # grouped-query
+        window = cfg.window(self.layer)
+        y, cache = attend(q, k, v, slots, key_mask, cache, window)  # grouped-query
         y = y.reshape(b, t, h * hd)
         o_bias = bias if cfg.o_proj_bias is None else cfg.o_proj_bias
         return nn.Dense(cfg.hidden_size, use_bias=o_bias, name="o_proj")(y), cache
@@ -170,11 +212,12 @@ class MLP(nn.Module):
 
 class DecoderLayer(nn.Module):
     cfg: LlamaConfig
+    layer: int = 0
 
     @nn.compact
     def __call__(self, x, positions, slots, key_mask, cache):
         eps = self.cfg.rms_norm_eps
-        y, cache = Attention(self.cfg, name="self_attn")(
+        y, cache = Attention(self.cfg, self.layer, name="self_attn")(
             nn.RMSNorm(eps, name="input_layernorm")(x), positions, slots, key_mask, cache
         )
         x = x + y
@@ -192,7 +235,7 @@ class LlamaModel(nn.Module):
         new_kv = []
         for i in range(self.cfg.num_hidden_layers):
             layer_cache = None if cache is None else (cache["k"][i], cache["v"][i])
-            x, layer_cache = DecoderLayer(self.cfg, name=f"layers_{i}")(
+            x, layer_cache = DecoderLayer(self.cfg, i, name=f"layers_{i}")(
                 x, positions, slots, key_mask, layer_cache
             )
             new_kv.append(layer_cache)

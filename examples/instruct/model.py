@@ -95,16 +95,22 @@ def chunk_slots(tokens, positions, cache):
     return start, slots, positions
 
 
-def attend(q, k, v, slots, key_mask, cache):
+def attend(q, k, v, slots, key_mask, cache, window: int | None = None):
     """Causal attention of a chunk (`q`, `k`, `v`: `[batch, time, heads, head_dim]`)
     over the cache, which first takes this chunk's keys and values at `slots[0]`.
-    Grouped-query when `k`/`v` have fewer heads than `q`. Returns `(y, cache)`."""
+    Grouped-query when `k`/`v` have fewer heads than `q`. With `window`, a query
+    sees only the `window` slots ending at its own (sliding-window attention; the
+    real tokens of a left-padded row sit in consecutive slots, so this is a window
+    over positions). Returns `(y, cache)`."""
     if cache is not None:
         k = jax.lax.dynamic_update_slice(cache[0], k, (0, slots[0], 0, 0))
         v = jax.lax.dynamic_update_slice(cache[1], v, (0, slots[0], 0, 0))
         cache = (k, v)
     key_slots = jnp.arange(k.shape[1])
-    visible = (key_slots[None, :] <= slots[:, None])[None, None]  # [1, 1, T, S]
+    visible = key_slots[None, :] <= slots[:, None]
+    if window is not None:
+        visible = visible & (key_slots[None, :] > slots[:, None] - window)
+    visible = visible[None, None]  # [1, 1, T, S]
     if key_mask is not None:
         visible = visible & key_mask[:, None, None, :]
     group = q.shape[2] // k.shape[2]
