@@ -10,7 +10,7 @@ The default run pretrains a small GPT-2-architecture base model on the generated
 of `instruct.world` (once; it is cached), then trains LoRA adapters (r=8, alpha=16,
 dropout 0.05 on the attention query and value kernels, AdamW at 3e-4) on the shipped
 Alpaca-format sample, whose answers follow a fixed format the base model has never seen
-(`Answer: <word>.`). It prints the held-out loss and a behaviour score (the share of
+(`The answer is <word>.`). It prints the held-out loss and a behaviour score (the share of
 held-out answers in that format, and the share exactly right) before and after, saves
 resumable adapter checkpoints, merges the adapters into the kernels and generates
 answers for a few held-out instructions with the merged model.

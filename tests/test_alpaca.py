@@ -467,5 +467,5 @@ def test_alpaca_main_job_two_steps_end_to_end(tmp_path):
 def test_embedded_base_settings_are_checked(tmp_path):
     with pytest.raises(ValueError, match="BaseSettings.n_docs must be positive"):
         base.BaseSettings(n_docs=0)
-    with pytest.raises(ValueError, match="fewer than a batch .* raise n_docs"):
-        base.pretrain(base.BaseSettings(n_docs=5), str(tmp_path / "base"))
+    with pytest.raises(ValueError, match="not more than a training window .* raise n_docs"):
+        base.pretrain(base.BaseSettings(n_docs=1, block=200), str(tmp_path / "base"))

@@ -27,7 +27,7 @@ from .data import DEFAULT_TEMPLATE, Template
 from .model import GPT, GPTConfig, init_params
 
 EOS = "<|endoftext|>"
-VERSION = 1  # bump when the corpus, tokenizer or training recipe changes
+VERSION = 2  # bump when the corpus, tokenizer or training recipe changes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,12 +37,12 @@ class BaseSettings:
     n_docs: int = 20_000
     vocab_size: int = 1024
     n_embd: int = 128
-    n_layer: int = 3
-    n_head: int = 4
+    n_layer: int = 2
+    n_head: int = 8
     n_positions: int = 256
-    block: int = 64
-    batch: int = 32
-    steps: int = 800
+    block: int = 96  # covers the prompts of the instruction sample
+    batch: int = 16
+    steps: int = 2000
     lr: float = 3e-3
     seed: int = 0
 
@@ -96,13 +96,12 @@ def pretrain(settings: BaseSettings, out_dir: str, *, log=print) -> dict:
     flat = []
     for enc in tokenizer.encode_batch(docs):
         flat.extend(enc.ids + [eos])
-    n_blocks = len(flat) // s.block
-    if n_blocks < s.batch:
+    if len(flat) <= s.block:
         raise ValueError(
-            f"the corpus of {s.n_docs} documents has {n_blocks} blocks of {s.block} "
-            f"tokens, fewer than a batch ({s.batch}); raise n_docs (--base-docs)"
+            f"the corpus of {s.n_docs} documents has {len(flat)} tokens, not more than "
+            f"a training window ({s.block}); raise n_docs (--base-docs)"
         )
-    blocks = np.asarray(flat[: n_blocks * s.block], np.int32).reshape(n_blocks, s.block)
+    flat = np.asarray(flat, np.int32)
     log(
         f"base model: corpus of {s.n_docs} documents, {len(flat):,} tokens, "
         f"vocabulary {tokenizer.get_vocab_size()}"
@@ -138,9 +137,10 @@ def pretrain(settings: BaseSettings, out_dir: str, *, log=print) -> dict:
     losses = []
     bar = tqdm(range(s.steps), desc="pretraining the base", unit="step", leave=False)
     with jax.numpy_dtype_promotion("standard"):
-        for i in bar:
-            idx = rng.integers(0, n_blocks, s.batch)
-            params, opt_state, loss = step(params, opt_state, jnp.asarray(blocks[idx]))
+        for i in bar:  # windows of `block` tokens from anywhere in the stream
+            starts = rng.integers(0, len(flat) - s.block, s.batch)
+            x = np.stack([flat[j : j + s.block] for j in starts])
+            params, opt_state, loss = step(params, opt_state, jnp.asarray(x))
             if i % 10 == 0 or i == s.steps - 1:
                 losses.append(float(loss))
                 bar.set_postfix(loss=f"{losses[-1]:.3f}")

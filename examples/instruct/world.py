@@ -2,7 +2,8 @@
 
 The corpus is plain declarative text about people, things, places, jobs, animals and
 counting ("Mia has a green lamp. Tom lives in Oslo. After seven comes eight."), each
-document stating a few facts and later repeating some in other words. It has no
+document stating a few facts and then repeating them in other words ("The lamp is
+green. Tom went home to Oslo."). It has no
 questions, no instructions, and "answer" only in other phrases, never "The answer
 is", so a base model pretrained on it knows the world but not the behaviour the
 instruction sample teaches: to answer an Alpaca-format instruction with exactly
@@ -70,19 +71,26 @@ def _state(name: str, f: dict, kind: str) -> str:
 
 
 def _recall(r: random.Random, name: str, f: dict, kind: str) -> str:
-    """A later sentence that repeats a stated fact in other words."""
+    """A later sentence that repeats a stated fact in other words. The fact's value
+    comes last, after what identifies it (the thing, or the person), so a reader
+    that looks the fact up earlier in the document can predict it."""
     return r.choice(
         {
             "thing": [
+                f"The {f['thing']} is {f['color']}.",
                 f"The {f['thing']} of {name} is {f['color']}.",
+                f"The {f['thing']} belongs to {name}.",
                 f"The {f['color']} {f['thing']} belongs to {name}.",
             ],
             "city": [
                 f"{name} went home to {f['city']}.",
-                f"In {f['city']}, {name} was happy.",
+                f"The city of {name} is {f['city']}.",
             ],
-            "job": [f"{name} is a good {f['job']}.", f"As a {f['job']}, {name} was busy."],
-            "animal": [f"The {f['animal']} that {name} saw was {f['seen']}."],
+            "job": [f"{name} is a good {f['job']}.", f"The job of {name} is {f['job']}."],
+            "animal": [
+                f"The animal {name} saw was {_a(f['animal'])}.",
+                f"The {f['animal']} that {name} saw was {f['seen']}.",
+            ],
         }[kind]
     )
 
@@ -103,17 +111,20 @@ def _filler(r: random.Random, cast: list[str]) -> str:
 
 
 def _document(r: random.Random) -> str:
-    """Facts about a small cast, then some of them again in other words: reading a
-    document well means looking facts up earlier in it."""
+    """A few facts about a small cast, then several of them again in other words (one
+    may come back more than once), and sometimes a sentence about counting. Most of
+    what can be predicted in a document is a fact stated earlier in it: pretraining
+    on these teaches a small base to look facts up in its context within minutes,
+    where documents that mostly state new facts did not."""
     cast = r.sample(NAMES, r.randint(2, 3))
     facts = {n: _facts(r, n) for n in cast}
-    stated = [
-        (r.choice(cast), r.choice(("thing", "city", "job", "animal")))
-        for _ in range(r.randint(2, 5))
-    ]
+    pairs = [(n, k) for n in cast for k in ("thing", "city", "job", "animal")]
+    stated = r.sample(pairs, r.randint(2, 4))
     sentences = [_state(n, facts[n], k) for n, k in stated]
-    sentences += [_recall(r, n, facts[n], k) for n, k in r.sample(stated, r.randint(1, 2))]
-    for _ in range(r.randint(0, 2)):
+    for _ in range(r.randint(3, 6)):
+        n, k = r.choice(stated)
+        sentences.append(_recall(r, n, facts[n], k))
+    if r.random() < 0.3:
         sentences.insert(r.randint(0, len(sentences)), _filler(r, cast))
     return " ".join(sentences)
 
