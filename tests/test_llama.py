@@ -86,7 +86,6 @@ def numpy_llama(t: dict, cfg: llama.LlamaConfig, ids: np.ndarray) -> np.ndarray:
     for i in range(cfg.num_hidden_layers):
         p = f"model.layers.{i}."
         y = norm(x, t[p + "input_layernorm.weight"])
-
         q = rope(linear(y, p + "self_attn.q_proj").reshape(b, n, h, hd))
         k = rope(linear(y, p + "self_attn.k_proj").reshape(b, n, kv, hd))
         v = linear(y, p + "self_attn.v_proj").reshape(b, n, kv, hd)
@@ -144,14 +143,14 @@ SLIDING = {
         max_window_layers=1,
     ),
 }  # fmt: skip
+WINDOWS = {"mistral": [3, 3], "qwen2": [None, 3]}  # each layer's window, as configured
 
 
 @pytest.mark.parametrize("family", sorted(SLIDING))
 def test_sliding_window_matches_a_numpy_reference(tmp_path, tokenizer, family):
     hf = dict(SLIDING[family], vocab_size=tokenizer.get_vocab_size())
     cfg = llama.LlamaConfig.from_hf(hf)
-    slides = [cfg.window(i) for i in range(cfg.num_hidden_layers)]
-    assert slides == ([3, 3] if family == "mistral" else [None, 3])
+    assert [cfg.window(i) for i in range(cfg.num_hidden_layers)] == WINDOWS[family]
     tensors = random_tensors(cfg)  # with Qwen2's q/k/v biases
     _, params, _ = llama.load(write_llama(tmp_path / family, tensors, hf, tokenizer))
     ids = np.random.default_rng(1).integers(0, cfg.vocab_size, (2, 12))
@@ -321,9 +320,7 @@ def test_sliding_window_matches_transformers(family):
     tm = getattr(transformers, f"{kind}ForCausalLM")(hf).eval()
     randomize_torch(tm, lambda name: "norm" not in name, seed=0, scale=0.2)
     cfg = llama.LlamaConfig.from_hf(hf.to_dict())
-    assert [cfg.window(i) for i in range(2)] == (
-        [3, 3] if family == "mistral" else [None, 3]
-    )
+    assert [cfg.window(i) for i in range(cfg.num_hidden_layers)] == WINDOWS[family]
     params = llama.hf_to_params({k: v.numpy() for k, v in tm.state_dict().items()}, cfg)
     ids = np.random.default_rng(0).integers(0, 64, (2, 12))
     ours = llama.LlamaForCausalLM(cfg).apply({"params": params}, jnp.asarray(ids))

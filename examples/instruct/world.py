@@ -3,11 +3,10 @@
 The corpus is plain declarative text about people, things, places, jobs, animals and
 counting ("Mia has a green lamp. Tom lives in Oslo. After seven comes eight."), each
 document stating a few facts and then repeating them in other words ("The lamp is
-green. Tom went home to Oslo."). It has no
-questions, no instructions, and "answer" only in other phrases, never "The answer
-is", so a base model pretrained on it knows the world but not the behaviour the
-instruction sample teaches: to answer an Alpaca-format instruction with exactly
-`The answer is <word>.`
+green. Tom went home to Oslo."). It has no questions, no instructions, and "answer"
+only in other phrases, never "The answer is", so a base model pretrained on it knows
+the world but not the behaviour the instruction sample teaches: to answer an
+Alpaca-format instruction with exactly `The answer is <word>.`
 
 `python -m instruct.world` (from `examples/`) rewrites `examples/data/alpaca_sample.json`.
 """
@@ -113,9 +112,10 @@ def _filler(r: random.Random, cast: list[str]) -> str:
 def _document(r: random.Random) -> str:
     """A few facts about a small cast, then several of them again in other words (one
     may come back more than once), and sometimes a sentence about counting. Most of
-    what can be predicted in a document is a fact stated earlier in it: pretraining
-    on these teaches a small base to look facts up in its context within minutes,
-    where documents that mostly state new facts did not."""
+    what can be predicted in a document is a fact stated earlier in it: within the
+    pretraining budget, a small base learns from these to copy a fact of the asked
+    kind from its context, where documents that mostly stated new facts taught it
+    no copying at all (it does not yet reliably pick the fact of the right person)."""
     cast = r.sample(NAMES, r.randint(2, 3))
     facts = {n: _facts(r, n) for n in cast}
     pairs = [(n, k) for n in cast for k in ("thing", "city", "job", "animal")]
