@@ -8,7 +8,7 @@
 
 The default run pretrains a small GPT-2-architecture base model on the generated corpus
 of `instruct.world` (once; it is cached), then trains LoRA adapters (r=8, alpha=16,
-dropout 0.05 on the attention query and value kernels, AdamW at 3e-4) on the shipped
+dropout 0.05 on the four attention kernels, AdamW at 1e-3) on the shipped
 Alpaca-format sample, whose answers follow a fixed format the base model has never seen
 (`The answer is <word>.`). It prints the held-out loss and a behaviour score (the share of
 held-out answers in that format, and the share exactly right) before and after, saves
@@ -111,10 +111,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     a(
         "--lora-targets",
         default=None,
-        help="regex of adapted kernels; default: the attention query and value kernels "
-        "((query|value)/kernel$ for GPT-2, (q_proj|v_proj)/kernel$ for Llama)",
+        help="regex of adapted kernels; default: the four attention kernels "
+        "((query|key|value|out)/kernel$ for GPT-2, (q|k|v|o)_proj/kernel$ for Llama)",
     )
-    a("--learning-rate", type=float, default=3e-4)
+    a("--learning-rate", type=float, default=1e-3)
     a("--warmup-steps", type=int, default=20)
     a("--batch-size", type=int, default=16)
     a("--steps", type=int, default=600)
@@ -239,7 +239,7 @@ def main(argv=None, log=print) -> dict:
     module_names = llama.peft_module_names(cfg) if is_llama else gpt2.peft_module_names(cfg)
     if args.lora_targets is None:
         args.lora_targets = (
-            r"(q_proj|v_proj)/kernel$" if is_llama else r"(query|value)/kernel$"
+            r"(q|k|v|o)_proj/kernel$" if is_llama else r"(query|key|value|out)/kernel$"
         )
 
     enc = dict(

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import pathlib
+import re
 import sys
 
 import jax
@@ -200,6 +201,42 @@ def test_shipped_sample_teaches_a_format_the_corpus_never_shows():
     )
     assert (split["exact_input"], split["n_input"]) == (1.0, 1)
     assert (split["exact_world"], split["n_world"]) == (0.5, 2)
+
+
+def test_sample_answers_follow_from_the_prompt_and_quizzes_ask_first():
+    kinds = {
+        "name": world.NAMES, "thing": world.THINGS, "city": world.CITIES,
+        "job": world.JOBS, "animal": world.ANIMALS, "number": world.NUMBERS,
+    }  # fmt: skip
+    records = load_records(world.SAMPLE_PATH)
+    seen = set()
+    for r in records:
+        answer = r["output"].removeprefix("The answer is ").removesuffix(".")
+        words = re.findall(r"[A-Za-z]+", r["input"])
+        if r["input"]:  # the one word of the answer's kind in the input is the answer
+            kind = next(k for k, ws in kinds.items() if answer in ws)
+            assert [w for w in words if w in kinds[kind]] == [answer] * words.count(
+                answer
+            ), r
+        else:  # counting: one step up or down from the number asked about
+            x = re.findall(r"[a-z]+", r["instruction"])[-1]
+            i = world.NUMBERS.index(x)
+            up = (
+                "after" in r["instruction"]
+                or "follows" in r["instruction"]
+                or "up" in r["instruction"]
+            )
+            assert answer == world.NUMBERS[i + 1 if up else i - 1], r
+        seen.add((r["instruction"], r["input"]))
+    assert len(seen) == len(records)  # new instances, not repeats
+    assert len({r["instruction"].split()[0] for r in records}) >= 5
+    quizzes = [d for d in world.corpus(500) if "Reply:" in d]
+    assert 0.4 < len(quizzes) / 500 < 0.8
+    for d in quizzes:  # a question first, the facts, the reply last, found in the facts
+        question, rest = d.split("? ", 1)
+        body, reply = rest.rsplit(" Reply: ", 1)
+        assert question.split()[0] in ("What", "Who", "Where") and "?" not in body
+        assert reply.removesuffix(".") in body or reply.removesuffix(".") in world.NUMBERS
 
 
 # --- the GPT-2 loader and a NumPy reference of GPT-2 -----------------------------------
@@ -451,7 +488,7 @@ def test_alpaca_main_job_two_steps_end_to_end(tmp_path):
     base_dir = next(p for p in (tmp_path / "cache").iterdir() if p.is_dir())
     _, base_params, _ = gpt2.load(str(base_dir))
     loaded = jlora.load_adapter(out["adapter_dir"], base_params)
-    assert len(jlora.summary(loaded).adapted) == 2  # query and value of one layer
+    assert len(jlora.summary(loaded).adapted) == 4  # the attention kernels of one layer
 
     # A second run finds the cached base and resumes from the last checkpoint.
     lines.clear()

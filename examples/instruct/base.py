@@ -27,7 +27,7 @@ from .data import DEFAULT_TEMPLATE, Template
 from .model import GPT, GPTConfig, init_params
 
 EOS = "<|endoftext|>"
-VERSION = 2  # bump when the corpus, tokenizer or training recipe changes
+VERSION = 3  # bump when the corpus, tokenizer or training recipe changes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,7 +42,7 @@ class BaseSettings:
     n_positions: int = 256
     block: int = 96  # covers the prompts of the instruction sample
     batch: int = 16
-    steps: int = 2000
+    steps: int = 4000
     lr: float = 3e-3
     seed: int = 0
 

@@ -1,12 +1,15 @@
 """A small made-up world: the pretraining corpus and the instruction sample.
 
-The corpus is plain declarative text about people, things, places, jobs, animals and
-counting ("Mia has a green lamp. Tom lives in Oslo. After seven comes eight."), each
-document stating a few facts and then repeating them in other words ("The lamp is
-green. Tom went home to Oslo."). It has no questions, no instructions, and "answer"
-only in other phrases, never "The answer is", so a base model pretrained on it knows
-the world but not the behaviour the instruction sample teaches: to answer an
-Alpaca-format instruction with exactly `The answer is <word>.`
+The corpus is text about people, things, places, jobs, animals and counting. A document
+states a few facts ("Mia has a green lamp. Tom lives in Oslo."), then either repeats
+some of them in other words or asks about them in a few words ("The lamp is green.
+Where does Tom live? In Oslo."); most documents are quizzes that ask first, state the
+facts, and reply last ("Where does Tom live? Mia has a green lamp. Tom lives in Oslo.
+Reply: Oslo."). So a base pretrained on it has learned to read: to answer a question
+put before the facts from the facts that follow. It has never seen an instruction, the
+Alpaca template, the sample's phrasings ("Name the city where Tom lives.", "Count one
+step up from seven.") or "The answer is", which is what the instruction sample teaches:
+to answer an Alpaca-format instruction with exactly `The answer is <word>.`
 
 `python -m instruct.world` (from `examples/`) rewrites `examples/data/alpaca_sample.json`.
 """
@@ -55,7 +58,6 @@ def _facts(r: random.Random, name: str) -> dict[str, str]:
         "city": r.choice(CITIES),
         "job": r.choice(JOBS),
         "animal": r.choice(ANIMALS),
-        "seen": r.choice(COLORS),
     }
 
 
@@ -65,7 +67,7 @@ def _state(name: str, f: dict, kind: str) -> str:
         "thing": f"{name} has {_a(f['color'])} {f['thing']}.",
         "city": f"{name} lives in {f['city']}.",
         "job": f"{name} works as a {f['job']}.",
-        "animal": f"{name} saw {_a(f['seen'])} {f['animal']} near the {f['thing']}.",
+        "animal": f"{name} saw {_a(f['animal'])}.",
     }[kind]
 
 
@@ -88,44 +90,97 @@ def _recall(r: random.Random, name: str, f: dict, kind: str) -> str:
             "job": [f"{name} is a good {f['job']}.", f"The job of {name} is {f['job']}."],
             "animal": [
                 f"The animal {name} saw was {_a(f['animal'])}.",
-                f"The {f['animal']} that {name} saw was {f['seen']}.",
+                f"{name} once saw {_a(f['animal'])}.",
             ],
         }[kind]
     )
 
 
-def _filler(r: random.Random, cast: list[str]) -> str:
-    i = r.randrange(len(NUMBERS) - 3)
-    name = r.choice(cast)
+def _question(r: random.Random, name: str, f: dict, kind: str) -> tuple[str, str, str]:
+    """A question about a stated fact: (question, its short answer, the answer word)."""
     return r.choice(
-        [
-            f"After {NUMBERS[i]} comes {NUMBERS[i + 1]}.",
-            f"Before {NUMBERS[i + 1]} comes {NUMBERS[i]}.",
-            ", ".join(NUMBERS[i : i + 4]).capitalize() + ".",
-            f"{name} counted to {NUMBERS[i]}.",
-            f"{name} knew the answer.",
-            f"The answer of {name} was short.",
-        ]
+        {
+            "thing": [
+                (f"What color is the {f['thing']}?", f"It is {f['color']}.", f["color"]),
+                (f"What does {name} have?", f"The {f['thing']}.", f["thing"]),
+                (f"Who has the {f['thing']}?", f"{name} does.", name),
+            ],
+            "city": [(f"Where does {name} live?", f"In {f['city']}.", f["city"])],
+            "job": [(f"What does {name} work as?", f"As a {f['job']}.", f["job"])],
+            "animal": [
+                (
+                    f"What did {name} see?",
+                    f"{_a(f['animal']).capitalize()}.",
+                    f["animal"],
+                )
+            ],
+        }[kind]
     )
 
 
+def _ask(r: random.Random, name: str, f: dict, kind: str) -> str:
+    """A question about a stated fact and its short answer, never `The answer is`."""
+    question, short, _ = _question(r, name, f, kind)
+    return f"{question} {short}"
+
+
+def _counting(r: random.Random, cast: list[str]) -> str:
+    """A sentence about counting (what the base knows of numbers), or rarely about
+    someone's answer (so "answer" is a word the corpus uses, never as "The answer is")."""
+    i = r.randrange(len(NUMBERS) - 3)
+    forms = [
+        f"After {NUMBERS[i]} comes {NUMBERS[i + 1]}.",
+        f"Before {NUMBERS[i + 1]} comes {NUMBERS[i]}.",
+        f"{NUMBERS[i + 1].capitalize()} comes after {NUMBERS[i]}.",
+        f"{NUMBERS[i].capitalize()} comes before {NUMBERS[i + 1]}.",
+        ", ".join(NUMBERS[i : i + 4]).capitalize() + ".",
+        f"{r.choice(cast)} counted to {NUMBERS[i]}.",
+        f"What comes after {NUMBERS[i]}? It is {NUMBERS[i + 1]}.",
+        f"What comes before {NUMBERS[i + 1]}? It is {NUMBERS[i]}.",
+    ]
+    if r.random() < 0.1:
+        return r.choice(
+            [
+                f"{r.choice(cast)} knew the answer.",
+                f"The answer of {r.choice(cast)} was short.",
+            ]
+        )
+    return r.choice(forms)
+
+
+QUIZ = 0.6  # the share of documents that are quizzes (question, facts, reply)
+
+
 def _document(r: random.Random) -> str:
-    """A few facts about a small cast, then several of them again in other words (one
-    may come back more than once), and sometimes a sentence about counting. Most of
-    what can be predicted in a document is a fact stated earlier in it: within the
-    pretraining budget, a small base learns from these to copy a fact of the asked
-    kind from its context, where documents that mostly stated new facts taught it
-    no copying at all (it does not yet reliably pick the fact of the right person)."""
-    cast = r.sample(NAMES, r.randint(2, 3))
+    """A few facts about one or two people, then either a quiz on one of them or on
+    counting (question first, reply last), or some of the facts again in other words
+    or as questions with short answers, with a sentence or two about counting. A
+    2-layer base learns to answer the quizzes one kind at a time, every kind after
+    about 3000 steps of batch 16; a corpus of 85% quizzes taught it less than this
+    mix in 2500 steps."""
+    cast = r.sample(NAMES, r.randint(1, 2))
     facts = {n: _facts(r, n) for n in cast}
     pairs = [(n, k) for n in cast for k in ("thing", "city", "job", "animal")]
     stated = r.sample(pairs, r.randint(2, 4))
     sentences = [_state(n, facts[n], k) for n, k in stated]
+    if r.random() < QUIZ:
+        # A quiz: the question first, then the facts, then the reply.
+        if r.random() < 0.2:
+            i = r.randrange(1, len(NUMBERS) - 1)
+            way, step = r.choice((("after", +1), ("before", -1)))
+            question, word = f"What comes {way} {NUMBERS[i]}?", NUMBERS[i + step]
+        else:
+            n, k = r.choice(stated)
+            question, _, word = _question(r, n, facts[n], k)
+            while word == facts[n]["color"]:  # no colour quizzes: see KINDS
+                question, _, word = _question(r, n, facts[n], k)
+        return " ".join([question, *sentences, f"Reply: {word}."])
     for _ in range(r.randint(3, 6)):
         n, k = r.choice(stated)
-        sentences.append(_recall(r, n, facts[n], k))
-    if r.random() < 0.3:
-        sentences.insert(r.randint(0, len(sentences)), _filler(r, cast))
+        say = _ask if r.random() < 0.5 else _recall
+        sentences.append(say(r, n, facts[n], k))
+    for _ in range(r.choice((0, 1, 1, 2))):
+        sentences.insert(r.randint(0, len(sentences)), _counting(r, cast))
     return " ".join(sentences)
 
 
@@ -135,61 +190,94 @@ def corpus(n_docs: int, seed: int = 0) -> list[str]:
     return [_document(r) for _ in range(n_docs)]
 
 
+# The instruction kinds: (ways to ask, the fact kind the input must state, the answer
+# field); a kind with no fact is answered from what the base knows of numbers. Colour
+# is not asked: in "Mia has a red cup" the colour comes before what it describes, and
+# the base did not learn to answer colour quizzes within its pretraining budget.
+KINDS = {
+    "thing": (
+        [
+            "What does {name} have?",
+            "Which thing does {name} have?",
+            "Name the thing that {name} has.",
+        ],
+        "thing",
+        "thing",
+    ),
+    "city": (
+        [
+            "Where does {name} live?",
+            "Name the city where {name} lives.",
+            "In which city does {name} live?",
+        ],
+        "city",
+        "city",
+    ),
+    "job": (
+        [
+            "What is the job of {name}?",
+            "What does {name} work as?",
+            "Name the job of {name}.",
+        ],
+        "job",
+        "job",
+    ),
+    "animal": (
+        ["Which animal did {name} see?", "What animal did {name} see?"],
+        "animal",
+        "animal",
+    ),
+    "person": (
+        [
+            "Who has the {thing}?",
+            "Name the person who has the {thing}.",
+            "Whose {thing} is it?",
+        ],
+        "thing",
+        "name",
+    ),
+    "after": (
+        [
+            "What number comes after {x}?",
+            "Which number follows {x}?",
+            "Count one step up from {x}.",
+        ],
+        None,
+        +1,
+    ),
+    "before": (
+        [
+            "What number comes before {x}?",
+            "Which number precedes {x}?",
+            "Count one step down from {x}.",
+        ],
+        None,
+        -1,
+    ),
+}
+
+
 def _record(r: random.Random) -> dict[str, str]:
-    a, b = r.sample(NAMES, 2)
-    (c1, c2), (t1, t2) = r.sample(COLORS, 2), r.sample(THINGS, 2)
-    (city1, city2), (j1, j2) = r.sample(CITIES, 2), r.sample(JOBS, 2)
-    animal = r.choice(ANIMALS)
-    i = r.randrange(1, len(NUMBERS) - 1)
-    has = [f"{a} has {_a(c1)} {t1}.", f"{b} has {_a(c2)} {t2}."]
-    tasks = [  # (ways to ask, the sentences of the input, the answer)
-        (
-            [
-                "What color is the {t}?",
-                "Tell me the color of the {t}.",
-                "Which color does the {t} have?",
-            ],
-            has,
-            c1,
-        ),
-        (
-            [
-                "Where does {n} live?",
-                "Name the city where {n} lives.",
-                "In which city does {n} live?",
-            ],
-            [f"{a} lives in {city1}.", f"{b} lives in {city2}."],
-            city1,
-        ),
-        (
-            ["What is the job of {n}?", "What does {n} work as?", "Name the job of {n}."],
-            [f"{a} works as a {j1}.", f"{b} works as a {j2}."],
-            j1,
-        ),
-        (["Who has the {t}?", "Name the person who has the {t}."], has, a),
-        (
-            ["Which animal did {n} see?", "What animal did {n} see?"],
-            [f"{a} saw {_a(c1)} {animal} near the {t1}."],
-            animal,
-        ),
-        (
-            [
-                "What number comes after {x}?",
-                "Which number follows {x}?",
-                "Count one step up from {x}.",
-            ],
+    kind = r.choice(list(KINDS))
+    asks, needs, field = KINDS[kind]
+    if needs is None:  # counting: no input
+        i = r.randrange(1, len(NUMBERS) - 1)
+        question, sentences, answer = (
+            r.choice(asks).format(x=NUMBERS[i]),
             [],
-            NUMBERS[i + 1],
-        ),
-        (
-            ["What number comes before {x}?", "Which number precedes {x}?"],
-            [],
-            NUMBERS[i - 1],
-        ),
-    ]
-    asks, sentences, answer = tasks[r.randrange(len(tasks))]
-    question = r.choice(asks).format(t=t1, n=a, x=NUMBERS[i])
-    r.shuffle(sentences)  # which of the two people comes first
+            NUMBERS[i + field],
+        )
+    else:
+        # One person and two or three facts of different kinds about them, the asked
+        # one among them: the answer is the one word of the asked kind in the input.
+        name = r.choice(NAMES)
+        f = {**_facts(r, name), "name": name}
+        others = [k for k in ("thing", "city", "job", "animal") if k != needs]
+        told = [needs, *r.sample(others, r.randint(1, 2))]
+        r.shuffle(told)
+        sentences = [_tell(name, f, k) for k in told]
+        question = r.choice(asks).format(name=name, thing=f["thing"])
+        answer = f[field]
     return {
         "instruction": question,
         "input": " ".join(sentences),
@@ -197,11 +285,29 @@ def _record(r: random.Random) -> dict[str, str]:
     }
 
 
+def _tell(name: str, f: dict, kind: str) -> str:
+    """A sentence of an instruction's input that states one fact about `name`."""
+    return {
+        "thing": f"{name} has {_a(f['color'])} {f['thing']}.",
+        "city": f"{name} lives in {f['city']}.",
+        "job": f"{name} works as a {f['job']}.",
+        "animal": f"{name} saw {_a(f['animal'])}.",
+    }[kind]
+
+
 def sample(n: int = 600, seed: int = 1) -> list[dict[str, str]]:
-    """The instruction sample: `n` Alpaca-format records, each answered in the form
-    `The answer is <word>.`"""
+    """The instruction sample: `n` distinct Alpaca-format records, each answered in the
+    form `The answer is <word>.` No two share instruction and input, so held-out
+    records are new instances; the counting questions, of which there are only 108,
+    thin out once those are used up."""
     r = random.Random(seed)
-    return [_record(r) for _ in range(n)]
+    records, seen = [], set()
+    while len(records) < n:
+        record = _record(r)
+        if (record["instruction"], record["input"]) not in seen:
+            seen.add((record["instruction"], record["input"]))
+            records.append(record)
+    return records
 
 
 def score(
