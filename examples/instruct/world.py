@@ -62,7 +62,7 @@ def _facts(r: random.Random, name: str) -> dict[str, str]:
 
 
 def _state(name: str, f: dict, kind: str) -> str:
-    """A sentence that introduces one fact about `name`."""
+    """A sentence that states one fact about `name` (in documents and in inputs)."""
     return {
         "thing": f"{name} has {_a(f['color'])} {f['thing']}.",
         "city": f"{name} lives in {f['city']}.",
@@ -275,7 +275,7 @@ def _record(r: random.Random) -> dict[str, str]:
         others = [k for k in ("thing", "city", "job", "animal") if k != needs]
         told = [needs, *r.sample(others, r.randint(1, 2))]
         r.shuffle(told)
-        sentences = [_tell(name, f, k) for k in told]
+        sentences = [_state(name, f, k) for k in told]
         question = r.choice(asks).format(name=name, thing=f["thing"])
         answer = f[field]
     return {
@@ -283,16 +283,6 @@ def _record(r: random.Random) -> dict[str, str]:
         "input": " ".join(sentences),
         "output": f"The answer is {answer}.",
     }
-
-
-def _tell(name: str, f: dict, kind: str) -> str:
-    """A sentence of an instruction's input that states one fact about `name`."""
-    return {
-        "thing": f"{name} has {_a(f['color'])} {f['thing']}.",
-        "city": f"{name} lives in {f['city']}.",
-        "job": f"{name} works as a {f['job']}.",
-        "animal": f"{name} saw {_a(f['animal'])}.",
-    }[kind]
 
 
 def sample(n: int = 600, seed: int = 1) -> list[dict[str, str]]:
