@@ -8,7 +8,7 @@
 
 The default run pretrains a small GPT-2-architecture base model on the generated corpus
 of `instruct.world` (once; it is cached), then trains LoRA adapters (r=8, alpha=16,
-dropout 0.05 on the four attention kernels, AdamW at 1e-3) on the shipped
+dropout 0.05 on the four attention kernels, AdamW at 2e-3) on the shipped
 Alpaca-format sample, whose answers follow a fixed format the base model has never seen
 (`The answer is <word>.`). It prints the held-out loss and a behaviour score (the share of
 held-out answers in that format, and the share exactly right) before and after, saves
@@ -114,7 +114,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="regex of adapted kernels; default: the four attention kernels "
         "((query|key|value|out)/kernel$ for GPT-2, (q|k|v|o)_proj/kernel$ for Llama)",
     )
-    a("--learning-rate", type=float, default=1e-3)
+    a(
+        "--learning-rate",
+        type=float,
+        default=None,
+        help="AdamW's rate after warm-up; default: 2e-3 on the embedded base, 1e-3 on "
+        "a --model-path checkpoint",
+    )
     a("--warmup-steps", type=int, default=20)
     a("--batch-size", type=int, default=16)
     a("--steps", type=int, default=600)
@@ -241,6 +247,10 @@ def main(argv=None, log=print) -> dict:
         args.lora_targets = (
             r"(q|k|v|o)_proj/kernel$" if is_llama else r"(query|key|value|out)/kernel$"
         )
+    if args.learning_rate is None:
+        # The small embedded base takes a higher rate: at 1e-3, some bases (pretrained
+        # with another float order) had learned the format but not to read the input.
+        args.learning_rate = 1e-3 if args.model_path else 2e-3
 
     enc = dict(
         cutoff_len=args.cutoff_len,
@@ -295,7 +305,8 @@ def main(argv=None, log=print) -> dict:
     summary = jlora.summary(params)
     log(
         f"LoRA: r={args.lora_r}, alpha={args.lora_alpha:g} on {len(summary.adapted)} "
-        f"kernels; {summary.trainable_params:,} trainable parameters "
+        f"kernels at learning rate {args.learning_rate:g}; "
+        f"{summary.trainable_params:,} trainable parameters "
         f"({summary.trainable_params / summary.total_params:.2%})"
     )
     tx = optax.adamw(
@@ -353,10 +364,9 @@ def main(argv=None, log=print) -> dict:
             got = score[f"exact_{kind}"]
             return "none scored" if got is None else f"{got:.0%} of {score[f'n_{kind}']}"
 
-        log(
-            f"{' ' * len(when)} exactly right, answer in the input: {share('input')}; "
-            f"answer from what the base knows (no input): {share('world')}"
-        )
+        pad = " " * len(when)
+        log(f"{pad} exactly right, answer in the input: {share('input')}")
+        log(f"{pad} exactly right, answer from what the base knows: {share('world')}")
 
     val_before, (score_before, _) = eval_loss(base_params), behaviour(base_params)
     report("before:", val_before, score_before)

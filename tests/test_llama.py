@@ -342,6 +342,7 @@ def test_main_job_on_llama_exports_and_imports_peft(tmp_path, torch_llama_dir):
     text = "\n".join(lines)
     assert "model: Llama-family, 2 layers x 32, 4 heads (2 key/value)" in text
     assert f"PEFT adapter written to {peft_dir}" in text
+    assert "kernels at learning rate 0.001;" in text  # a checkpoint's default rate
     cfg = llama.LlamaConfig.from_hf(tm.config.to_dict())
     ids = np.random.default_rng(2).integers(0, cfg.vocab_size, (2, 12))
     model = llama.LlamaForCausalLM(cfg)

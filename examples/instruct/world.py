@@ -7,8 +7,8 @@ Where does Tom live? In Oslo."); most documents are quizzes that ask first, stat
 facts, and reply last ("Where does Tom live? Mia has a green lamp. Tom lives in Oslo.
 Reply: Oslo."). So a base pretrained on it has learned to read: to answer a question
 put before the facts from the facts that follow. It has never seen an instruction, the
-Alpaca template, the sample's phrasings ("Name the city where Tom lives.", "Count one
-step up from seven.") or "The answer is", which is what the instruction sample teaches:
+Alpaca template, the sample's phrasings ("Name the city where Tom lives.", "Name the
+number after seven.") or "The answer is", which is what the instruction sample teaches:
 to answer an Alpaca-format instruction with exactly `The answer is <word>.`
 
 `python -m instruct.world` (from `examples/`) rewrites `examples/data/alpaca_sample.json`.
@@ -51,7 +51,7 @@ def _a(word: str) -> str:
     return ("an " if word[0] in "aeiou" else "a ") + word
 
 
-def _facts(r: random.Random, name: str) -> dict[str, str]:
+def _facts(r: random.Random) -> dict[str, str]:
     return {
         "color": r.choice(COLORS),
         "thing": r.choice(THINGS),
@@ -154,12 +154,12 @@ QUIZ = 0.6  # the share of documents that are quizzes (question, facts, reply)
 def _document(r: random.Random) -> str:
     """A few facts about one or two people, then either a quiz on one of them or on
     counting (question first, reply last), or some of the facts again in other words
-    or as questions with short answers, with a sentence or two about counting. A
+    or as questions with short answers, with up to two sentences about counting. A
     2-layer base learns to answer the quizzes one kind at a time, every kind after
     about 3000 steps of batch 16; a corpus of 85% quizzes taught it less than this
     mix in 2500 steps."""
     cast = r.sample(NAMES, r.randint(1, 2))
-    facts = {n: _facts(r, n) for n in cast}
+    facts = {n: _facts(r) for n in cast}
     pairs = [(n, k) for n in cast for k in ("thing", "city", "job", "animal")]
     stated = r.sample(pairs, r.randint(2, 4))
     sentences = [_state(n, facts[n], k) for n, k in stated]
@@ -190,15 +190,20 @@ def corpus(n_docs: int, seed: int = 0) -> list[str]:
     return [_document(r) for _ in range(n_docs)]
 
 
-# The instruction kinds: (ways to ask, the fact kind the input must state, the answer
-# field); a kind with no fact is answered from what the base knows of numbers. Colour
-# is not asked: in "Mia has a red cup" the colour comes before what it describes, and
-# the base did not learn to answer colour quizzes within its pretraining budget.
+# The instruction kinds: (ways to ask, the fact kind the input must state, the answer:
+# a field of the facts, or for counting, which has no input and is answered from what
+# the base knows of numbers, the step). None of the ways of asking is a question of the
+# corpus. The counting ones all say "after" or "before", words the base read in its
+# corpus: with "follows", "precedes" or "one step up", which it never read, the tuned
+# model answered held-out counting questions with a neighbour of the number in the
+# wrong direction (one it had learned for that number). Colour is not asked: in "Mia
+# has a red cup" the colour comes before what it describes, and the base did not learn
+# to answer colour quizzes within its pretraining budget.
 KINDS = {
     "thing": (
         [
-            "What does {name} have?",
             "Which thing does {name} have?",
+            "Tell me what {name} has.",
             "Name the thing that {name} has.",
         ],
         "thing",
@@ -206,8 +211,8 @@ KINDS = {
     ),
     "city": (
         [
-            "Where does {name} live?",
             "Name the city where {name} lives.",
+            "Which city is the home of {name}?",
             "In which city does {name} live?",
         ],
         "city",
@@ -216,7 +221,7 @@ KINDS = {
     "job": (
         [
             "What is the job of {name}?",
-            "What does {name} work as?",
+            "What kind of work does {name} do?",
             "Name the job of {name}.",
         ],
         "job",
@@ -229,7 +234,7 @@ KINDS = {
     ),
     "person": (
         [
-            "Who has the {thing}?",
+            "Who owns the {thing}?",
             "Name the person who has the {thing}.",
             "Whose {thing} is it?",
         ],
@@ -239,8 +244,8 @@ KINDS = {
     "after": (
         [
             "What number comes after {x}?",
-            "Which number follows {x}?",
-            "Count one step up from {x}.",
+            "Name the number after {x}.",
+            "Which number is just after {x}?",
         ],
         None,
         +1,
@@ -248,8 +253,8 @@ KINDS = {
     "before": (
         [
             "What number comes before {x}?",
-            "Which number precedes {x}?",
-            "Count one step down from {x}.",
+            "Name the number before {x}.",
+            "Which number is just before {x}?",
         ],
         None,
         -1,
@@ -257,7 +262,10 @@ KINDS = {
 }
 
 
-def _record(r: random.Random) -> dict[str, str]:
+def _record(r: random.Random) -> tuple[dict[str, str], tuple]:
+    """An Alpaca-format record and what it asks in substance, whatever the wording:
+    (kind, the person or thing asked about, the answer), or for counting (kind, the
+    number)."""
     kind = r.choice(list(KINDS))
     asks, needs, field = KINDS[kind]
     if needs is None:  # counting: no input
@@ -267,35 +275,39 @@ def _record(r: random.Random) -> dict[str, str]:
             [],
             NUMBERS[i + field],
         )
+        asked = (kind, NUMBERS[i])
     else:
         # One person and two or three facts of different kinds about them, the asked
         # one among them: the answer is the one word of the asked kind in the input.
         name = r.choice(NAMES)
-        f = {**_facts(r, name), "name": name}
+        f = {**_facts(r), "name": name}
         others = [k for k in ("thing", "city", "job", "animal") if k != needs]
         told = [needs, *r.sample(others, r.randint(1, 2))]
         r.shuffle(told)
         sentences = [_state(name, f, k) for k in told]
         question = r.choice(asks).format(name=name, thing=f["thing"])
         answer = f[field]
-    return {
+        asked = (kind, f["thing"] if kind == "person" else name, answer)
+    record = {
         "instruction": question,
         "input": " ".join(sentences),
         "output": f"The answer is {answer}.",
     }
+    return record, asked
 
 
 def sample(n: int = 600, seed: int = 1) -> list[dict[str, str]]:
-    """The instruction sample: `n` distinct Alpaca-format records, each answered in the
-    form `The answer is <word>.` No two share instruction and input, so held-out
-    records are new instances; the counting questions, of which there are only 108,
-    thin out once those are used up."""
+    """The instruction sample: `n` Alpaca-format records, each answered in the form
+    `The answer is <word>.` No two ask the same thing in substance (in other words, or
+    with other facts beside the asked one), so whichever records are held out are new
+    instances: the counting questions, of which there are only 36 (the number after or
+    before two to nineteen), each appear once, in one of their wordings."""
     r = random.Random(seed)
     records, seen = [], set()
     while len(records) < n:
-        record = _record(r)
-        if (record["instruction"], record["input"]) not in seen:
-            seen.add((record["instruction"], record["input"]))
+        record, asked = _record(r)
+        if asked not in seen:
+            seen.add(asked)
             records.append(record)
     return records
 
