@@ -22,6 +22,7 @@ Run it again with the same `--output-dir` and it resumes from the last checkpoin
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import shutil
@@ -58,6 +59,7 @@ _RESUME_KEYS = (
     "lora_r",
     "lora_alpha",
     "lora_targets",
+    "learning_rate",
     "batch_size",
     "cutoff_len",
     "val_set_size",
@@ -150,6 +152,9 @@ def claim_output_dir(args) -> None:
     settings = {k: getattr(args, k) for k in _RESUME_KEYS}
     for k in ("data", "template", "model_path", "init_adapter"):
         settings[k] = settings[k] and os.path.abspath(settings[k])
+    for k in ("data", "template"):  # a file edited in place is other data
+        with open(getattr(args, k), "rb") as f:
+            settings[f"{k} (sha256)"] = hashlib.sha256(f.read()).hexdigest()
     os.makedirs(args.output_dir, exist_ok=True)
     path = os.path.join(args.output_dir, "settings.json")
     if not os.path.exists(path):
@@ -164,6 +169,22 @@ def claim_output_dir(args) -> None:
             f"{args.output_dir} holds a run with other settings ({', '.join(diff)}); "
             "pass --fresh to start over or choose another --output-dir"
         )
+
+
+def resolve_defaults(args) -> None:
+    """Fill in the defaults that depend on the model, before the settings are saved:
+    the LoRA targets (the four attention kernels of GPT-2 or of a Llama-family model)
+    and the learning rate (the small embedded base takes a higher one: at 1e-3 a base
+    pretrained with another float order had learned the format but not to read the
+    input)."""
+    if args.lora_targets is None:
+        args.lora_targets = (
+            r"(q|k|v|o)_proj/kernel$"
+            if family(args.model_path) == "llama"
+            else r"(query|key|value|out)/kernel$"
+        )
+    if args.learning_rate is None:
+        args.learning_rate = 1e-3 if args.model_path else 2e-3
 
 
 def family(path: str | None) -> str:
@@ -236,6 +257,7 @@ def main(argv=None, log=print) -> dict:
     train_recs, val_recs = train_val_split(
         load_records(args.data), args.val_set_size, args.seed
     )
+    resolve_defaults(args)
     claim_output_dir(args)
     cfg, base_params, tokenizer = load_base(args, log)
     is_llama = isinstance(cfg, llama.LlamaConfig)
@@ -243,14 +265,6 @@ def main(argv=None, log=print) -> dict:
     # PyTorch module names for PEFT directories: the Llama port keeps Hugging Face's
     # names; GPT-2's fused c_attn needs its own map.
     module_names = llama.peft_module_names(cfg) if is_llama else gpt2.peft_module_names(cfg)
-    if args.lora_targets is None:
-        args.lora_targets = (
-            r"(q|k|v|o)_proj/kernel$" if is_llama else r"(query|key|value|out)/kernel$"
-        )
-    if args.learning_rate is None:
-        # The small embedded base takes a higher rate: at 1e-3, some bases (pretrained
-        # with another float order) had learned the format but not to read the input.
-        args.learning_rate = 1e-3 if args.model_path else 2e-3
 
     enc = dict(
         cutoff_len=args.cutoff_len,
@@ -303,8 +317,11 @@ def main(argv=None, log=print) -> dict:
         params = jlora.init(jax.random.fold_in(key, 1), base_params, config)
     adapters, frozen = jlora.split(params)
     summary = jlora.summary(params)
+    # What the params hold: under --init-adapter, the PEFT adapter's rank and scale.
+    ranks = "/".join(str(r) for r in sorted({p.rank for p in summary.adapted}))
+    scales = "/".join(f"{s:g}" for s in sorted({p.scale for p in summary.adapted}))
     log(
-        f"LoRA: r={args.lora_r}, alpha={args.lora_alpha:g} on {len(summary.adapted)} "
+        f"LoRA: r={ranks}, scale {scales} on {len(summary.adapted)} "
         f"kernels at learning rate {args.learning_rate:g}; "
         f"{summary.trainable_params:,} trainable parameters "
         f"({summary.trainable_params / summary.total_params:.2%})"
@@ -419,8 +436,11 @@ def main(argv=None, log=print) -> dict:
 
     # Serve: save the adapters alone, merge them into the kernels, generate.
     params = jlora.combine(adapters, frozen)
-    adapter_dir = jlora.save_adapter(
-        os.path.join(args.output_dir, "adapter"), params, config, overwrite=True
+    adapter_dir = jlora.save_adapter(  # a PEFT start's settings are the PEFT file's
+        os.path.join(args.output_dir, "adapter"),
+        params,
+        None if args.init_adapter else config,
+        overwrite=True,
     )
     merged = jlora.merge(params)  # plain params: the unmodified model runs them
     val_after, (score_after, got) = eval_loss(merged), behaviour(merged)

@@ -266,6 +266,8 @@ def test_sample_answers_follow_from_the_prompt_and_ask_no_question_twice():
     kinds = {a[0] for a in asked}
     assert len(kinds) >= 5 and {"after", "before"} <= kinds
     assert sum(a[0] in ("after", "before") for a in asked) >= 30
+    with pytest.raises(ValueError, match=r"sample\(n=1500\).* only 1396 records"):
+        world.sample(1500)  # more than the world's different questions
 
 
 def test_corpus_quizzes_ask_first_and_reply_from_the_facts_in_other_words():
@@ -511,7 +513,11 @@ def test_alpaca_main_job_two_steps_end_to_end(tmp_path):
     alpaca = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(alpaca)
     lines = []
+    data = tmp_path / "sample.json"
+    data.write_text(pathlib.Path(world.SAMPLE_PATH).read_text())
     argv = [
+        "--data",
+        str(data),
         "--cache-dir",
         str(tmp_path / "cache"),
         "--output-dir",
@@ -546,6 +552,9 @@ def test_alpaca_main_job_two_steps_end_to_end(tmp_path):
     text = "\n".join(lines)
     assert "pretrained 3 steps" in text and "### Instruction:" in text
     assert "on 4 kernels at learning rate 0.002;" in text  # the embedded base's rate
+    heads = [line.strip() for line in lines]
+    for source in ("in the input", "from what the base knows"):  # a line each, twice
+        assert sum(h.startswith(f"exactly right, answer {source}:") for h in heads) == 2
     assert [s for s, _ in out["history"]["eval"]] == [1, 2]
     assert all(math.isfinite(v) for v in (out["val_loss_before"], out["val_loss_after"]))
     # Merged vs factored logits: rounding only. One block of width 32: reductions of at
@@ -568,6 +577,12 @@ def test_alpaca_main_job_two_steps_end_to_end(tmp_path):
     assert "resumed from the checkpoint of step 2" in text
     with pytest.raises(SystemExit, match="other settings \\(lora_r\\)"):
         alpaca.main([*argv, "--lora-r", "4"], log=lines.append)
+    with pytest.raises(SystemExit, match="other settings \\(learning_rate\\)"):
+        alpaca.main([*argv, "--learning-rate", "1e-3"], log=lines.append)
+    # The same path with other contents is other data, not a run to resume.
+    data.write_text(json.dumps(load_records(world.SAMPLE_PATH)[:-1]))
+    with pytest.raises(SystemExit, match=r"other settings \(data \(sha256\)\)"):
+        alpaca.main(argv, log=lines.append)
 
 
 def test_embedded_base_settings_are_checked(tmp_path):

@@ -368,6 +368,9 @@ def test_main_job_on_llama_exports_and_imports_peft(tmp_path, torch_llama_dir):
             log=lines.append,
         )
     assert any("started from the PEFT adapter" in line for line in lines)
+    assert any("LoRA: r=4, scale 2 on" in line for line in lines)  # the file's, not 8
+    # The saved adapter does not claim --lora-r's settings (r=8) it was not trained with.
+    assert jlora.read_adapter_metadata(out["adapter_dir"])["config"] is None
     q0 = start["model"]["layers_0"]["self_attn"]["q_proj"]["kernel"]
     q = out["params"]["model"]["layers_0"]["self_attn"]["q_proj"]["kernel"]
     assert q.rank == 4 and q.scale == 2.0

@@ -298,17 +298,25 @@ def _record(r: random.Random) -> tuple[dict[str, str], tuple]:
 
 def sample(n: int = 600, seed: int = 1) -> list[dict[str, str]]:
     """The instruction sample: `n` Alpaca-format records, each answered in the form
-    `The answer is <word>.` No two ask the same thing in substance (in other words, or
+    `The answer is <word>.` No two share a question and its answer (in other words, or
     with other facts beside the asked one), so whichever records are held out are new
     instances: the counting questions, of which there are only 36 (the number after or
-    before two to nineteen), each appear once, in one of their wordings."""
+    before two to nineteen), each appear once, in one of their wordings (a question's
+    reverse, "before three" for "after two", is another question)."""
     r = random.Random(seed)
     records, seen = [], set()
-    while len(records) < n:
+    for _ in range(50 * n):
+        if len(records) == n:
+            break
         record, asked = _record(r)
         if asked not in seen:
             seen.add(asked)
             records.append(record)
+    if len(records) < n:  # the world has about 1400 different questions
+        raise ValueError(
+            f"sample(n={n}): {50 * n} draws gave only {len(records)} records that ask "
+            "different things; ask for fewer"
+        )
     return records
 
 
