@@ -171,7 +171,7 @@ def claim_output_dir(args) -> None:
         )
 
 
-def resolve_defaults(args) -> None:
+def resolve_defaults(args, model_family: str) -> None:
     """Fill in the defaults that depend on the model, before the settings are saved:
     the LoRA targets (the four attention kernels of GPT-2 or of a Llama-family model)
     and the learning rate (the small embedded base takes a higher one: at 1e-3 a base
@@ -180,7 +180,7 @@ def resolve_defaults(args) -> None:
     if args.lora_targets is None:
         args.lora_targets = (
             r"(q|k|v|o)_proj/kernel$"
-            if family(args.model_path) == "llama"
+            if model_family == "llama"
             else r"(query|key|value|out)/kernel$"
         )
     if args.learning_rate is None:
@@ -201,10 +201,11 @@ def family(path: str | None) -> str:
     return "gpt2"
 
 
-def load_base(args, log):
-    """`(cfg, params, tokenizer)` from `--model-path`, or the cached embedded base."""
+def load_base(args, model_family: str, log):
+    """`(cfg, params, tokenizer)` from `--model-path` (of `model_family`, as `family`
+    reads it), or the cached embedded base."""
     path = args.model_path
-    if family(path) == "llama":
+    if model_family == "llama":
         cfg, params, tokenizer = llama.load(path)
         log(
             f"model: Llama-family, {cfg.num_hidden_layers} layers x {cfg.hidden_size}, "
@@ -257,9 +258,10 @@ def main(argv=None, log=print) -> dict:
     train_recs, val_recs = train_val_split(
         load_records(args.data), args.val_set_size, args.seed
     )
-    resolve_defaults(args)
+    model_family = family(args.model_path)  # reads config.json once
+    resolve_defaults(args, model_family)
     claim_output_dir(args)
-    cfg, base_params, tokenizer = load_base(args, log)
+    cfg, base_params, tokenizer = load_base(args, model_family, log)
     is_llama = isinstance(cfg, llama.LlamaConfig)
     model = llama.LlamaForCausalLM(cfg) if is_llama else GPT(cfg)
     # PyTorch module names for PEFT directories: the Llama port keeps Hugging Face's
