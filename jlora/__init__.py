@@ -9,7 +9,7 @@ from jlora._checkpoint import (
 )
 from jlora._config import LoraConfig
 from jlora._init import init
-from jlora._merge import combine, merge, split, unmerge
+from jlora._merge import Rounding, RoundingWarning, combine, merge, split, unmerge
 from jlora._optim import Summary, optimizer, summary
 from jlora._peft import (
     PeftModule,
@@ -29,6 +29,8 @@ __all__ = [
     "LoraConfig",
     "LoraWeight",
     "PeftModule",
+    "Rounding",
+    "RoundingWarning",
     "RuleError",
     "Summary",
     "Trainable",

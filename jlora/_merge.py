@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import functools
-from typing import Any
+import warnings
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from jlora._boxes import is_box, is_variable, rebox, unbox
 from jlora._jax_compat import is_tracer
@@ -23,12 +25,73 @@ def merge_kernel(w, a, b, *, layout, scale, sharding=None, check=False):
     `merge` allocates what XLA's memory analysis of this function reports: at small
     rank the product is fused into the sum (no `[in, out, r]` or `[in, out]`
     temporary), and at most one float32 copy of the kernel otherwise. With `check`,
-    also returns whether every merged value is finite (from the same pass).
+    also returns a `_Check` of the merged values (finite, and what rounding to the
+    kernel's dtype did to the update), computed from the same product.
     """
-    out = constrain(materialize(w, a, b, layout, scale), sharding)
-    if check:
-        return out, jnp.isfinite(out).all()
-    return out
+    if not check:
+        return constrain(materialize(w, a, b, layout, scale), sharding)
+    w32 = w.astype(jnp.float32)
+    delta = low_rank_product(a, b, layout, scale)
+    out = constrain((w32 + delta).astype(w.dtype), sharding)
+    applied = out.astype(jnp.float32) - w32
+    moved = delta != 0
+    one, zero = jnp.float32(1), jnp.float32(0)
+    terms = _Check(
+        finite=jnp.where(jnp.isfinite(out), zero, one),  # (counts what is not)
+        update_sq=jnp.square(delta),
+        error_sq=jnp.square(applied - delta),
+        changed=jnp.where(moved, one, zero),
+        kept=jnp.where(moved & (applied == 0), one, zero),
+    )
+    # One variadic reduction: XLA fuses every term into a single pass over the kernel,
+    # so the check holds no temporary beyond the product itself.
+    sums = lax.reduce(
+        tuple(terms),
+        (zero,) * len(terms),
+        lambda x, y: tuple(p + q for p, q in zip(x, y)),
+        tuple(range(w.ndim)),
+    )
+    sums = _Check(*sums)
+    return out, sums._replace(finite=sums.finite == 0)
+
+
+class _Check(NamedTuple):
+    """What `merge(safe=True)` reads back per kernel: whether every merged value is
+    finite, and the update's squared norm, the squared norm of what rounding the sum
+    to the kernel's dtype changed in it, how many elements the update moves and how
+    many of those rounding kept at their old value."""
+
+    finite: Any
+    update_sq: Any
+    error_sq: Any
+    changed: Any
+    kept: Any
+
+
+class Rounding(NamedTuple):
+    """What rounding to the kernel's dtype did to one kernel's update in a merge.
+
+    `update_error`: `|applied - exact| / |exact|` over the kernel (Frobenius), where
+    `applied = merged - w` and `exact = scale * a @ b`, both in float32.
+    `unchanged`: the fraction of the elements the update moves that kept their old
+    value (the update was under half a unit in the last place there).
+    """
+
+    dtype: str
+    update_error: float
+    unchanged: float
+
+
+class RoundingWarning(UserWarning):
+    """`merge(safe=True)` lost a noticeable part of some updates to rounding; the
+    figures per path are in `report` (`{path: Rounding}`)."""
+
+    def __init__(self, message: str, report: dict):
+        super().__init__(message)
+        self.report = report
+
+
+ROUNDING_TOLERANCE = 0.01  # relative update error above which merge(safe=True) warns
 
 
 @functools.partial(jax.jit, static_argnames=("layout", "scale", "sharding"))
@@ -37,6 +100,31 @@ def unmerge_kernel(merged, a, b, *, layout, scale, sharding=None):
     delta = low_rank_product(a, b, layout, scale)
     out = (merged.astype(jnp.float32) - delta).astype(merged.dtype)
     return constrain(out, sharding)
+
+
+def no_kernel_paths(tree) -> list[str]:
+    """Paths of the `LoraWeight`s in `tree` that hold no frozen kernel (`w` is None):
+    the adapters `split` returns, used where adapted params were wanted."""
+    return [
+        n.path for n in walk(tree).nodes if n.kind == LORA and unbox(n.value.w) is None
+    ]
+
+
+def require_kernels(tree, fn_name: str, argname: str = "params") -> None:
+    """Raises if `tree` holds adapters without their base kernels (see `no_kernel_paths`).
+
+    Raises:
+      ValueError: naming the paths, and saying that `combine(adapters, base)` puts the
+        adapters back onto their base.
+    """
+    missing = no_kernel_paths(tree)
+    if missing:
+        raise ValueError(
+            f"{fn_name}: {argname} hold adapters without a base kernel at "
+            f"{missing[:5]}{' ...' if len(missing) > 5 else ''} (the adapters "
+            "jlora.split returns); put them back onto their base first: "
+            "jlora.combine(adapters, base)."
+        )
 
 
 def _merged_kernel(lw: LoraWeight, check: bool = False):
@@ -50,8 +138,8 @@ def _merged_kernel(lw: LoraWeight, check: bool = False):
         sharding=named_sharding_of(w),
         check=check,
     )
-    merged, finite = got if check else (got, None)
-    return rebox(lw.w, merged), finite
+    merged, report = got if check else (got, None)
+    return rebox(lw.w, merged), report
 
 
 def merge(params: Any, *, safe: bool = False) -> Any:
@@ -65,16 +153,29 @@ def merge(params: Any, *, safe: bool = False) -> Any:
     kernel's buffer; the factors' buffers are freed, with a harmless warning that they
     could not be reused).
 
+    Rounding: the merged kernel is rounded to the kernel's dtype once. In bfloat16 an
+    update smaller than half a unit in the last place of `w` (about `|w| / 512`) is
+    lost there, and a typical LoRA update (`|scale * a @ b| / |w|` around 1e-3) leaves
+    about half of a bfloat16 kernel unchanged. Merge a float32 copy for export
+    (`jlora.merge(jax.tree.map(lambda x: x.astype(jnp.float32), params))`), or use
+    `safe=True` to be told how much each update lost.
+
     Args:
       params: adapted params from `jlora.init` / `combine` / `unmerge`.
-      safe: check that no merged kernel holds NaN or Inf and raise naming the paths.
-        Eager only: it reads the values, so it raises a clear error under `jit`.
+      safe: check that no merged kernel holds NaN or Inf (raises, naming the paths),
+        and warn with a `jlora.RoundingWarning` naming each kernel whose update
+        rounding changed by more than 1% (its `report` holds a `jlora.Rounding` per
+        such path: the relative error of the applied update and the fraction of the
+        updated elements left unchanged). Eager only: it reads the values, so it raises
+        a clear error under `jit`.
 
     Returns:
       plain params.
 
     Raises:
-      ValueError: `safe=True` and a merged kernel is not finite.
+      ValueError: `safe=True` and a merged kernel is not finite; or `params` hold
+        adapters without their base kernels (`split`'s adapters: `combine` them with
+        the base first).
       TypeError: `safe=True` under a trace.
 
     Example:
@@ -89,13 +190,17 @@ def merge(params: Any, *, safe: bool = False) -> Any:
             "jlora.merge(safe=True) reads the merged values and is eager-only; call it "
             "outside jit, or use safe=False under a trace."
         )
+    require_kernels(params, "jlora.merge")
     tree = walk(params)
-    out, bad = [], []
+    out, bad, rounding = [], [], {}
     for node in tree.nodes:
         if node.kind == LORA:
-            merged, finite = _merged_kernel(node.value, check=safe)
-            if safe and not bool(finite):
-                bad.append(node.path)
+            merged, check = _merged_kernel(node.value, check=safe)
+            if safe:
+                if not bool(check.finite):
+                    bad.append(node.path)
+                elif (lost := _rounding(node.value, check)) is not None:
+                    rounding[node.path] = lost
             out.append(node.put_back(merged))
         elif node.kind == TRAINED:
             out.append(node.put_back(node.value.value))
@@ -106,7 +211,35 @@ def merge(params: Any, *, safe: bool = False) -> Any:
             f"jlora.merge(safe=True): merged kernels hold NaN or Inf at {bad}; check the "
             "adapters (a diverged run?) before serving them."
         )
+    if rounding:
+        lines = [
+            f"  {path}: {r.dtype}, update off by {r.update_error:.1%}, "
+            f"{r.unchanged:.1%} of updated elements unchanged"
+            for path, r in rounding.items()
+        ]
+        warnings.warn(
+            RoundingWarning(
+                "jlora.merge(safe=True): rounding to the kernels' dtype dropped part of "
+                "these updates:\n" + "\n".join(lines) + "\nMerge a float32 copy for "
+                "export: jlora.merge(jax.tree.map(lambda x: x.astype(jnp.float32), "
+                "params)).",
+                rounding,
+            ),
+            stacklevel=2,
+        )
     return tree.rebuild(out)
+
+
+def _rounding(lw: LoraWeight, check: _Check) -> Rounding | None:
+    """The kernel's `Rounding` if its update lost more than `ROUNDING_TOLERANCE`."""
+    update_sq = float(check.update_sq)
+    if update_sq == 0.0:
+        return None
+    error = (float(check.error_sq) / update_sq) ** 0.5
+    if error <= ROUNDING_TOLERANCE:
+        return None
+    unchanged = int(check.kept) / max(int(check.changed), 1)
+    return Rounding(str(jnp.dtype(lw.dtype)), error, unchanged)
 
 
 def split(params: Any) -> tuple[Any, Any]:
@@ -198,11 +331,22 @@ def _check_factors(path, lw: LoraWeight, w, errors):
         )
 
 
-def _join(adapters, base, fn_name, base_name, kernel_fn):
+def _join(adapters, base, fn_name, base_name, kernel_fn, *, adapted_base: bool):
+    """`adapters` put onto `base` path by path, `kernel_fn(w, adapters' LoraWeight)`
+    giving each kernel. `adapted_base`: whether `base` may itself hold `LoraWeight`s
+    (whose `w` is then the kernel, as `combine` allows); where it may not (`unmerge`,
+    whose input must be merged), one is an error naming the path."""
     tree, pairs = _paired(adapters, base, fn_name, base_name)
     out, errors = [], []
     for a_node, b_node in pairs:
         path, a_inner, b_inner = a_node.path, a_node.value, b_node.value
+        if b_node.kind == LORA and not adapted_base:
+            errors.append(
+                f"  {path}: {base_name} holds an adapted kernel (a LoraWeight), not a "
+                f"merged one; jlora.{fn_name} takes the plain params jlora.merge returns "
+                "(to take adapters off adapted params, use jlora.split)"
+            )
+            continue
         if a_node.kind == LORA:
             w = b_inner.w if b_node.kind == LORA else b_inner
             if w is None or b_node.kind == TRAINED:
@@ -222,9 +366,9 @@ def _join(adapters, base, fn_name, base_name, kernel_fn):
                     )
             out.append(a_node.leaf)
         elif a_node.kind == EMPTY:
-            if b_node.kind == EMPTY:
+            if b_node.kind == EMPTY and not (a_node.leaf is None and b_node.leaf is None):
                 errors.append(f"  {path}: neither adapters nor {base_name} hold a value")
-            out.append(b_node.leaf)
+            out.append(b_node.leaf)  # (None in both: an empty subtree, kept as one)
         else:
             errors.append(
                 f"  {path}: adapters hold a plain leaf; adapters come from jlora.split"
@@ -245,7 +389,7 @@ def combine(adapters: Any, base: Any) -> Any:
     Raises:
       ValueError: paths or shapes that don't fit, every mismatch listed at once.
     """
-    return _join(adapters, base, "combine", "base", lambda w, lw: w)
+    return _join(adapters, base, "combine", "base", lambda w, lw: w, adapted_base=True)
 
 
 def unmerge(merged: Any, adapters: Any) -> Any:
@@ -263,7 +407,8 @@ def unmerge(merged: Any, adapters: Any) -> Any:
       adapters: the first output of `jlora.split`.
 
     Raises:
-      ValueError: paths or shapes that don't fit, every mismatch listed at once.
+      ValueError: paths or shapes that don't fit, or `merged` still adapted (holding
+        `LoraWeight`s where kernels were expected), every mismatch listed at once.
     """
 
     def kernel(w, lw):
@@ -278,4 +423,4 @@ def unmerge(merged: Any, adapters: Any) -> Any:
         )
         return rebox(w, restored)
 
-    return _join(adapters, merged, "unmerge", "merged", kernel)
+    return _join(adapters, merged, "unmerge", "merged", kernel, adapted_base=False)

@@ -325,3 +325,91 @@ def test_eager_merge_peak_memory_in_a_fresh_process():
     grown = int(out.stdout.strip().splitlines()[-1])
     kernel = 2048 * 2048 * 4  # 16 MiB; the broadcast product would be 32 of them
     assert grown <= 4 * kernel, f"peak memory grew by {grown / 2**20:.0f} MiB"
+
+
+# Wrong trees: a clear error naming the path, never a silent result ----------------------
+
+
+def test_unmerge_refuses_params_that_are_still_adapted():
+    """`unmerge` of params that were never merged would take `w - delta` as the new base
+    (a silently wrong kernel); it must refuse and name the path."""
+    lp = perturb(jlora.init(jax.random.key(1), _params(), CFG), jax.random.key(2))
+    adapters = jlora.split(lp)[0]
+    with pytest.raises(ValueError, match=r"attn/q/kernel: merged holds an adapted kernel"):
+        jlora.unmerge(lp, adapters)
+    # The merged tree still unmerges (the check is not a blanket refusal).
+    back = jlora.unmerge(jlora.merge(lp), adapters)
+    assert isinstance(back["attn"]["q"]["kernel"], jlora.LoraWeight)
+
+
+def test_merge_of_split_adapters_says_combine_with_the_base():
+    lp = jlora.init(jax.random.key(1), _params(), CFG)
+    adapters = jlora.split(lp)[0]
+    with pytest.raises(ValueError, match=r"without a base kernel at \['attn/o/kernel'.*"
+                       r"jlora\.combine\(adapters, base\)"):
+        jlora.merge(adapters)
+
+
+def _bf16_rounding_oracle(lw):
+    """What rounding the float32 sum `w + delta` to bfloat16 does to the update, in
+    float64 NumPy, with the elements whose rounding jlora's float32 product may decide
+    otherwise (within its error bound of a rounding boundary) counted apart."""
+    import ml_dtypes
+
+    w = np.asarray(lw.w.astype(jnp.float32), np.float64)
+    a, b = np.asarray(lw.a, np.float64), np.asarray(lw.b, np.float64)
+    delta = lw.scale * (a @ b)
+    # The float32 product and sum are within this of the exact sum, elementwise.
+    err = gamma(lw.rank + 1) * abs(lw.scale) * (np.abs(a) @ np.abs(b))
+    err += 2.0**-24 * (np.abs(w) + np.abs(delta)) + 1e-300
+
+    def rounded(x):
+        return x.astype(np.float32).astype(ml_dtypes.bfloat16).astype(np.float64)
+
+    merged = rounded(w + delta)
+    ambiguous = rounded(w + delta - err) != rounded(w + delta + err)
+    applied = merged - w
+    moved = delta != 0
+    unchanged = np.sum(moved & (applied == 0)) / np.sum(moved)
+    error = np.linalg.norm(applied - delta) / np.linalg.norm(delta)
+    return unchanged, error, ambiguous, w
+
+
+def test_merge_safe_reports_what_bfloat16_rounding_dropped_of_each_update():
+    """A small update (|delta| / |w| about 3e-3) merged into a bfloat16 kernel loses
+    much of itself to the one rounding; `merge(safe=True)` says how much, per path, and
+    a float32 merge of the same params says nothing."""
+    w = jax.random.normal(jax.random.key(0), (128, 96), jnp.float32)
+    lp = jlora.init(
+        jax.random.key(1),
+        {"dense": {"kernel": w.astype(jnp.bfloat16)}},
+        jlora.LoraConfig(4, 4),
+    )
+    lw = lp["dense"]["kernel"]
+    # b chosen so that scale * a @ b has an RMS of about 3e-3 (|w| is about 1).
+    b = jax.random.normal(jax.random.key(2), lw.b.shape) * 3e-3 / np.sqrt(
+        np.mean(np.square(np.asarray(lw.a)), axis=0).sum() * lw.scale**2
+    ).astype(np.float32)
+    lw = lw.replace(b=b.astype(jnp.float32))
+    lp = {"dense": {"kernel": lw}}
+    with pytest.warns(jlora.RoundingWarning, match="dense/kernel: bfloat16") as rec:
+        jlora.merge(lp, safe=True)
+    (warning,) = [w for w in rec if issubclass(w.category, jlora.RoundingWarning)]
+    got = warning.message.report["dense/kernel"]
+    unchanged, error, ambiguous, _ = _bf16_rounding_oracle(lw)
+    n = ambiguous.size
+    assert got.dtype == "bfloat16"
+    assert abs(got.unchanged - unchanged) <= ambiguous.sum() / n + 1 / n
+    # Each ambiguous element moves the applied update by at most one bfloat16 step.
+    ulp = 2.0**-7 * (np.abs(np.asarray(lw.w, np.float64)) + 3e-2)
+    slack = np.sqrt(np.sum(np.where(ambiguous, ulp, 0) ** 2))
+    delta_norm = np.linalg.norm(lw.scale * np.asarray(lw.a, np.float64) @ np.asarray(b))
+    assert abs(got.update_error - error) <= slack / delta_norm + 1e-6
+    assert unchanged > 0.2 and error > 0.1  # the case the report is for
+
+    f32 = jax.tree.map(lambda x: x.astype(jnp.float32), lp)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", jlora.RoundingWarning)
+        jlora.merge(f32, safe=True)  # float32 keeps the update: no warning
