@@ -34,7 +34,10 @@ class LoraConfig:
         `jlora.lora` is given an `rng`.
       targets: regex (or sequence of regexes) searched in `/`-joined key paths such as
         `Block_0/attn/query/kernel`. Default `None`: every Dense-like kernel, i.e. every
-        floating leaf named `kernel` with at least 2 axes.
+        floating leaf with at least 2 axes named `kernel` (Flax), `weight` (Equinox,
+        PyTorch-style), `w` (Haiku, gemma), `data_array` (penzai), or `gating_einsum` /
+        `linear` (gemma's feed-forward). Embedding tables (Flax's `embedding`) are
+        adapted only when targeted.
       exclude: regex(es); matching paths are never adapted.
       use_rslora: rank-stabilized scale `alpha / sqrt(rank)`.
       init: `"lora"` (`a` Kaiming-uniform with a=sqrt(5), bound `1/sqrt(fan_in)`; `b`

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -37,6 +38,45 @@ def _is_float(x) -> bool:
     return hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.floating)
 
 
+# The leaf names that the default targets select: each framework's name for a Dense-like
+# kernel (Flax `kernel`; Equinox's and PyTorch-style `weight`; Haiku's and gemma's `w`;
+# penzai's `data_array`; gemma's feed-forward `gating_einsum` and `linear`).
+KERNEL_NAMES = ("kernel", "weight", "w", "data_array", "gating_einsum", "linear")
+
+# Leaf names whose framework fixes a 2-axis kernel's orientation: Flax's `Dense` stores
+# its `kernel` `[in, out]` and `Embed` its `embedding` `[num_embeddings, features]`
+# (the rows are the inputs of the lookup). Other names do not say (Equinox's `weight`
+# is `[out, in]` in `Linear` but `[num_embeddings, dim]` in `Embedding`).
+IN_OUT_NAMES = ("kernel", "embedding")
+
+
+def is_default_target(path: str, value) -> bool:
+    """Whether the default targets select the leaf: a floating leaf with >= 2 axes named
+    as one of `KERNEL_NAMES`."""
+    return _leaf_name(path) in KERNEL_NAMES and _is_float(value) and jnp.ndim(value) >= 2
+
+
+def conventional_layout(path: str, ndim: int) -> Layout | None:
+    """The layout a 2-axis kernel has by its framework's convention, where its leaf name
+    says (`IN_OUT_NAMES`: `[in, out]`); None where it does not (read it off the model
+    with a probe, or declare it)."""
+    if ndim == 2 and _leaf_name(path) in IN_OUT_NAMES:
+        return DEFAULT_LAYOUT
+    return None
+
+
+def orientation_advice(paths: list[str], probe_arg: str = "probe=") -> str:
+    """How to decide the orientation of 2-axis kernels whose names do not say it."""
+    show = paths[:5] + (["..."] if len(paths) > 5 else [])
+    return (
+        f"the orientation of the 2-axis kernels {show} is not given by their names (only "
+        f"Flax's 'kernel' and 'embedding' are [in, out] by convention); pass {probe_arg} "
+        "to read it off the model, or declare it, e.g. LoraConfig(layout={"
+        f"{paths[0]!r}: jlora.Layout(in_axes=(1,), out_axes=(0,))}}) for a kernel stored "
+        "[out, in] as Equinox's and PyTorch's Linear.weight is"
+    )
+
+
 def init(
     key: jax.Array,
     params: Any,
@@ -55,7 +95,14 @@ def init(
       probe: optional function of `params` (e.g.
         `lambda p: model.apply({"params": p}, x)`); when given, each target's input,
         output and stacked axes are read off how the function uses it. A `layout` in the
-        config still wins for the paths it matches.
+        config wins for the paths it matches (the probe does not read those).
+
+    Orientation: a kernel's input, output and stacked axes come from the config's
+    `layout` where it matches, else from the probe, else from the framework's
+    convention where the leaf name gives one (Flax's 2-axis `kernel` and `embedding`
+    are `[in, out]`). A 2-axis kernel with none of these (Equinox's `weight`, which is
+    `[out, in]` in `Linear`, a plain `w`) is taken as `[in, out]` with a warning that
+    names it and says how to decide; a kernel with more axes is an error.
 
     Returns:
       `params` with `LoraWeight` leaves at the targets and `Trainable` marks on the
@@ -63,9 +110,10 @@ def init(
       the result equals `params` exactly.
 
     Raises:
-      ValueError: a target that matches nothing (the closest paths are listed), a match
-        on a non-floating or 1-axis leaf, a kernel with more than 2 axes and no layout,
-        a rank larger than the kernel allows, params that are already adapted.
+      ValueError: a target that matches nothing (the closest paths are listed), no
+        target selected by default (the leaves that could be meant are listed), a
+        match on a non-floating or 1-axis leaf, a kernel with more than 2 axes and no
+        layout, a rank larger than the kernel allows, params that are already adapted.
       TypeError: `config` is not a `LoraConfig`.
 
     Example:
@@ -111,7 +159,7 @@ def init(
                     "exclude=."
                 )
                 continue
-        elif not (_leaf_name(path) == "kernel" and _is_float(value) and value.ndim >= 2):
+        elif not is_default_target(path, value):
             continue
         selected[path] = value
     for pattern in targets:
@@ -121,13 +169,26 @@ def init(
                 f"closest paths: {near_misses(pattern.pattern, paths)}"
             )
     if not selected and not errors:
+        candidates = [
+            f"{p} {list(jnp.shape(unbox(leaf)))}"
+            for p, leaf in leaves
+            if _is_float(unbox(leaf)) and jnp.ndim(unbox(leaf)) >= 2
+        ]
         errors.append(
             "  no leaf was selected for adaptation (the default selects floating leaves "
-            f"named 'kernel' with >= 2 axes); paths: {paths[:8]}. Pass targets=."
+            f"with >= 2 axes named {' / '.join(KERNEL_NAMES)}); the floating leaves with "
+            f">= 2 axes are: {candidates[:12]}{' ...' if len(candidates) > 12 else ''}. "
+            "Pass targets= (a regex over these paths)."
+            if candidates
+            else "  no leaf was selected for adaptation: the params hold no floating leaf "
+            f"with >= 2 axes; paths: {paths[:8]}"
         )
 
-    probed = infer_layouts(probe, params, set(selected)) if probe is not None else {}
+    # A layout declared in the config wins: the probe reads only the other targets.
+    undeclared = {p for p in selected if config.layout_for(p) is None}
+    probed = infer_layouts(probe, params, undeclared) if probe is not None else {}
     layouts: dict[str, Layout] = {}
+    unoriented: list[str] = []
     for path, value in selected.items():
         layout = config.layout_for(path) or probed.get(path)
         if layout is None:
@@ -139,7 +200,10 @@ def init(
                     + _layout_hint(path, tuple(value.shape))
                 )
                 continue
-            layout = DEFAULT_LAYOUT
+            layout = conventional_layout(path, value.ndim)
+            if layout is None:
+                unoriented.append(path)
+                layout = DEFAULT_LAYOUT
         try:
             layout = layout.normalized(value.ndim)
         except ValueError as e:
@@ -176,6 +240,14 @@ def init(
             )
     if errors:
         raise ValueError("jlora.init: cannot adapt these params:\n" + "\n".join(errors))
+    if unoriented:
+        warnings.warn(
+            "jlora.init: taking these kernels as [in, out]; "
+            + orientation_advice(unoriented)
+            + ". (The math is exact either way, but `a` then sits on the output side and "
+            "a PEFT export is transposed.)",
+            stacklevel=2,
+        )
 
     out = []
     for path, leaf in leaves:
