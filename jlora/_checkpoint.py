@@ -7,23 +7,18 @@ fingerprint of the base kernel the factors were trained on). Restoring always go
 against an abstract target built from the base params, so the result has `LoraWeight`
 nodes with their scale and layout, never plain dicts.
 
-Every save is written into a staging directory beside its target and swapped in by
-renames that leave, after every step, a complete checkpoint at the target or in a
-marked sibling: loads read it from there without touching the disk (`_readable`), and
-the next save finishes or rolls back the swap (`_recover`). On several processes each
-writes its own shards; process 0 does the renames, and a failure on any process is
-raised on every process.
+Every save is written beside its target and swapped in by `_atomic.write_atomically`:
+a save that dies at any step leaves the old or the new checkpoint complete, where loads
+find it (`_atomic.readable`). On several processes each writes its own shards; process
+0 does the renames, and a failure on any process is raised on every process.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import glob
 import json
 import os
 import re
-import shutil
-import uuid
 import warnings
 from typing import Any
 
@@ -31,8 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
-from jax.experimental import multihost_utils
 
+from jlora import _atomic
 from jlora._boxes import box_factors, is_variable, rebox, unbox
 from jlora._config import LoraConfig
 from jlora._merge import combine, merge
@@ -55,174 +50,6 @@ def _key(i: int) -> str:
 
 def _spec(x) -> dict:
     return {"shape": list(np.shape(x)), "dtype": str(np.dtype(x.dtype))}
-
-
-# Several processes ----------------------------------------------------------------------
-
-
-def _primary() -> bool:
-    return jax.process_index() == 0
-
-
-def _all_ok(ok: bool) -> bool:
-    """Whether `ok` holds on every process (one collective; also a barrier)."""
-    if jax.process_count() == 1:
-        return ok
-    return bool(np.all(multihost_utils.process_allgather(np.asarray(ok))))
-
-
-def _on_primary(step: str, fn) -> None:
-    """`fn()` on process 0; then every process learns whether it worked, so a failure
-    there raises on every process instead of leaving the others waiting."""
-    error = None
-    if _primary():
-        try:
-            fn()
-        except Exception as e:  # re-raised below, after the others have heard
-            error = e
-    ok = _all_ok(error is None)
-    if error is not None:
-        raise error
-    if not ok:
-        raise RuntimeError(f"jlora: process 0 failed to {step}; see its error.")
-
-
-def _agreed_token() -> str:
-    """A fresh name that every process agrees on (process 0's)."""
-    token = np.frombuffer(uuid.uuid4().bytes, np.uint8)
-    if jax.process_count() > 1:
-        token = np.asarray(multihost_utils.broadcast_one_to_all(token))
-    return bytes(token.astype(np.uint8)).hex()[:12]
-
-
-# Atomic writes --------------------------------------------------------------------------
-
-
-class _FS:
-    """The filesystem steps of a save, in one place (tests fail each in turn)."""
-
-    rename = staticmethod(os.rename)
-    rmtree = staticmethod(shutil.rmtree)
-    makedirs = staticmethod(os.makedirs)
-
-
-def _sibling(path: str, kind: str, token: str) -> str:
-    parent, name = os.path.split(path)
-    return os.path.join(parent, f".{name}.{kind}-{token}")
-
-
-def _siblings(path: str, kind: str) -> list[str]:
-    """Existing siblings of `kind` (and orbax's own temporaries under them), oldest
-    first."""
-    parent, name = os.path.split(path)
-    found = glob.glob(os.path.join(glob.escape(parent), f".{glob.escape(name)}.{kind}-*"))
-    return sorted(found, key=os.path.getmtime)
-
-
-def _readable(path: str) -> str:
-    """Where the checkpoint saved at `path` is, without changing anything on disk.
-
-    At `path`, unless a save died in the middle of its swap: then the new checkpoint,
-    complete, waits in a `ready` sibling, or the old one in a `retired` sibling (the
-    next save to `path` moves it back into place). Readers never rename or delete, so
-    a load running beside a save cannot disturb it.
-    """
-    if os.path.exists(path):
-        return path
-    for kind in ("ready", "retired"):
-        found = _siblings(path, kind)
-        if found:
-            return found[-1]
-    return path
-
-
-def _recover(path: str) -> None:
-    """Finishes or rolls back a swap that a crash interrupted (a save does this first).
-
-    A save marks its new checkpoint complete by renaming its staging directory to a
-    `ready` sibling, then moves the old checkpoint to a `retired` sibling and the ready
-    one into place. So: with nothing at `path`, a `ready` sibling is the new, complete
-    checkpoint (finish the swap), else a `retired` one is the old (roll back); with a
-    checkpoint at `path`, leftover siblings are stale and removed, and so are staging
-    directories of saves that died.
-    """
-    ready, retired = _siblings(path, "ready"), _siblings(path, "retired")
-    if not os.path.exists(path):
-        if ready:
-            _FS.rename(ready.pop(), path)
-        elif retired:
-            _FS.rename(retired.pop(), path)
-    if os.path.exists(path):
-        for stale in ready + retired:
-            _FS.rmtree(stale, ignore_errors=True)
-    for stale in _siblings(path, "staging"):
-        _FS.rmtree(stale, ignore_errors=True)
-
-
-def _write_atomically(path: str, overwrite: bool, fn_name: str, write) -> None:
-    """`write(staging)` into a fresh sibling directory, then swap it in by renames.
-
-    orbax's own forced save deletes the old directory before writing the new one; here
-    the old checkpoint stays complete until the new one is. A save that dies at any
-    step leaves a complete checkpoint at `path` or in a marked sibling, which loads
-    read and the next save moves into place (`_readable`, `_recover`). A save that
-    fails with an error removes its staging directory and, if it failed in the middle
-    of the swap, puts the old checkpoint back. On several processes, every process
-    writes its shards; process 0 renames, and every process hears of a failure.
-    """
-
-    def prepare():
-        _FS.makedirs(os.path.dirname(path), exist_ok=True)
-        _recover(path)
-
-    _on_primary("prepare the save", prepare)
-    exists = os.path.exists(path)
-    if exists and not overwrite:
-        raise FileExistsError(
-            f"jlora.{fn_name}: {path} already exists; pass overwrite=True to replace it "
-            "(written beside it, then swapped in), or choose another path."
-        )
-    token = _agreed_token()
-    staging = _sibling(path, "staging", token)
-
-    def clean():
-        shutil.rmtree(staging, ignore_errors=True)
-        for tmp in glob.glob(glob.escape(staging) + "*"):  # orbax's temporaries
-            shutil.rmtree(tmp, ignore_errors=True)
-
-    error = None
-    try:
-        write(staging)
-    except Exception as e:  # re-raised below, after every process has heard
-        error = e
-    if not _all_ok(error is None):
-        if _primary():
-            clean()
-        if error is not None:
-            raise error
-        raise RuntimeError(f"jlora.{fn_name}: another process failed to write {path}.")
-
-    def swap():
-        ready = _sibling(path, "ready", token)
-        try:
-            _FS.rename(staging, ready)  # from here on, the new checkpoint is complete
-        except Exception:
-            clean()
-            raise
-        if not exists:
-            _FS.rename(ready, path)
-            return
-        retired = _sibling(path, "retired", token)
-        _FS.rename(path, retired)
-        try:
-            _FS.rename(ready, path)
-        except Exception:
-            if not os.path.exists(path):  # roll back: the old one goes back in place
-                os.rename(retired, path)
-            raise
-        _FS.rmtree(retired, ignore_errors=True)
-
-    _on_primary(f"swap in {path}", swap)
 
 
 # Metadata -------------------------------------------------------------------------------
@@ -387,7 +214,7 @@ def save_adapter(
             )
 
     path = os.path.abspath(os.fspath(path))
-    _write_atomically(path, overwrite, "save_adapter", write)
+    _atomic.write_atomically(path, overwrite, "save_adapter", write)
     return path
 
 
@@ -398,7 +225,7 @@ def read_adapter_metadata(path) -> dict:
       FileNotFoundError: no directory at `path`.
       ValueError: missing or corrupt metadata, or a checkpoint of another kind.
     """
-    path = _readable(os.path.abspath(os.fspath(path)))
+    path = _atomic.readable(os.path.abspath(os.fspath(path)))
     if not os.path.isdir(path):
         raise FileNotFoundError(f"jlora: no checkpoint directory at {path}.")
     meta_file = os.path.join(path, META, "metadata")
@@ -467,7 +294,7 @@ def load_adapter(
             f"jlora.load_adapter: base_mismatch must be one of {BASE_MISMATCH}, got "
             f"{base_mismatch!r}."
         )
-    path = _readable(os.path.abspath(os.fspath(path)))
+    path = _atomic.readable(os.path.abspath(os.fspath(path)))
     meta = read_adapter_metadata(path)
     base = walk(base_params, keep_none=True)
     by_path = base.by_path()
@@ -578,11 +405,22 @@ def save_merged(path, params: Any, *, overwrite: bool = False) -> str:
     The result is what the unmodified model takes; plain orbax restores it with no
     jlora import: `orbax.checkpoint.StandardCheckpointer().restore(path)`. Kernels are
     merged one compiled computation at a time, on the devices that hold them, and
-    written shard by shard: no process ever holds the whole merged model.
+    written shard by shard: no process ever holds the whole merged model. An existing
+    `path` is refused before anything is merged.
+
+    Args:
+      path: the directory to write (must not exist unless `overwrite=True`).
+      params: adapted params.
+      overwrite: replace an existing checkpoint (written beside it, then swapped in).
+
+    Returns:
+      the absolute path written.
 
     Raises:
       FileExistsError: `path` exists and `overwrite` is False.
     """
+    path = os.path.abspath(os.fspath(path))
+    _atomic.prepare(path, overwrite, "save_merged")  # refused before anything is merged
     merged = merge(params)
 
     def write(target):
@@ -590,8 +428,7 @@ def save_merged(path, params: Any, *, overwrite: bool = False) -> str:
             ckptr.save(target, merged)
             ckptr.wait_until_finished()
 
-    path = os.path.abspath(os.fspath(path))
-    _write_atomically(path, overwrite, "save_merged", write)
+    _atomic.write_atomically(path, overwrite, "save_merged", write)
     return path
 
 

@@ -33,9 +33,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
-from jlora import _safetensors
+from jlora import _atomic, _safetensors
 from jlora._boxes import box_factors, is_variable, rebox, unbox
-from jlora._checkpoint import _primary, _readable, _write_atomically
 from jlora._config import LoraConfig
 from jlora._merge import combine
 from jlora._probe import infer as infer_layouts
@@ -412,7 +411,7 @@ def read_peft_config(path) -> dict:
       FileNotFoundError: no directory or no config file (named).
       ValueError: a config that is not JSON.
     """
-    path = _readable(os.path.abspath(os.fspath(path)))
+    path = _atomic.readable(os.path.abspath(os.fspath(path)))
     file = os.path.join(path, CONFIG_FILE)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"jlora: no PEFT adapter directory at {path}.")
@@ -626,7 +625,7 @@ def save_peft(
     text = json.dumps(cfg, indent=2, sort_keys=True) + "\n"
 
     def write(target):
-        if not _primary():
+        if not _atomic.primary():
             return
         os.makedirs(target)
         with open(os.path.join(target, CONFIG_FILE), "w") as f:
@@ -634,7 +633,7 @@ def save_peft(
         _safetensors.save(os.path.join(target, WEIGHTS_FILE), tensors, {"format": "pt"})
 
     path = os.path.abspath(os.fspath(path))
-    _write_atomically(path, overwrite, "save_peft", write)
+    _atomic.write_atomically(path, overwrite, "save_peft", write)
     return path
 
 
@@ -771,7 +770,7 @@ def load_peft(
       ValueError: a refused config field, or tensors that don't fit `base_params`.
     """
     cfg = read_peft_config(path)
-    path = _readable(os.path.abspath(os.fspath(path)))
+    path = _atomic.readable(os.path.abspath(os.fspath(path)))
     errors = _refusals(cfg)
     if errors:
         raise ValueError(

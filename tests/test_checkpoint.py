@@ -3,6 +3,7 @@
 import json
 import os
 import pathlib
+import shutil
 import signal
 import subprocess
 import sys
@@ -201,6 +202,20 @@ def test_merged_export_restores_with_plain_orbax_without_jlora(model, tmp_path):
     np.testing.assert_array_equal(got["head"], merged["head"]["kernel"])
 
 
+def test_save_merged_refuses_an_existing_path_before_merging(model, tmp_path, monkeypatch):
+    from jlora import _checkpoint
+
+    _, _, _, lp = model
+    path = jlora.save_merged(tmp_path / "merged", lp)
+
+    def no_merge(params):
+        raise AssertionError("merged before the existing path was refused")
+
+    monkeypatch.setattr(_checkpoint, "merge", no_merge)
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        jlora.save_merged(path, lp)
+
+
 def test_manager_keeps_last_k_and_async_save_holds_pre_step_values(model, tmp_path):
     m, x, base, lp = model
     adapters, base = jlora.split(lp)
@@ -327,7 +342,7 @@ def _fs_steps(monkeypatch, fail_at: int | None, log: list):
     step `fail_at`."""
     import orbax.checkpoint as ocp
 
-    from jlora import _checkpoint
+    from jlora import _atomic
 
     def step(name, real):
         def run(*args, **kwargs):
@@ -338,10 +353,8 @@ def _fs_steps(monkeypatch, fail_at: int | None, log: list):
 
         return staticmethod(run)
 
-    for name in ("rename", "rmtree", "makedirs"):
-        monkeypatch.setattr(
-            _checkpoint._FS, name, step(name, getattr(_checkpoint._FS, name))
-        )
+    for name in ("rename", "rmtree", "makedirs", "write_journal", "remove"):
+        monkeypatch.setattr(_atomic.FS, name, step(name, getattr(_atomic.FS, name)))
     real_save = ocp.Checkpointer.save
 
     def save(self, directory, *args, **kwargs):
@@ -368,7 +381,9 @@ def test_a_save_that_dies_at_any_step_leaves_a_loadable_checkpoint(
         if overwrite:
             steps.clear()
             jlora.save_adapter(tmp_path / "dry" / "ad", new, CFG, overwrite=True)
-    assert "write" in steps and steps.count("rename") == (3 if overwrite else 2)
+    assert "write" in steps and steps.count("rename") == (2 if overwrite else 1)
+    if overwrite:
+        assert "write_journal" in steps and "remove" in steps
     for k, name in enumerate(steps):
         root = tmp_path / f"crash{k}"
         path = root / "ad"
@@ -377,10 +392,8 @@ def test_a_save_that_dies_at_any_step_leaves_a_loadable_checkpoint(
         with monkeypatch.context() as m, pytest.raises(Crash):
             _fs_steps(m, k, [])
             jlora.save_adapter(path, new, CFG, overwrite=overwrite)
-        listing = os.listdir(root) if root.exists() else []
-        ready = any(n.startswith(".ad.ready-") for n in listing)
-        if not overwrite and not os.path.exists(path) and not ready:
-            # Died before the new checkpoint was complete: there was none before.
+        if not overwrite and not os.path.exists(path):
+            # Died before the new checkpoint was in place: there was none before.
             with pytest.raises(FileNotFoundError):
                 jlora.load_adapter(path, base)
         else:
@@ -392,10 +405,72 @@ def test_a_save_that_dies_at_any_step_leaves_a_loadable_checkpoint(
         assert sorted(os.listdir(root)) == ["ad"], (k, name, os.listdir(root))
 
 
+def test_a_checkpoint_deleted_after_a_crashed_overwrite_stays_deleted(
+    model, tmp_path, monkeypatch
+):
+    """Whatever step an overwrite died at, a user who then deletes the checkpoint gets
+    "not found" and a fresh save there succeeds; the one exception is a save that died
+    between its two renames (nothing at the path to delete): its journal proves the
+    new checkpoint complete, and that is what loads."""
+    _, _, base, lp = model
+    new = perturb(lp, jax.random.key(7))
+    steps: list = []
+    with monkeypatch.context() as m:
+        jlora.save_adapter(tmp_path / "dry" / "ad", lp, CFG)
+        _fs_steps(m, None, steps)
+        jlora.save_adapter(tmp_path / "dry" / "ad", new, CFG, overwrite=True)
+    proven = 0
+    for k, name in enumerate(steps):
+        root = tmp_path / f"crash{k}"
+        path = root / "ad"
+        jlora.save_adapter(path, lp, CFG)
+        with monkeypatch.context() as m, pytest.raises(Crash):
+            _fs_steps(m, k, [])
+            jlora.save_adapter(path, new, CFG, overwrite=True)
+        if os.path.exists(path):
+            shutil.rmtree(path)  # the user deletes the checkpoint
+            with pytest.raises(FileNotFoundError, match="no checkpoint directory"):
+                jlora.load_adapter(path, base)
+            with pytest.raises(FileNotFoundError):
+                jlora.read_adapter_metadata(path)
+            jlora.save_adapter(path, new, CFG)  # a fresh save: no "already exists"
+        else:
+            proven += 1
+            assert _same(jlora.load_adapter(path, base), new), (k, name)
+            with pytest.raises(FileExistsError):  # the next save finished that swap
+                jlora.save_adapter(path, new, CFG)
+        assert _same(jlora.load_adapter(path, base), new), (k, name)
+        assert sorted(os.listdir(root)) == ["ad"], (k, name, os.listdir(root))
+    assert proven == 1  # exactly one step (the second rename) ends between the renames
+
+
+def test_a_retired_copy_left_by_a_failed_removal_is_never_loaded(
+    model, tmp_path, monkeypatch
+):
+    """The old copy's removal fails quietly (busy files on a network filesystem), the
+    user deletes the checkpoint: the leftover is garbage, not the checkpoint."""
+    from jlora import _atomic
+
+    _, _, base, lp = model
+    new = perturb(lp, jax.random.key(7))
+    path = jlora.save_adapter(tmp_path / "ad", lp, CFG)
+    with monkeypatch.context() as m:
+        m.setattr(_atomic.FS, "rmtree", staticmethod(lambda *a, **k: None))
+        jlora.save_adapter(path, new, CFG, overwrite=True)
+    assert any(n.startswith(".ad.retired-") for n in os.listdir(tmp_path))
+    assert _same(jlora.load_adapter(path, base), new)  # the leftover is not read
+    shutil.rmtree(path)
+    with pytest.raises(FileNotFoundError, match="no checkpoint directory"):
+        jlora.load_adapter(path, base)
+    jlora.save_adapter(path, lp, CFG)  # no "already exists"; the leftover is removed
+    assert _same(jlora.load_adapter(path, base), lp)
+    assert sorted(os.listdir(tmp_path)) == ["ad"]
+
+
 def test_a_failed_save_cleans_its_staging_and_patterns_serialize(model, tmp_path):
     import re
 
-    from jlora import _checkpoint
+    from jlora import _atomic
 
     _, _, base, lp = model
     cfg = jlora.LoraConfig(
@@ -414,17 +489,19 @@ def test_a_failed_save_cleans_its_staging_and_patterns_serialize(model, tmp_path
     failing = object()  # not JSON-serializable: the save fails before writing
     with pytest.raises(TypeError):
         jlora.save_adapter(tmp_path / "bad", lp, dataclasses_replace(cfg, failing))
-    real = _checkpoint._FS.rename
+    real = _atomic.FS.rename
 
     def broken(*args):
         raise OSError("disk full")
 
-    _checkpoint._FS.rename = staticmethod(broken)
+    _atomic.FS.rename = staticmethod(broken)
     try:
         with pytest.raises(OSError, match="disk full"):
             jlora.save_adapter(tmp_path / "ad2", lp, CFG)
+        with pytest.raises(OSError, match="disk full"):  # an overwrite rolls back
+            jlora.save_adapter(tmp_path / "ad", lp, CFG, overwrite=True)
     finally:
-        _checkpoint._FS.rename = staticmethod(real)
+        _atomic.FS.rename = staticmethod(real)
     assert sorted(os.listdir(tmp_path)) == ["ad"]  # no staging left behind
 
 
@@ -496,22 +573,22 @@ def test_a_load_beside_a_save_neither_disturbs_it_nor_reads_half(
 ):
     """A reader that runs between any two renames of an overwriting save gets the old
     or the new checkpoint, whole, and the save still completes."""
-    from jlora import _checkpoint
+    from jlora import _atomic
 
     _, _, base, lp = model
     new = perturb(lp, jax.random.key(7))
     path = jlora.save_adapter(tmp_path / "ad", lp, CFG)
-    real = _checkpoint._FS.rename
+    real = _atomic.FS.rename
     seen = []
 
     def rename_then_read(src, dst):
         real(src, dst)
         seen.append(jlora.load_adapter(path, base))  # a reader, mid-swap
 
-    monkeypatch.setattr(_checkpoint._FS, "rename", staticmethod(rename_then_read))
+    monkeypatch.setattr(_atomic.FS, "rename", staticmethod(rename_then_read))
     jlora.save_adapter(path, new, CFG, overwrite=True)
     monkeypatch.undo()
-    assert len(seen) == 3  # staging -> ready, path -> retired, ready -> path
+    assert len(seen) == 2  # path -> retired, staging -> path
     for got in seen:
         assert _same(got, lp) or _same(got, new)
     assert _same(jlora.load_adapter(path, base), new)

@@ -308,6 +308,32 @@ def test_to_torch_must_be_a_rearrangement(tiny, tmp_path):
     assert not os.path.exists(tmp_path / "bad")
 
 
+def test_a_deleted_directory_is_not_resurrected_from_a_leftover(
+    tiny, tmp_path, monkeypatch
+):
+    """PEFT directories are written by the same crash-safe swap as checkpoints: an old
+    copy whose removal failed quietly is garbage once the user deletes the directory."""
+    import shutil
+
+    from jlora import _atomic
+
+    _, params, _, _ = tiny
+    cfg = jlora.LoraConfig(2, 4.0, targets=r"wide/kernel$")
+    lp = randomize(jlora.init(jax.random.key(1), params, cfg), jax.random.key(9))
+    path = jlora.save_peft(tmp_path / "ad", lp, cfg)
+    with monkeypatch.context() as m:
+        m.setattr(_atomic.FS, "rmtree", staticmethod(lambda *a, **k: None))
+        jlora.save_peft(path, lp, cfg, overwrite=True)
+    assert any(n.startswith(".ad.retired-") for n in os.listdir(tmp_path))
+    shutil.rmtree(path)
+    with pytest.raises(FileNotFoundError, match="no PEFT adapter directory"):
+        jlora.load_peft(path, params)
+    jlora.save_peft(path, lp, cfg)  # a fresh save: no "already exists"
+    assert sorted(os.listdir(tmp_path)) == ["ad"]
+    back = jlora.load_peft(path, params)
+    assert np.array_equal(back["wide"]["kernel"].b, lp["wide"]["kernel"].b)
+
+
 class Scanned(nn.Module):
     @nn.compact
     def __call__(self, x):
