@@ -487,6 +487,77 @@ _CONVERT_V1 = (
 )
 
 
+def _step(step) -> int:
+    """`step` as a Python int, or a TypeError/ValueError naming it."""
+    value = step
+    if isinstance(value, jax.Array) and value.ndim == 0:
+        value = value.item() if jnp.issubdtype(value.dtype, jnp.integer) else value
+    elif isinstance(value, np.integer) or (
+        isinstance(value, np.ndarray) and value.ndim == 0 and value.dtype.kind in "iu"
+    ):
+        value = value.item()
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(
+            f"jlora.CheckpointManager.save: step must be an integer (int, a NumPy "
+            f"integer or a 0-d integer array), got {type(step).__name__} {step!r}."
+        )
+    if value < 0:
+        raise ValueError(f"jlora.CheckpointManager.save: step must be >= 0, got {value}.")
+    return value
+
+
+def _json_value(x, where: str):
+    """`x` as JSON holds it: NumPy and JAX scalars become Python numbers; containers
+    are converted item by item; anything else is a TypeError naming `where`."""
+    if x is None or isinstance(x, (bool, int, float, str)):
+        return x
+    if isinstance(x, (np.generic, np.ndarray, jax.Array)):
+        if np.ndim(x) != 0:
+            raise TypeError(
+                f"jlora.CheckpointManager.save: extra{where} is an array of shape "
+                f"{list(np.shape(x))}; extra holds JSON values only: save arrays in the "
+                "state, or pass .tolist()."
+            )
+        value = np.asarray(x).item()
+        if isinstance(value, (bool, int, float, str)):
+            return value
+        raise TypeError(
+            f"jlora.CheckpointManager.save: extra{where} is a {np.asarray(x).dtype} "
+            "scalar, which JSON cannot hold; pass an int, float, bool or str."
+        )
+    if isinstance(x, dict):
+        out = {}
+        for k, v in x.items():
+            if not isinstance(k, str):
+                raise TypeError(
+                    f"jlora.CheckpointManager.save: extra{where} has the key {k!r} "
+                    f"({type(k).__name__}); JSON keys are strings (it would come back "
+                    f"as {str(k)!r}): use str keys."
+                )
+            out[k] = _json_value(v, f"{where}[{k!r}]")
+        return out
+    if isinstance(x, (list, tuple)):
+        return [_json_value(v, f"{where}[{i}]") for i, v in enumerate(x)]
+    raise TypeError(
+        f"jlora.CheckpointManager.save: extra{where} is a {type(x).__name__} "
+        f"({x!r:.80}), which JSON cannot hold; pass numbers, strings, bools, None, "
+        "lists or dicts."
+    )
+
+
+def _json_extra(extra) -> dict:
+    if extra is None:
+        return {}
+    if not isinstance(extra, dict):
+        raise TypeError(
+            f"jlora.CheckpointManager.save: extra must be a dict or None, got "
+            f"{type(extra).__name__}."
+        )
+    out = _json_value(extra, "")
+    json.dumps(out)  # what the background write will do, done now
+    return out
+
+
 class CheckpointManager:
     """Training-loop checkpoints around orbax's `CheckpointManager`.
 
@@ -539,18 +610,41 @@ class CheckpointManager:
     def save(
         self, step: int, state: Any, *, extra: dict | None = None, force: bool = False
     ) -> bool:
-        """Saves `state` at `step` if the interval says so (or `force`); True if saved."""
+        """Saves `state` at `step` if the interval says so (or `force`).
+
+        `step` and `extra` are checked here, before anything is written (the write
+        itself runs in the background): a save that returns True is on disk once
+        `wait()` returns.
+
+        Args:
+          step: the step number, a non-negative integer (Python, NumPy or a 0-d JAX
+            integer array).
+          state: the pytree to save (typically `(adapters, opt_state)`).
+          extra: a JSON dict saved beside the state (data position, metrics). NumPy and
+            JAX scalars are stored as the Python numbers they hold.
+          force: save even if `step` is not on the `save_every` interval.
+
+        Returns:
+          whether the step was saved.
+
+        Raises:
+          TypeError: a `step` that is not an integer, or an `extra` that JSON cannot
+            hold (the key named).
+          ValueError: a negative `step`.
+        """
+        step = _step(step)
+        extra = _json_extra(extra)
         meta = {
             "format": STATE_FORMAT,
             "format_version": STATE_FORMAT_VERSION,
             "jlora_version": VERSION,
         }
         return self._manager.save(
-            int(step),
+            step,
             force=force,
             args=ocp.args.Composite(
                 state=ocp.args.StandardSave(_nested(state)),
-                extra=ocp.args.JsonSave(extra or {}),
+                extra=ocp.args.JsonSave(extra),
                 **{META: ocp.args.JsonSave(meta)},
             ),
         )

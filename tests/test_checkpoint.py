@@ -250,6 +250,47 @@ def test_manager_keeps_last_k_and_async_save_holds_pre_step_values(model, tmp_pa
         jlora.CheckpointManager(tmp_path / "empty").restore(template)
 
 
+def test_manager_save_checks_step_and_extra_before_writing(tmp_path):
+    state = {"a": jnp.arange(3.0)}
+    directory = tmp_path / "ckpt"
+    with jlora.CheckpointManager(directory) as ckpt:
+        # NumPy and JAX scalars (the README's `extra={"next_batch": i}` with a NumPy i)
+        # are stored as the Python numbers they hold.
+        extra = {
+            "next": np.int64(3),
+            "loss": np.float32(0.5),
+            "done": np.bool_(False),
+            "seen": [jnp.int32(7), {"epoch": np.uint8(1)}],
+        }
+        assert ckpt.save(np.int64(1), state, extra=extra)
+        for bad, key in (
+            ({"next": np.int64(4), "table": np.ones(3)}, "table"),
+            ({"next": object()}, "next"),
+            ({"nested": {"x": 1j}}, "nested"),
+            ({5: "five"}, "5"),
+        ):
+            with pytest.raises(TypeError, match=rf"extra\[{key!r}\]|key {key}"):
+                ckpt.save(2, state, extra=bad, force=True)
+        for step, exc in ((2.0, TypeError), ("2", TypeError), (True, TypeError)):
+            with pytest.raises(exc, match="step must be an integer"):
+                ckpt.save(step, state, force=True)
+        with pytest.raises(ValueError, match="step must be >= 0"):
+            ckpt.save(-1, state, force=True)
+        ckpt.wait()
+        # Nothing refused was written, and no temporary directory is left.
+        assert ckpt.all_steps() == [1]
+        assert sorted(os.listdir(directory)) == ["1"]
+        assert ckpt.save(jnp.asarray(3), state, extra={"next": np.int64(4)})
+        ckpt.wait()
+        assert ckpt.all_steps() == [1, 3]
+    with jlora.CheckpointManager(directory) as ckpt:
+        step, got, extra = ckpt.restore(state, step=1)
+        assert step == 1 and _same(got, state)
+        assert extra == {"next": 3, "loss": 0.5, "done": False, "seen": [7, {"epoch": 1}]}
+        assert type(extra["next"]) is int and type(extra["loss"]) is float
+        assert ckpt.restore(state)[2] == {"next": 4}
+
+
 def test_resume_in_fresh_process_is_bit_identical(tmp_path):
     script = str(ROOT / "examples" / "checkpointing.py")
 
