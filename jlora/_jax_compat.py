@@ -37,6 +37,14 @@ def is_tracer(x) -> bool:
     return isinstance(x, jax.core.Tracer)
 
 
+def at_top_level() -> bool:
+    """Whether no transformation (`jit`, `grad`, `vmap`, ...) is tracing: an eager call."""
+    ctx = getattr(_jax_core, "trace_ctx", None)
+    if ctx is not None and hasattr(ctx, "is_top_level"):
+        return ctx.is_top_level()
+    return _jax_core.trace_state_clean()  # pragma: no cover - older releases
+
+
 def primitive_name(eqn) -> str:
     return eqn.primitive.name
 

@@ -9,8 +9,12 @@ with it.
 
 from __future__ import annotations
 
+import collections
 import functools
+import threading
+import types
 import warnings
+import weakref
 from collections.abc import Callable
 
 import jax
@@ -21,6 +25,7 @@ from jlora._boxes import unbox
 from jlora._interpret import Context, Factored, RuleError, interpret
 from jlora._rules import RULES
 from jlora._targets import LORA, TRAINED, path_string, walk
+from jlora._weight import ANY
 
 __all__ = ["RuleError", "explain", "lora"]
 
@@ -126,6 +131,21 @@ def lora(fn: Callable, *, rng: jax.Array | None = None, strict: bool = False) ->
     formed on the training path. Composes with `jit`, `grad`, `vmap`, `remat`, `scan`,
     and can itself be jitted. On plain (merged) params it calls `fn` unchanged.
 
+    Eager calls (outside `jit`, `grad`, `vmap`, ...) are compiled: the first call of a
+    signature traces `fn` and compiles the interpreted program with `jax.jit`; later
+    calls with the same function, tree structure, `LoraWeight` metadata (scale,
+    layout, dropout), non-array leaves and array shapes/dtypes/shardings run that
+    program, as a jitted call would. So, as under `jax.jit`, Python side effects in
+    `fn` happen when it is traced, and Python state it reads (globals, attributes of
+    objects it closes over) is read then. A function is identified by its code and
+    the values it closes over, so a closure built anew each call over equal values
+    (`lambda s, x: nnx.merge(graphdef, s)(x)`) hits the cache; one that closes over an
+    array, a list or a dict is identified by its object, and a new such closure each
+    call traces and compiles each call (cost: a `jax.jit` of `fn`); reuse the function
+    or jit the caller. A non-array leaf that is not compared by value (a mutable
+    object) is never cached: such calls run the traced path every time. The cache is
+    bounded (64 signatures) and holds no arrays; entries keyed by an object die with it.
+
     Args:
       fn: any function of arrays (`model.apply`, a closure over `nnx.merge`, jnp code).
       rng: PRNG key for dropout on the LoRA branch input (the rate is each
@@ -150,9 +170,247 @@ def lora(fn: Callable, *, rng: jax.Array | None = None, strict: bool = False) ->
 
     @functools.wraps(fn)
     def wrapped(*args, **kwargs):
+        if compat.at_top_level():  # an eager call: compiled once per signature
+            call = _eager_call(fn, args, kwargs, strict)
+            if call is not None:
+                return call(rng)
         return run(fn, args, kwargs, Context(rules=RULES, rng=rng, strict=strict))
 
     return wrapped
+
+
+# Eager calls ----------------------------------------------------------------------------
+#
+# Outside any transformation, `lora(fn)(*args)` runs the interpretation inside a
+# `jax.jit` kept in a small cache, so the second eager call of the same signature costs
+# what a jitted call costs instead of a trace and an interpretation. The cache key is
+# what determines the traced program apart from the arrays' shapes, dtypes and
+# shardings (which `jax.jit`'s own cache keys on): the function, the input tree
+# structure (its node metadata includes each `LoraWeight`'s scale, layout and dropout,
+# and the paths), the non-array leaves, and `strict`. The dropout key is an argument of
+# the compiled call. Keys hold no arrays; objects compared by identity (a callable
+# object, a method's instance, a closure over an array) are held weakly and their
+# entries dropped when they die. Whatever cannot be keyed runs the traced path.
+
+
+class _Uncacheable(Exception):
+    pass
+
+
+class _Ref:
+    """An object held weakly in a cache key, compared by identity while it lives."""
+
+    __slots__ = ("ref", "ident")
+
+    def __init__(self, obj, on_death):
+        try:
+            self.ref = weakref.ref(obj, on_death)
+        except TypeError:
+            raise _Uncacheable from None
+        self.ident = id(obj)
+
+    def __hash__(self):
+        return self.ident
+
+    def __eq__(self, other):
+        if not isinstance(other, _Ref):
+            return NotImplemented
+        obj = self.ref()
+        return obj is not None and obj is other.ref()
+
+
+class _EagerCache:
+    """A bounded LRU of compiled eager calls; entries die with the objects they name."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self.entries: collections.OrderedDict = collections.OrderedDict()
+        self.by_ref: dict[int, set] = {}  # id(weakref) -> keys that hold it
+        self.dead: list[int] = []
+        self.lock = threading.Lock()
+
+    def on_death(self, wr) -> None:
+        self.dead.append(id(wr))  # purged under the lock, here or at the next access
+        if self.lock.acquire(blocking=False):
+            try:
+                self._purge()
+            finally:
+                self.lock.release()
+
+    def _purge(self) -> None:
+        while self.dead:
+            for key in self.by_ref.pop(self.dead.pop(), ()):
+                self._drop(key)
+
+    def _drop(self, key) -> None:
+        got = self.entries.pop(key, None)
+        if got is None:
+            return
+        for wr in got[1]:
+            keys = self.by_ref.get(id(wr))
+            if keys is not None:
+                keys.discard(key)
+                if not keys:
+                    del self.by_ref[id(wr)]
+
+    def get(self, key):
+        with self.lock:
+            self._purge()
+            got = self.entries.get(key)
+            if got is None:
+                return None
+            self.entries.move_to_end(key)
+            return got[0]
+
+    def put(self, key, refs: list, entry) -> None:
+        with self.lock:
+            self._purge()
+            wrs = [r.ref for r in refs]
+            self.entries[key] = (entry, wrs)
+            for wr in wrs:
+                self.by_ref.setdefault(id(wr), set()).add(key)
+            while len(self.entries) > self.size:
+                self._drop(next(iter(self.entries)))
+
+    def clear(self) -> None:
+        with self.lock:
+            self.entries.clear()
+            self.by_ref.clear()
+            self.dead.clear()
+
+
+_EAGER = _EagerCache(64)
+_PLAIN = object()  # an entry for inputs without adapted kernels
+_VALUES = (type(None), bool, int, float, complex, str, bytes, type(Ellipsis), np.dtype)
+_MAX_DEPTH = 8
+
+
+def _static_key(x, refs: list, depth: int = 0, *, weak: bool = False):
+    """A hashable stand-in for a non-array value the traced program depends on: the
+    value itself if it is compared by value, a function by what it computes, and (with
+    `weak`) any other object but an array by its identity, held weakly. Raises
+    `_Uncacheable` for anything else."""
+    if depth > _MAX_DEPTH:
+        raise _Uncacheable
+    if isinstance(x, _VALUES):
+        return (type(x), x)
+    if isinstance(x, (types.FunctionType, types.MethodType)):
+        return _function_key(x, refs, depth + 1, weak_fallback=False)
+    if isinstance(x, (type, types.ModuleType)) or (
+        isinstance(x, types.BuiltinFunctionType)
+        and isinstance(getattr(x, "__self__", None), (types.ModuleType, type(None)))
+    ):
+        return x  # long-lived; compared by identity
+    if _is_array(x):
+        raise _Uncacheable  # (a weak key would die only with the program holding it)
+    if type(x).__hash__ is not object.__hash__:
+        try:
+            hash(x)
+            return (type(x), x)
+        except TypeError:
+            pass
+    if not weak:
+        raise _Uncacheable
+    ref = _Ref(x, _EAGER.on_death)
+    refs.append(ref)
+    return ref
+
+
+def _function_key(fn, refs: list, depth: int = 0, *, weak_fallback: bool = True):
+    """What identifies `fn` as a computation.
+
+    A Python function is its code, the values it closes over and its defaults (so a
+    closure built anew each call, `lambda s, x: nnx.merge(graphdef, s)(x)`, is the same
+    function while `graphdef` is equal); a bound method is its function and instance.
+    Anything else, or a closure over a value without a value key (an array, a mutable
+    object), is held weakly by identity (with `weak_fallback`).
+    """
+    try:
+        if isinstance(fn, types.MethodType):
+            this = _static_key(fn.__self__, refs, depth + 1, weak=True)
+            return ("method", _function_key(fn.__func__, refs, depth + 1), this)
+        if isinstance(fn, types.FunctionType):
+            values = functools.partial(_static_key, refs=refs, depth=depth + 1, weak=True)
+            cells = tuple(values(c.cell_contents) for c in fn.__closure__ or ())
+            defaults = tuple(values(d) for d in fn.__defaults__ or ())
+            kwdefaults = tuple(
+                (k, values(v)) for k, v in sorted((fn.__kwdefaults__ or {}).items())
+            )
+            return ("function", fn.__code__, cells, defaults, kwdefaults)
+    except (_Uncacheable, ValueError):  # ValueError: an empty closure cell
+        if not weak_fallback:
+            raise _Uncacheable from None
+    if not weak_fallback:
+        raise _Uncacheable
+    ref = _Ref(fn, _EAGER.on_death)
+    refs.append(ref)
+    return ("object", ref)
+
+
+class _Current(threading.local):
+    fn: Callable | None = None
+
+
+_CURRENT = _Current()  # the function a compiled eager call traces, during that call
+
+
+def _compiled(fn, treedef, where, static, strict: bool):
+    """A `jax.jit` of the interpretation for one cache key. It reaches the function
+    through `_CURRENT` while it is called, so the cache holds no reference to it."""
+    template = list(static)
+    for i in where:
+        template.insert(i, None)
+
+    def eager(rng, arrays):
+        full = list(template)
+        for i, x in zip(where, arrays):
+            full[i] = x
+        args, kwargs = jax.tree_util.tree_unflatten(treedef, full)
+        ctx = Context(rules=RULES, rng=rng, strict=strict)
+        return run(_CURRENT.fn, args, kwargs, ctx)
+
+    name = getattr(fn, "__name__", type(fn).__name__)
+    eager.__name__ = eager.__qualname__ = f"lora({name})"
+    return jax.jit(eager)
+
+
+def _eager_call(fn, args, kwargs, strict: bool):
+    """The cached call for `lora(fn)(*args, **kwargs)` outside any trace, as a function
+    of the dropout key, or None where the call cannot be keyed (it then runs traced)."""
+    leaves, treedef = jax.tree_util.tree_flatten((args, kwargs))
+    arrays, where, static = [], [], []
+    for i, x in enumerate(leaves):
+        if _is_array(x):
+            if compat.is_tracer(x):
+                return None
+            arrays.append(x)
+            where.append(i)
+        else:
+            static.append(x)
+    refs: list = []
+    try:
+        statics = tuple(_static_key(x, refs) for x in static)
+        key = (_function_key(fn, refs), treedef, tuple(where), statics, strict)
+        entry = _EAGER.get(key)
+    except (_Uncacheable, TypeError, ValueError):
+        return None
+    if entry is None:
+        nodes = [n for n in walk((args, kwargs)).nodes if n.kind == LORA]
+        if any(n.value.scale is ANY or n.value.layout is ANY for n in nodes):
+            return None  # spec-tree metadata equals anything: never a key
+        entry = _compiled(fn, treedef, where, static, strict) if nodes else _PLAIN
+        _EAGER.put(key, refs, entry)
+    if entry is _PLAIN:  # no adapted kernel: `fn` itself, as on the traced path
+        return lambda rng: run(fn, args, kwargs, Context(RULES, rng, strict))
+
+    def call(rng):
+        previous, _CURRENT.fn = _CURRENT.fn, fn
+        try:
+            return entry(rng, arrays)
+        finally:
+            _CURRENT.fn = previous
+
+    return call
 
 
 def explain(fn: Callable, *args, **kwargs) -> dict[str, tuple[str, ...]]:
