@@ -28,13 +28,23 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from jlora import _atomic
-from jlora._boxes import box_factors, is_variable, rebox, unbox
+from jlora._boxes import unbox
 from jlora._config import LoraConfig
-from jlora._merge import combine, merge
+from jlora._merge import merge
+from jlora._rebuild import (
+    Base,
+    Factors,
+    Whole,
+    base_report,
+    cast_checksums,
+    compare_base,
+    fingerprint,
+    rebuild,
+)
 from jlora._sharding import factor_shardings, named_sharding_of
 from jlora._targets import EMPTY, LORA, TRAINED, path_string, walk
 from jlora._version import VERSION
-from jlora._weight import Layout, LoraWeight, Trainable
+from jlora._weight import Layout
 
 FORMAT = "jlora-adapter"
 FORMAT_VERSION = 2  # 2: a fingerprint of each adapted base kernel
@@ -91,35 +101,6 @@ def _config_dict(config: LoraConfig | None):
     return out
 
 
-@jax.jit
-def _checksums(x):
-    """Two order-independent integer sums of `x`'s bit patterns (mod 2^32): plain, and
-    weighted by each element's flat index. Integer addition is exact and associative,
-    so the result depends neither on sharding nor on the device count; the weighted sum
-    tells a kernel from its transpose."""
-    word = {1: jnp.uint8, 2: jnp.uint16}.get(x.dtype.itemsize, jnp.uint32)
-    bits = jax.lax.bitcast_convert_type(x, word).astype(jnp.uint32)
-    index = jnp.zeros(bits.shape, jnp.uint32)  # the flat index, with no reshape
-    for dim in range(bits.ndim):
-        stride = int(np.prod(bits.shape[dim + 1 :], dtype=np.int64))
-        iota = jax.lax.broadcasted_iota(jnp.uint32, bits.shape, dim)
-        index = index + iota * jnp.uint32(stride)
-    return (
-        jnp.sum(bits, dtype=jnp.uint32),
-        jnp.sum(bits * (2 * index + 1), dtype=jnp.uint32),
-    )
-
-
-def fingerprint(w) -> dict:
-    """Shape, dtype and checksums of a base kernel, as stored in adapter metadata."""
-    plain, weighted = _checksums(w)
-    return {
-        "shape": list(np.shape(w)),
-        "dtype": str(np.dtype(w.dtype)),
-        "checksum": [int(plain), int(weighted)],
-    }
-
-
 def _collect(params):
     """Adapter arrays in tree order and their metadata entries."""
     arrays, entries = [], []
@@ -142,6 +123,7 @@ def _collect(params):
                     "a": _spec(a),
                     "b": _spec(b),
                     "base": None if w is None else fingerprint(w),
+                    "base_casts": None if w is None else cast_checksums(w),
                 }
             )
             arrays += [a, b]
@@ -266,7 +248,11 @@ def load_adapter(
     nodes with their scale and layout, or the call raises and nothing is half-loaded.
     Each base kernel is also compared with the fingerprint of the kernel the adapters
     were trained on (shape, dtype, checksums of its bits): adapters trained on another
-    base of the same shapes are caught.
+    base of the same shapes are caught. A base in another dtype is compared in the
+    narrower one: the bfloat16 (or float16) cast of the float32 kernel the adapters were
+    trained on loads without a word (the checkpoint records the checksums of those
+    casts), a widened one is cast back; a dtype change that leaves nothing to compare
+    with (another dtype, an older checkpoint) is reported as such.
 
     Args:
       path: a directory written by `save_adapter`.
@@ -276,9 +262,9 @@ def load_adapter(
         By default each array is restored straight into the sharding its base leaf
         implies: `a` the kernel's input axes, `b` its output axes (see
         `jlora.adapter_specs`), a trained leaf its base leaf's.
-      base_mismatch: what a kernel that differs from the recorded fingerprint does:
-        `"warn"` (default; one warning listing every such path), `"error"` (raise), or
-        `"ignore"`.
+      base_mismatch: what a kernel that differs from the recorded fingerprint (or
+        whose dtype change can't be checked) does: `"warn"` (default; one warning
+        listing every such path), `"error"` (raise), or `"ignore"`.
 
     Returns:
       adapted params, as `combine(adapters, base_params)`.
@@ -286,8 +272,8 @@ def load_adapter(
     Raises:
       FileNotFoundError: no directory at `path`.
       ValueError: not a jlora adapter checkpoint, corrupt metadata, adapters that don't
-        fit `base_params` (every mismatch listed at once), or a different base with
-        `base_mismatch="error"`.
+        fit `base_params` (every mismatch listed at once), base params that already
+        hold adapters, or a different base with `base_mismatch="error"`.
     """
     if base_mismatch not in BASE_MISMATCH:
         raise ValueError(
@@ -296,40 +282,37 @@ def load_adapter(
         )
     path = _atomic.readable(os.path.abspath(os.fspath(path)))
     meta = read_adapter_metadata(path)
-    base = walk(base_params, keep_none=True)
-    by_path = base.by_path()
-    errors, targets, nodes, changed = [], [], {}, []
-    for entry in meta["leaves"]:
-        p = entry.get("path")
-        kind = entry.get("kind")
-        if p not in by_path:
+    base = Base(base_params, "load_adapter")
+    entries = _fit(meta["leaves"], base, path)
+    if base_mismatch != "ignore":
+        _check_bases(entries, base, path, base_mismatch)
+    restored = _restore(path, entries, base, sharding)
+    return rebuild(base, restored, "load_adapter", sharding)
+
+
+def _fit(leaves: list, base: Base, path: str) -> list[dict]:
+    """The checkpoint's leaf entries, each checked against the base (its path there,
+    the factor shapes its kernel's shape and layout need), or a ValueError listing
+    every misfit."""
+    errors, entries = [], []
+    for entry in leaves:
+        p, kind = entry.get("path"), entry.get("kind")
+        node = base.nodes.get(p)
+        if node is None:
             errors.append(f"  {p}: not in the base params")
-            continue
-        inner = by_path[p].value
-        if by_path[p].kind in (LORA, TRAINED):
-            errors.append(
-                f"  {p}: the base already holds an adapter here; pass plain base params"
-            )
-            continue
-        if kind == "full":
-            if by_path[p].kind == EMPTY:  # split()'s base: restored as stored
-                nodes[p] = (entry, len(targets))
-                targets.append((entry["value"], sharding))
-                continue
-            shape = tuple(np.shape(unbox(inner)))
-            if tuple(entry["value"]["shape"]) != shape:
+        elif kind == "full":
+            shape = tuple(np.shape(unbox(node.value)))
+            if node.kind != EMPTY and tuple(entry["value"]["shape"]) != shape:
                 errors.append(
                     f"  {p}: base leaf {list(shape)}, checkpoint {entry['value']['shape']}"
                 )
-                continue
-            nodes[p] = (entry, len(targets))
-            targets.append((entry["value"], sharding or named_sharding_of(unbox(inner))))
+            else:  # (over split()'s base, None here: restored as stored)
+                entries.append(entry)
         elif kind == "lora":
-            if by_path[p].kind == EMPTY:
+            if node.kind == EMPTY:
                 errors.append(f"  {p}: the base has no kernel here (None)")
                 continue
-            w = unbox(inner)
-            shape = tuple(np.shape(w))
+            shape = tuple(np.shape(unbox(node.value)))
             layout = Layout(*entry["layout"])
             if layout.ndim != len(shape):
                 errors.append(
@@ -337,22 +320,16 @@ def load_adapter(
                     f"{list(shape)}"
                 )
                 continue
-            rank = entry["a"]["shape"][-1]
-            want_a, want_b = layout.factor_shapes(shape, rank)
-            got_a, got_b = tuple(entry["a"]["shape"]), tuple(entry["b"]["shape"])
-            if (got_a, got_b) != (want_a, want_b):
+            want = layout.factor_shapes(shape, entry["a"]["shape"][-1])
+            got = tuple(entry["a"]["shape"]), tuple(entry["b"]["shape"])
+            if got != want:
                 errors.append(
-                    f"  {p}: base kernel {list(shape)} needs a {list(want_a)} and "
-                    f"b {list(want_b)}; the checkpoint has {list(got_a)}, "
-                    f"{list(got_b)}"
+                    f"  {p}: base kernel {list(shape)} needs a {list(want[0])} and "
+                    f"b {list(want[1])}; the checkpoint has {list(got[0])}, "
+                    f"{list(got[1])}"
                 )
                 continue
-            recorded = entry.get("base")
-            if recorded and base_mismatch != "ignore" and fingerprint(w) != recorded:
-                changed.append(p)
-            nodes[p] = (entry, len(targets))
-            a_sh, b_sh = factor_shardings(w, layout)
-            targets += [(entry["a"], sharding or a_sh), (entry["b"], sharding or b_sh)]
+            entries.append(entry)
         else:
             errors.append(f"  {p}: unknown leaf kind {kind!r}")
     if errors:
@@ -360,43 +337,68 @@ def load_adapter(
             f"jlora.load_adapter: the adapters at {path} do not fit base_params:\n"
             + "\n".join(errors)
         )
-    if changed:
-        msg = (
-            f"jlora.load_adapter: the adapters at {path} were trained on different base "
-            f"kernels (same shapes, other values) at {changed}; check that base_params "
-            "are the model they were trained on."
-        )
-        if base_mismatch == "error":
-            raise ValueError(msg)
-        warnings.warn(
-            msg + " (base_mismatch='error' refuses, 'ignore' silences this)", stacklevel=2
-        )
+    return entries
+
+
+def _check_bases(entries: list, base: Base, path: str, base_mismatch: str) -> None:
+    """Each adapted base kernel against the fingerprint of the one the adapters were
+    trained on (`compare_base`); a warning or error lists those that differ."""
+    verdicts = {}
+    for entry in entries:
+        recorded = entry.get("base") if entry["kind"] == "lora" else None
+        if recorded:
+            w = unbox(base.nodes[entry["path"]].value)
+            verdict = compare_base(recorded, entry.get("base_casts"), w)
+            verdicts[entry["path"]] = (verdict, recorded["dtype"], str(np.dtype(w.dtype)))
+    paths, report = base_report(verdicts)
+    if not paths:
+        return
+    msg = (
+        f"jlora.load_adapter: the adapters at {path} {report}; check that base_params "
+        "are the model they were trained on."
+    )
+    if base_mismatch == "error":
+        raise ValueError(msg)
+    warnings.warn(
+        msg + " (base_mismatch='error' refuses, 'ignore' silences this)", stacklevel=3
+    )
+
+
+def _restore(path: str, entries: list, base: Base, sharding) -> dict:
+    """The arrays of `entries`, read straight into the shardings their base leaves
+    imply (or `sharding`), as `{path: Factors | Whole}`."""
+    targets = []
+    for entry in entries:
+        leaf = unbox(base.nodes[entry["path"]].value)
+        if entry["kind"] == "lora":
+            a_sh, b_sh = factor_shardings(leaf, Layout(*entry["layout"]))
+            targets += [(entry["a"], sharding or a_sh), (entry["b"], sharding or b_sh)]
+        else:
+            sh = None if leaf is None else named_sharding_of(leaf)
+            targets.append((entry["value"], sharding or sh))
     abstract = {
         _key(i): jax.ShapeDtypeStruct(tuple(t["shape"]), np.dtype(t["dtype"]), sharding=s)
         for i, (t, s) in enumerate(targets)
     }
     with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
-        restored = ckptr.restore(
+        arrays = ckptr.restore(
             path, args=ocp.args.Composite(**{ARRAYS: ocp.args.StandardRestore(abstract)})
         )[ARRAYS]
-    out = []
-    for base_node in base.nodes:
-        if base_node.path not in nodes:
-            out.append(None)
-            continue
-        entry, i = nodes[base_node.path]
-        box = base_node.leaf  # a Linen box: the restored arrays are boxed like init's
+    found, i = {}, 0
+    for entry in entries:
         if entry["kind"] == "lora":
-            layout = Layout(*entry["layout"])
-            a, b = box_factors(box, restored[_key(i)], restored[_key(i + 1)], layout)
-            node = LoraWeight(
-                None, a, b, scale=entry["scale"], layout=layout, dropout=entry["dropout"]
+            found[entry["path"]] = Factors(
+                arrays[_key(i)],
+                arrays[_key(i + 1)],
+                entry["scale"],
+                Layout(*entry["layout"]),
+                entry["dropout"],
             )
+            i += 2
         else:
-            value = restored[_key(i)]
-            node = Trainable(value if is_variable(box) else rebox(box, value))
-        out.append(base_node.put_back(node))
-    return combine(base.rebuild(out), base_params)
+            found[entry["path"]] = Whole(arrays[_key(i)])
+            i += 1
+    return found
 
 
 def save_merged(path, params: Any, *, overwrite: bool = False) -> str:

@@ -106,7 +106,7 @@ def test_load_onto_wrong_base_lists_every_mismatch(model, tmp_path):
     assert "proj/kernel: base kernel [7, 2, 8] needs a [7, 2]" in msg
     assert "head/bias: not in the base params" in msg
     adapted = jlora.init(jax.random.key(0), base, CFG)
-    with pytest.raises(ValueError, match="already holds an adapter"):
+    with pytest.raises(ValueError, match=r"already hold adapters at \['head/bias',"):
         jlora.load_adapter(path, adapted)
 
 
@@ -590,6 +590,56 @@ def test_fingerprint_catches_another_base_of_the_same_shapes(model, tmp_path):
     swapped["head"]["kernel"] = base["head"]["kernel"][::-1]
     with pytest.raises(ValueError, match="head/kernel"):
         jlora.load_adapter(path, swapped, base_mismatch="error")
+
+
+def _cast(tree, dtype):
+    return jax.tree.map(lambda x: x.astype(dtype), tree)
+
+
+def test_a_base_cast_to_another_dtype_is_compared_in_the_narrower_one(model, tmp_path):
+    import warnings
+
+    _, _, base, lp = model  # trained on a float32 base
+    path = jlora.save_adapter(tmp_path / "ad", lp, CFG)
+    for dtype in (jnp.bfloat16, jnp.float16):  # served on a cast of that base
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            back = jlora.load_adapter(path, _cast(base, dtype), base_mismatch="error")
+        assert back["head"]["kernel"].w.dtype == dtype
+        assert _same(jlora.split(back)[0], jlora.split(lp)[0])
+    # Another base, cast: still another base, compared in bfloat16.
+    other = jax.tree.map(lambda x: x, base)
+    other["head"]["kernel"] = base["head"]["kernel"] * 1.25
+    with pytest.warns(UserWarning, match=r"different base kernels.*\['head/kernel'\]"):
+        jlora.load_adapter(path, _cast(other, jnp.bfloat16))
+    # A cast jlora keeps no record of is said to be a dtype change, not other values.
+    with pytest.raises(ValueError, match=r"another dtype \(float32 -> float8_e4m3fn\)"):
+        jlora.load_adapter(path, _cast(base, jnp.float8_e4m3fn), base_mismatch="error")
+    # Trained on a bfloat16 base, loaded onto its exact float32 widening: cast back.
+    base16 = _cast(base, jnp.bfloat16)
+    lp16 = jlora.combine(jlora.split(lp)[0], base16)
+    path16 = jlora.save_adapter(tmp_path / "ad16", lp16, CFG)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        jlora.load_adapter(path16, _cast(base16, jnp.float32), base_mismatch="error")
+    widened = _cast(_cast(other, jnp.bfloat16), jnp.float32)
+    with pytest.raises(ValueError, match=r"different base kernels.*head/kernel"):
+        jlora.load_adapter(path16, widened, base_mismatch="error")
+
+
+def test_a_checkpoint_without_cast_records_reports_a_dtype_change(model, tmp_path):
+    _, _, base, lp = model
+    path = jlora.save_adapter(tmp_path / "ad", lp, CFG)
+    meta_file = pathlib.Path(path) / "jlora" / "metadata"
+    meta = json.loads(meta_file.read_text())
+    for entry in meta["leaves"]:  # as written before cast records existed
+        entry.pop("base_casts", None)
+    meta_file.write_text(json.dumps(meta))
+    with pytest.warns(UserWarning) as record:
+        jlora.load_adapter(path, _cast(base, jnp.bfloat16))
+    (msg,) = [str(w.message) for w in record]
+    assert "another dtype (float32 -> bfloat16)" in msg and "other values" not in msg
+    assert "'head/kernel'" in msg and "'proj/kernel'" in msg
 
 
 def test_fingerprint_does_not_depend_on_sharding_or_device_count():
