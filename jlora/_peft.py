@@ -26,7 +26,7 @@ import math
 import os
 import re
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -34,13 +34,22 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from jlora import _atomic, _safetensors
-from jlora._boxes import box_factors, is_variable, rebox, unbox
+from jlora._boxes import unbox
 from jlora._config import LoraConfig
-from jlora._merge import combine
 from jlora._probe import infer as infer_layouts
-from jlora._sharding import factor_shardings, named_sharding_of
+from jlora._rebuild import (
+    OTHER,
+    UNCHECKED,
+    Base,
+    Factors,
+    Whole,
+    cast_checksums,
+    compare_base,
+    fingerprint,
+    rebuild,
+)
 from jlora._targets import LEAF, LORA, TRAINED, walk
-from jlora._weight import DEFAULT_LAYOUT, Layout, LoraWeight, Trainable
+from jlora._weight import DEFAULT_LAYOUT, Layout
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -330,6 +339,60 @@ def _scale(alpha, r, rslora) -> float:
     return alpha / math.sqrt(r) if rslora else alpha / r
 
 
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _patterns(check):
+    def ok(v):
+        if v is None:
+            return True
+        return isinstance(v, dict) and all(
+            isinstance(k, str) and check(x) for k, x in v.items()
+        )
+
+    return ok
+
+
+# The PEFT config fields jlora reads: field -> (default, check, what is expected).
+_FIELDS = {
+    "r": (8, lambda v: _is_int(v) and v > 0, "a positive integer"),
+    "lora_alpha": (8, _is_number, "a number"),
+    "use_rslora": (False, lambda v: isinstance(v, bool), "true or false"),
+    "lora_dropout": (
+        0.0,
+        lambda v: v is None or (_is_number(v) and 0 <= v < 1),
+        "a number in [0, 1)",
+    ),
+    "fan_in_fan_out": (False, lambda v: isinstance(v, bool), "true or false"),
+    "bias": ("none", lambda v: v in ("none", "all", "lora_only"), "none, all or lora_only"),
+    "rank_pattern": (
+        {},
+        _patterns(lambda x: _is_int(x) and x > 0),
+        "a dict {module pattern: positive integer}",
+    ),
+    "alpha_pattern": ({}, _patterns(_is_number), "a dict {module pattern: number}"),
+}
+
+
+def _settings(cfg: Mapping) -> tuple[dict, list[str]]:
+    """The LoRA fields of a PEFT config (defaults where absent, as PEFT's), each
+    checked, with a line per field that holds something else."""
+    out, errors = {}, []
+    for field, (default, ok, want) in _FIELDS.items():
+        value = cfg.get(field, default)
+        if not ok(value):
+            errors.append(f"  {field}: {value!r}; expected {want}")
+            value = default
+        out[field] = default if value is None else value
+    out["lora_dropout"] = float(out["lora_dropout"])
+    return out, errors
+
+
 def _global_settings(config) -> dict:
     """The config's global fields; `r` and `lora_alpha` are None without a config (the
     caller takes the most common module's)."""
@@ -342,13 +405,13 @@ def _global_settings(config) -> dict:
             "bias": config.train_bias,
         }
     if isinstance(config, Mapping):
-        return {
-            "r": int(config.get("r", 8)),
-            "lora_alpha": config.get("lora_alpha", 8),
-            "use_rslora": bool(config.get("use_rslora", False)),
-            "lora_dropout": float(config.get("lora_dropout", 0.0)),
-            "bias": config.get("bias", "none"),
-        }
+        settings, errors = _settings(config)
+        if errors:
+            raise ValueError(
+                "jlora.save_peft: config holds fields PEFT would not read:\n"
+                + "\n".join(errors)
+            )
+        return settings
     if config is not None:
         raise TypeError(
             "jlora.save_peft: config must be a jlora.LoraConfig, a PEFT config dict "
@@ -769,9 +832,10 @@ def load_peft(
       FileNotFoundError: no directory, or a missing file (named).
       ValueError: a refused config field, or tensors that don't fit `base_params`.
     """
-    cfg = read_peft_config(path)
+    cfg = read_peft_config(path)  # read the files
     path = _atomic.readable(os.path.abspath(os.fspath(path)))
-    errors = _refusals(cfg)
+    settings, errors = _settings(cfg)
+    errors = _refusals(cfg) + errors
     if errors:
         raise ValueError(
             f"jlora.load_peft: {path} is a PEFT adapter jlora can't load as it is:\n"
@@ -782,56 +846,87 @@ def load_peft(
         raise FileNotFoundError(f"jlora.load_peft: {path} has no {WEIGHTS_FILE}.")
     tensors, _ = _safetensors.load(file)
     lora, plain, base_keys, errors = _classify(tensors, WEIGHTS_FILE)
-
-    tree = walk(base_params, keep_none=True)
-    nodes = tree.nodes
-    names: dict[str, list] = {}  # module name -> [(path, PeftModule, layer)]
-    leaf_of: dict[tuple[str, str], str] = {}  # (module, param) -> path
-    for node in nodes:
-        if node.kind in (LORA, TRAINED):
-            raise ValueError(
-                f"jlora.load_peft: base_params already hold an adapter at {node.path}; "
-                "pass plain base params."
-            )
-        if node.kind != LEAF:
-            continue
-        pm = _module_for(module_names, node.path, "load_peft")
-        if pm is None:
-            continue
-        leaf_of[(pm.name, _param_name(node.path))] = (node.path, pm)
-        value = unbox(node.value)
-        dtype = getattr(value, "dtype", None)
-        if (
-            np.ndim(value) < 2
-            or dtype is None
-            or not jnp.issubdtype(dtype, jnp.floating)
-            or _param_name(node.path) == "bias"
-            or node.path.rsplit("/", 1)[-1] == "scale"
-        ):
-            continue  # only kernels (and embeddings) carry LoRA factors
-        if "{layer}" in pm.name:
-            for i in range(np.shape(value)[0] if np.ndim(value) else 0):
-                names.setdefault(pm.name.format(layer=i), []).append((node.path, pm, i))
-        else:
-            names.setdefault(pm.name, []).append((node.path, pm, None))
-    by_path = {n.path: n for n in nodes}
-    adapted = {
-        path for parts in (names[m] for m in lora if m in names) for path, _, _ in parts
-    }
+    base = Base(base_params, "load_peft")  # check them against the base
+    targets = _Targets.of(base, module_names)
+    adapted = {t.path for m in lora if m in targets.kernels for t in targets.kernels[m]}
     probed = {}
     if probe is not None and adapted:
         probed = infer_layouts(probe, base_params, adapted)
+    found = _factors(lora, tensors, settings, targets, base, probed, errors)
+    found.update(_whole_leaves(plain, base_keys, tensors, settings, targets, base, errors))
+    if errors:
+        raise ValueError(
+            f"jlora.load_peft: the adapter at {path} does not fit base_params:\n"
+            + "\n".join(errors)
+        )
+    return rebuild(base, found, "load_peft")  # rebuild, combine
 
-    global_r, global_alpha = cfg.get("r", 8), cfg.get("lora_alpha", 8)
-    rslora = bool(cfg.get("use_rslora", False))
-    dropout = float(cfg.get("lora_dropout", 0.0) or 0.0)
-    found: dict[str, dict] = {}  # path -> layer -> (a, b, scale); layout per path
+
+class _Target(NamedTuple):
+    """A leaf of the base that a PyTorch module's tensors go to (for a stacked kernel,
+    one `layer` of it)."""
+
+    path: str
+    module: PeftModule
+    layer: int | None
+
+
+class _Targets(NamedTuple):
+    kernels: dict[str, list[_Target]]  # module name -> the kernels its factors go to
+    leaves: dict[tuple[str, str], _Target]  # (module, param) -> the leaf it names
+
+    @classmethod
+    def of(cls, base: Base, module_names) -> _Targets:
+        """Every leaf of the base by the PyTorch module (and parameter) it is."""
+        kernels: dict[str, list[_Target]] = {}
+        leaves: dict[tuple[str, str], _Target] = {}
+        for node in base.walk.nodes:
+            if node.kind != LEAF:
+                continue
+            pm = _module_for(module_names, node.path, "load_peft")
+            if pm is None:
+                continue
+            leaves[(pm.name, _param_name(node.path))] = _Target(node.path, pm, None)
+            value = unbox(node.value)
+            dtype = getattr(value, "dtype", None)
+            if (
+                np.ndim(value) < 2
+                or dtype is None
+                or not jnp.issubdtype(dtype, jnp.floating)
+                or _param_name(node.path) == "bias"
+                or node.path.rsplit("/", 1)[-1] == "scale"
+            ):
+                continue  # only kernels (and embeddings) carry LoRA factors
+            if "{layer}" in pm.name:
+                for i in range(np.shape(value)[0]):
+                    name = pm.name.format(layer=i)
+                    kernels.setdefault(name, []).append(_Target(node.path, pm, i))
+            else:
+                kernels.setdefault(pm.name, []).append(_Target(node.path, pm, None))
+        return cls(kernels, leaves)
+
+
+def _factors(lora, tensors, settings, targets: _Targets, base: Base, probed, errors):
+    """`{path: Factors}`: each LoRA module's tensors mapped onto the kernels it names,
+    checked (dtype, rank, shapes, rows of a fused module); problems go to `errors`."""
+    layers: dict[str, dict] = {}  # path -> layer -> (a, b, scale)
     layouts: dict[str, Layout] = {}
     for module in sorted(lora):
         entry = lora[module]
         if "A" not in entry or "B" not in entry:
             continue
         big_a, big_b = tensors[entry["A"]], tensors[entry["B"]]
+        bad = [
+            k
+            for k in (entry["A"], entry["B"])
+            if not jnp.issubdtype(tensors[k].dtype, jnp.floating)
+        ]
+        if bad:
+            errors.append(
+                f"  {module}: {', '.join(f'{k} is {tensors[k].dtype}' for k in bad)}; "
+                "LoRA factors are floating-point"
+            )
+            continue
         if big_a.ndim != 2 or big_b.ndim != 2 or big_a.shape[0] != big_b.shape[1]:
             errors.append(
                 f"  {module}: A {list(big_a.shape)} and B {list(big_b.shape)} are not "
@@ -839,93 +934,41 @@ def load_peft(
             )
             continue
         r = big_a.shape[0]
-        want_r = _pattern_value(cfg.get("rank_pattern"), module, global_r)
+        want_r = _pattern_value(settings["rank_pattern"], module, settings["r"])
         if r != want_r:
             errors.append(
                 f"  {module}: rank {r} in the file, but the config gives r={want_r} "
                 "(r / rank_pattern)"
             )
             continue
-        alpha = _pattern_value(cfg.get("alpha_pattern"), module, global_alpha)
-        scale = _scale(alpha, r, rslora)
-        parts = names.get(module)
+        alpha = _pattern_value(settings["alpha_pattern"], module, settings["lora_alpha"])
+        scale = _scale(alpha, r, settings["use_rslora"])
+        parts = targets.kernels.get(module)
         if not parts:
+            close = difflib.get_close_matches(module, list(targets.kernels), 3, 0.0)
             errors.append(
                 f"  {module}: no leaf of base_params maps to this module; closest names: "
-                f"{difflib.get_close_matches(module, list(names), n=3, cutoff=0.0)}"
-                " (module_names= maps jlora paths to module names)"
+                f"{close} (module_names= maps jlora paths to module names)"
             )
             continue
-        if len(parts) > 1 and any(pm.rows is None for _, pm, _ in parts):
+        if len(parts) > 1 and any(t.module.rows is None for t in parts):
             errors.append(
-                f"  {module}: several leaves map here ({[p for p, _, _ in parts]}); give "
+                f"  {module}: several leaves map here ({[t.path for t in parts]}); give "
                 "each a PeftModule with rows=(start, total)"
             )
             continue
         covered = np.zeros(big_b.shape[0], bool)
         for path_, pm, layer in parts:
-            w = unbox(by_path[path_].value)
-            shape = tuple(np.shape(w))
+            shape = tuple(np.shape(unbox(base.nodes[path_].value)))
             try:
-                layout = probed.get(path_)
-                if layout is not None:
-                    layer_layout, axis = _per_layer(layout)
-                    if (axis is None) != (layer is None):
-                        raise ValueError(
-                            f"the probe reads layout {layout}, but the module name "
-                            f"{pm.name!r} {'has' if layer is not None else 'lacks'} a "
-                            "'{layer}' template"
-                        )
-                else:
-                    axis = None if layer is None else 0
-                lshape = tuple(d for i, d in enumerate(shape) if i != axis)
-                if layout is None:
-                    if len(lshape) != 2:
-                        raise ValueError(
-                            f"the kernel {list(shape)} has {len(shape)} axes; pass probe= "
-                            "to jlora.load_peft to read which are inputs and outputs"
-                        )
-                    n_in = big_a.shape[1]
-                    n_out = (
-                        big_b.shape[0] if pm.rows is None else lshape[0] * lshape[1] // n_in
-                    )
-                    layer_layout, mapping = _layout_2d(lshape, n_in, n_out, pm.to_torch)
-                    layout = (
-                        layer_layout
-                        if axis is None
-                        else Layout(
-                            tuple(a + 1 for a in layer_layout.in_axes),
-                            tuple(a + 1 for a in layer_layout.out_axes),
-                            (0,),
-                        )
-                    )
-                else:
-                    mapping = _factor_mapping(lshape, layer_layout, pm.to_torch)
-                n_part = len(mapping.out_perm)
-                start = 0 if pm.rows is None else pm.rows[0]
-                if pm.rows is not None and pm.rows[1] != big_b.shape[0]:
-                    raise ValueError(
-                        f"rows={pm.rows} says the module has {pm.rows[1]} outputs; the "
-                        f"file's lora_B has {big_b.shape[0]}"
-                    )
-                if pm.rows is None and n_part != big_b.shape[0]:
-                    raise ValueError(
-                        f"the kernel {list(shape)} has {n_part} outputs; the file's lora_B "
-                        f"{list(big_b.shape)} has {big_b.shape[0]}"
-                    )
-                if (
-                    start + n_part > big_b.shape[0]
-                    or len(mapping.in_perm) != big_a.shape[1]
-                ):
-                    raise ValueError(
-                        f"the kernel {list(shape)} (in {len(mapping.in_perm)}, out "
-                        f"{n_part}) does not fit A {list(big_a.shape)}, B "
-                        f"{list(big_b.shape)}"
-                        + ("" if pm.rows is None else f" at rows {pm.rows}")
-                    )
+                layout, layer_layout, lshape, mapping = _part_layout(
+                    shape, probed.get(path_), pm, layer, big_a, big_b
+                )
             except ValueError as e:
                 errors.append(f"  {module} -> {path_}: {e}")
                 continue
+            n_part = len(mapping.out_perm)
+            start = 0 if pm.rows is None else pm.rows[0]
             covered[start : start + n_part] = True
             a_shape, b_shape = layer_layout.factor_shapes(lshape, r)
             a, b = _from_peft(
@@ -935,17 +978,86 @@ def load_peft(
                 errors.append(f"  {path_}: layouts disagree across layers")
                 continue
             layouts[path_] = layout
-            found.setdefault(path_, {})[layer] = (a, b, scale)
+            layers.setdefault(path_, {})[layer] = (a, b, scale)
         uncovered = ~covered & np.any(big_b != 0, axis=1)
-        if uncovered.any() and len(parts) > 0 and all(pm.rows for _, pm, _ in parts):
+        if uncovered.any() and all(t.module.rows for t in parts):
             errors.append(
                 f"  {module}: rows {np.flatnonzero(uncovered)[:8].tolist()}... of lora_B "
                 "are non-zero but no kernel maps to them; map every part of the fused "
                 "module (rows=) so no part of the adapter is dropped"
             )
+    found = {}
+    for path_, by_layer in layers.items():
+        shape = np.shape(unbox(base.nodes[path_].value))
+        try:
+            a, b, scale = _stack(by_layer, layouts[path_], shape)
+        except ValueError as e:
+            errors.append(f"  {path_}: {e}")
+            continue
+        found[path_] = Factors(a, b, scale, layouts[path_], settings["lora_dropout"])
+    return found
 
-    fan = bool(cfg.get("fan_in_fan_out", False))
-    if cfg.get("bias", "none") != "none":  # trained biases of adapted layers
+
+def _part_layout(shape, layout, pm: PeftModule, layer, big_a, big_b):
+    """`(layout, layer_layout, layer_shape, mapping)` of a kernel (of `shape`; `layout`
+    from the probe, or None) that one module's `A`, `B` go to, checked against them."""
+    if layout is not None:
+        layer_layout, axis = _per_layer(layout)
+        if (axis is None) != (layer is None):
+            raise ValueError(
+                f"the probe reads layout {layout}, but the module name {pm.name!r} "
+                f"{'has' if layer is not None else 'lacks'} a '{{layer}}' template"
+            )
+    else:
+        axis = None if layer is None else 0
+    lshape = tuple(d for i, d in enumerate(shape) if i != axis)
+    if layout is None:
+        if len(lshape) != 2:
+            raise ValueError(
+                f"the kernel {list(shape)} has {len(shape)} axes; pass probe= "
+                "to jlora.load_peft to read which are inputs and outputs"
+            )
+        n_in = big_a.shape[1]
+        n_out = big_b.shape[0] if pm.rows is None else lshape[0] * lshape[1] // n_in
+        layer_layout, mapping = _layout_2d(lshape, n_in, n_out, pm.to_torch)
+        layout = (
+            layer_layout
+            if axis is None
+            else Layout(
+                tuple(a + 1 for a in layer_layout.in_axes),
+                tuple(a + 1 for a in layer_layout.out_axes),
+                (0,),
+            )
+        )
+    else:
+        mapping = _factor_mapping(lshape, layer_layout, pm.to_torch)
+    n_part = len(mapping.out_perm)
+    start = 0 if pm.rows is None else pm.rows[0]
+    if pm.rows is not None and pm.rows[1] != big_b.shape[0]:
+        raise ValueError(
+            f"rows={pm.rows} says the module has {pm.rows[1]} outputs; the "
+            f"file's lora_B has {big_b.shape[0]}"
+        )
+    if pm.rows is None and n_part != big_b.shape[0]:
+        raise ValueError(
+            f"the kernel {list(shape)} has {n_part} outputs; the file's lora_B "
+            f"{list(big_b.shape)} has {big_b.shape[0]}"
+        )
+    if start + n_part > big_b.shape[0] or len(mapping.in_perm) != big_a.shape[1]:
+        raise ValueError(
+            f"the kernel {list(shape)} (in {len(mapping.in_perm)}, out {n_part}) does "
+            f"not fit A {list(big_a.shape)}, B {list(big_b.shape)}"
+            + ("" if pm.rows is None else f" at rows {pm.rows}")
+        )
+    return layout, layer_layout, lshape, mapping
+
+
+def _whole_leaves(plain, base_keys, tensors, settings, targets, base, errors):
+    """`{path: Whole}` for the file's plain tensors (leaves trained whole), each as its
+    leaf stores it; the base weights the file carries are checked against the base
+    (`compare_base`, the check `load_adapter` makes). Problems go to `errors`."""
+    fan = settings["fan_in_fan_out"]
+    if settings["bias"] != "none":  # trained biases of adapted layers
         for key, rest in list(base_keys.items()):
             if rest.endswith(".bias"):
                 plain[key] = base_keys.pop(key)
@@ -954,64 +1066,43 @@ def load_peft(
         """`(path, value)` of the leaf a plain tensor belongs to, as the leaf stores
         it, or None with the problem in `errors`."""
         module, _, param = rest.rpartition(".")
-        if (module, param) not in leaf_of:
+        target = targets.leaves.get((module, param))
+        if target is None:
             errors.append(f"  {key}: {missing} {module!r}.{param}")
             return None
-        p, pm = leaf_of[(module, param)]
+        p = target.path
         try:
-            return p, _whole_from_torch(tensors[key], unbox(by_path[p].value), p, pm, fan)
+            leaf = unbox(base.nodes[p].value)
+            return p, _whole_from_torch(tensors[key], leaf, p, target.module, fan)
         except ValueError as e:
             errors.append(f"  {key} -> {p}: {e}")
             return None
 
-    trained: dict[str, np.ndarray] = {}
+    found = {}
     for key, rest in plain.items():
         got = onto_leaf(key, rest, "no leaf of base_params maps to")
         if got is not None:
-            trained[got[0]] = got[1]
+            found[got[0]] = Whole(got[1])
     for key, rest in base_keys.items():
         got = onto_leaf(key, rest, "base weights for a leaf base_params lack:")
         if got is None:
             continue
         p, value = got
-        if not np.array_equal(value, _host(unbox(by_path[p].value)).astype(value.dtype)):
+        w = unbox(base.nodes[p].value)
+        verdict = compare_base(fingerprint(value), cast_checksums(value), w)
+        if verdict in (OTHER, UNCHECKED):
+            why = (
+                "differ from base_params"
+                if verdict == OTHER
+                else f"are {value.dtype} and base_params' {w.dtype}, which jlora can't "
+                "compare"
+            )
             errors.append(
-                f"  {key}: the file carries base weights for {p} that differ from "
-                "base_params; load the base those weights belong to (or drop them from "
-                "the file: PEFT's save_pretrained(..., save_embedding_layers=False))"
+                f"  {key}: the file carries base weights for {p} that {why}; load the "
+                "base those weights belong to (or drop them from the file: PEFT's "
+                "save_pretrained(..., save_embedding_layers=False))"
             )
-    if errors:
-        raise ValueError(
-            f"jlora.load_peft: the adapter at {path} does not fit base_params:\n"
-            + "\n".join(errors)
-        )
-
-    out = []
-    for node in nodes:
-        if node.path in found:
-            w = unbox(node.value)
-            layout = layouts[node.path]
-            try:
-                a, b, scale = _stack(found[node.path], layout, np.shape(w))
-            except ValueError as e:
-                raise ValueError(f"jlora.load_peft: {node.path}: {e}") from None
-            a_sh, b_sh = factor_shardings(w, layout)
-            a = jax.device_put(a, a_sh) if a_sh is not None else jnp.asarray(a)
-            b = jax.device_put(b, b_sh) if b_sh is not None else jnp.asarray(b)
-            a, b = box_factors(node.leaf, a, b, layout)
-            lw = LoraWeight(None, a, b, scale=scale, layout=layout, dropout=dropout)
-            out.append(node.put_back(lw))
-        elif node.path in trained:
-            value = trained[node.path]
-            sh = named_sharding_of(unbox(node.value))
-            value = jax.device_put(value, sh) if sh is not None else jnp.asarray(value)
-            box = node.leaf
-            out.append(
-                node.put_back(Trainable(value if is_variable(box) else rebox(box, value)))
-            )
-        else:
-            out.append(None)
-    return combine(tree.rebuild(out), base_params)
+    return found
 
 
 def _stack(layers: dict, layout: Layout, shape) -> tuple[np.ndarray, np.ndarray, float]:

@@ -13,6 +13,7 @@ import copy
 import importlib.util
 import json
 import os
+import re
 import sys
 
 import flax.linen as nn
@@ -296,6 +297,78 @@ def test_base_weights_in_the_file_must_equal_the_base(tiny, tmp_path):
     )
     with pytest.raises(ValueError, match="base weights for embed/embedding that differ"):
         jlora.load_peft(tmp_path / "other", params)
+
+
+def _wide_tensors(dtype=np.float32):
+    rng = np.random.default_rng(0)
+    return {
+        "base_model.model.wide.lora_A.weight": rng.normal(size=(2, 8)).astype(dtype),
+        "base_model.model.wide.lora_B.weight": rng.normal(size=(6, 2)).astype(dtype),
+    }
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("lora_alpha", "16"),
+        ("lora_alpha", None),
+        ("r", "2"),
+        ("r", 2.0),
+        ("use_rslora", "yes"),
+        ("lora_dropout", 1.5),
+        ("rank_pattern", {"wide": "2"}),
+        ("alpha_pattern", {"wide": None}),
+    ],
+)
+def test_config_fields_of_the_wrong_type_are_refused_by_name(tiny, tmp_path, field, value):
+    _, params, _, _ = tiny
+    cfg = {"peft_type": "LORA", "r": 2, "lora_alpha": 4, field: value}
+    write_peft(str(tmp_path / "x"), cfg, _wide_tensors())
+    with pytest.raises(ValueError, match=rf"  {field}: {re.escape(repr(value))}; expected"):
+        jlora.load_peft(tmp_path / "x", params)
+
+
+def test_integer_factors_are_refused_and_float64_ones_said_to_become_float32(
+    tiny, tmp_path
+):
+    _, params, _, _ = tiny
+    cfg = {"peft_type": "LORA", "r": 2, "lora_alpha": 4}
+    tensors = {k: np.ones(v.shape, np.int32) for k, v in _wide_tensors().items()}
+    write_peft(str(tmp_path / "int"), cfg, tensors)
+    with pytest.raises(
+        ValueError,
+        match=r"  wide: base_model.model.wide.lora_A.weight is int32, .*floating",
+    ):
+        jlora.load_peft(tmp_path / "int", params)
+    tensors = _wide_tensors(np.float64)
+    write_peft(str(tmp_path / "f64"), cfg, tensors)
+    assert not jax.config.jax_enable_x64
+    with pytest.warns(UserWarning, match=r"\['wide/kernel'\] are float64.*as float32"):
+        lp = jlora.load_peft(tmp_path / "f64", params)
+    a = tensors["base_model.model.wide.lora_A.weight"]
+    assert lp["wide"]["kernel"].a.dtype == jnp.float32
+    assert np.array_equal(lp["wide"]["kernel"].a, a.T.astype(np.float32))
+
+
+def test_base_weights_in_the_file_are_compared_with_a_cast_base(tiny, tmp_path):
+    """A float32 file's base weights against the bfloat16 cast of that base: the same
+    weights (compared in bfloat16); another base in bfloat16 is still refused."""
+    _, params, _, _ = tiny
+    emb = np.asarray(params["embed"]["embedding"])
+    tensors = {
+        "base_model.model.embed.lora_embedding_A": np.ones((2, 11), np.float32),
+        "base_model.model.embed.lora_embedding_B": np.ones((8, 2), np.float32),
+        "base_model.model.embed.base_layer.weight": emb,
+    }
+    cfg = {"peft_type": "LORA", "r": 2, "lora_alpha": 2}
+    write_peft(str(tmp_path / "f32"), cfg, tensors)
+    cast = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
+    lp = jlora.load_peft(tmp_path / "f32", cast)
+    assert lp["embed"]["embedding"].w.dtype == jnp.bfloat16
+    other = jax.tree.map(lambda x: x, cast)
+    other["embed"]["embedding"] = (params["embed"]["embedding"] + 1).astype(jnp.bfloat16)
+    with pytest.raises(ValueError, match="base weights for embed/embedding that differ"):
+        jlora.load_peft(tmp_path / "f32", other)
 
 
 def test_to_torch_must_be_a_rearrangement(tiny, tmp_path):
