@@ -21,10 +21,11 @@ from jlora._peft import (
 from jlora._sharding import adapter_specs
 from jlora._transform import RuleError, explain, lora
 from jlora._version import VERSION as __version__  # noqa: F401
-from jlora._weight import Layout, LoraWeight, Trainable
+from jlora._weight import Fused, Layout, LoraWeight, Trainable
 
 __all__ = [
     "CheckpointManager",
+    "Fused",
     "Layout",
     "LoraConfig",
     "LoraWeight",

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jlora._targets import compile_patterns
-from jlora._weight import Layout
+from jlora._weight import Fused, Layout
 
 INITS = ("lora", "gaussian")
 TRAIN_BIAS = ("none", "all", "lora_only")
@@ -48,6 +48,10 @@ class LoraConfig:
       rank_pattern / alpha_pattern: `{regex: value}` overrides per path (first match).
       layout: `{regex: Layout}` declaring input/output/stacked axes of kernels with more
         than 2 axes (or a 2-axis kernel stored `[out, in]`).
+      fused: `{regex: Fused}`: adapt only chosen parts of a fused output axis, each
+        with its own rank-`rank` factors (e.g. q and v of GPT-2's `c_attn`:
+        `{"c_attn/kernel$": jlora.Fused(axis=1, parts=3, adapt=(0, 2))}`); the layout
+        of the other axes is decided as usual.
       train_bias: `"none"`, `"all"` (every leaf named `bias`) or `"lora_only"` (the
         biases beside adapted kernels) are trained fully.
       also_train: regex(es) of leaves trained fully (e.g. a classifier head).
@@ -74,6 +78,7 @@ class LoraConfig:
     rank_pattern: Mapping[str, int] | None = None
     alpha_pattern: Mapping[str, float] | None = None
     layout: Mapping[str, Layout] | None = None
+    fused: Mapping[str, Fused] | None = None
     train_bias: str = "none"
     also_train: str | Sequence[str] | None = None
 
@@ -110,6 +115,7 @@ class LoraConfig:
             ("rank_pattern", _check_rank),
             ("alpha_pattern", _check_alpha),
             ("layout", _check_layout),
+            ("fused", _check_fused),
         ):
             patterns = getattr(self, name)
             if patterns is None:
@@ -144,6 +150,9 @@ class LoraConfig:
     def layout_for(self, path: str) -> Layout | None:
         return self._lookup(self.layout, path, None)
 
+    def fused_for(self, path: str) -> Fused | None:
+        return self._lookup(self.fused, path, None)
+
     @property
     def factor_dtype(self):
         return jnp.dtype(self.dtype) if self.dtype is not None else jnp.dtype(jnp.float32)
@@ -166,4 +175,12 @@ def _check_layout(value, name):
         raise TypeError(
             f"LoraConfig: {name} must be a jlora.Layout(in_axes=..., out_axes=..., "
             f"stack_axes=...), got {value!r}."
+        )
+
+
+def _check_fused(value, name):
+    if not isinstance(value, Fused):
+        raise TypeError(
+            f"LoraConfig: {name} must be a jlora.Fused(axis=..., parts=..., adapt=...), "
+            f"got {value!r}."
         )

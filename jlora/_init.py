@@ -205,12 +205,23 @@ def init(
                 unoriented.append(path)
                 layout = DEFAULT_LAYOUT
         try:
-            layout = layout.normalized(value.ndim)
+            fused = config.fused_for(path)
+            layout = layout.with_fused(fused).normalized(value.ndim)
         except ValueError as e:
             errors.append(f"  {path}: {e}")
             continue
         rank = config.rank_for(path)
         limit = min(layout.fan_in(value.shape), layout.fan_out(value.shape))
+        if fused is not None:
+            size = value.shape[layout.fused.axis]
+            if size % fused.parts:
+                errors.append(
+                    f"  {path}: {fused} cuts axis {layout.fused.axis} of kernel "
+                    f"{list(value.shape)} into {fused.parts} parts, but {size} is not a "
+                    "multiple of it; fix LoraConfig.fused."
+                )
+                continue
+            limit = min(limit, layout.fan_out(value.shape) // fused.parts)
         if rank > limit:
             errors.append(
                 f"  {path}: rank {rank} exceeds min(fan_in, fan_out) = {limit} for kernel "
@@ -305,6 +316,8 @@ def _factors(key, path, w, layout: Layout, config: LoraConfig):
     implies (`a` on its input axes, `b` on its outputs): no factor is ever whole on one
     device, and on several processes each creates only its own shards."""
     rank = config.rank_for(path)
+    if layout.fused is not None:  # a rank-`rank` pair per adapted part
+        rank *= len(layout.fused.adapt)
     a_shape, b_shape = layout.factor_shapes(w.shape, rank)
     dtype = config.factor_dtype
     embedding = _leaf_name(path) == "embedding"

@@ -54,15 +54,21 @@ def _prepare(args, kwargs):
     for node in nodes.nodes:
         if node.kind == LORA:
             lw = node.value
+            if unbox(lw.w) is None:
+                raise ValueError(
+                    f"jlora.lora: {_node_path(node.keys)} holds adapters without a base "
+                    "kernel (the adapters jlora.split returns); call the function on "
+                    "jlora.combine(adapters, base)."
+                )
             # Frozen by construction: no gradient ever flows into the kernel, so none
             # is formed (no `dW = x^T g`), whoever differentiates the whole tree.
             w = jax.lax.stop_gradient(unbox(lw.w))
             lowrank_at[len(flat)] = Factored(
                 w,
                 unbox(lw.a),
-                unbox(lw.b),
+                lw.layout.expand_b(unbox(lw.b)),  # (fused parts: b at full width)
                 lw.scale,
-                lw.layout,
+                lw.layout.plain(),
                 _node_path(node.keys),
                 lw.dropout,
             )

@@ -23,6 +23,56 @@ def _axes(name, value) -> tuple[int, ...]:
         raise TypeError(f"Layout.{name} must be a tuple of ints, got {value!r}.") from None
 
 
+class Fused(tuple):
+    """Adapt chosen parts of a fused output axis, each part with factors of its own.
+
+    A fused kernel holds several projections side by side along one output axis: GPT-2's
+    `c_attn` `[d, 3d]` (q, k, v along axis 1), gemma's `qkv_einsum` `[3, N, D, H]`
+    (along axis 0). `Fused(axis=1, parts=3, adapt=(0, 2))` adapts q and v alone: the
+    axis is cut into `parts` equal slices, and slice `adapt[j]` gets its own rank-`r`
+    pair (`a`'s rank block `j`, and `b`'s rank block `j` over one slice's width); the
+    other slices get no update at all (as the reference `MergedLinear` with
+    `enable_lora=[True, False, True]`). So `a` is `[..., in, len(adapt) * r]` and `b` is
+    `[..., len(adapt) * r, ..., size / parts, ...]`, and merge, the transform, PEFT
+    export (as the equivalent rank `len(adapt) * r` LoRA of the whole module) and
+    shardings all read the same update.
+
+    (A tuple `(axis, parts, adapt)` underneath, like `Layout`.)
+    """
+
+    __slots__ = ()
+
+    def __new__(cls, axis, parts, adapt):
+        try:
+            axis, parts = int(axis), int(parts)
+            adapt = tuple(int(i) for i in adapt)
+        except (TypeError, ValueError):
+            raise TypeError(
+                f"Fused(axis, parts, adapt) takes ints and a tuple of ints, got "
+                f"axis={axis!r}, parts={parts!r}, adapt={adapt!r}."
+            ) from None
+        if parts < 2:
+            raise ValueError(f"Fused: parts must be at least 2, got {parts}.")
+        if not adapt or sorted(set(adapt)) != list(adapt) or not (
+            0 <= adapt[0] and adapt[-1] < parts
+        ):
+            raise ValueError(
+                f"Fused: adapt must name distinct parts in increasing order, each in "
+                f"0..{parts - 1}, got {adapt}."
+            )
+        return tuple.__new__(cls, (axis, parts, adapt))
+
+    def __getnewargs__(self):
+        return tuple(self)
+
+    axis = property(lambda self: tuple.__getitem__(self, 0))
+    parts = property(lambda self: tuple.__getitem__(self, 1))
+    adapt = property(lambda self: tuple.__getitem__(self, 2))
+
+    def __repr__(self):
+        return f"Fused(axis={self.axis}, parts={self.parts}, adapt={self.adapt})"
+
+
 class Layout(tuple):
     """Which axes of a kernel are inputs, outputs and stacked (layer) axes.
 
@@ -35,13 +85,16 @@ class Layout(tuple):
     `Layout(in_axes=(0, 1), out_axes=(2,))`; a scanned stack `[L, d_in, d_out]` is
     `Layout(in_axes=(1,), out_axes=(2,), stack_axes=(0,))`.
 
-    (A tuple `(in_axes, out_axes, stack_axes)` underneath, so that comparing and hashing
-    the static metadata of adapted params stays in C on every jit dispatch.)
+    `fused`: a `Fused` output axis whose parts are adapted separately (`b` then spans
+    one part's width there; see `Fused`), or None.
+
+    (A tuple `(in_axes, out_axes, stack_axes[, fused])` underneath, so that comparing and
+    hashing the static metadata of adapted params stays in C on every jit dispatch.)
     """
 
     __slots__ = ()
 
-    def __new__(cls, in_axes, out_axes, stack_axes=()):
+    def __new__(cls, in_axes, out_axes, stack_axes=(), fused=None):
         value = (
             _axes("in_axes", in_axes),
             _axes("out_axes", out_axes),
@@ -52,6 +105,14 @@ class Layout(tuple):
                 f"Layout needs at least one input and one output axis, got in_axes="
                 f"{value[0]}, out_axes={value[1]}."
             )
+        if fused is not None:
+            fused = fused if isinstance(fused, Fused) else Fused(*fused)
+            if fused.axis not in value[1]:
+                raise ValueError(
+                    f"Layout: the fused axis {fused.axis} must be one of the output axes "
+                    f"{value[1]}."
+                )
+            value += (fused,)
         return tuple.__new__(cls, value)
 
     def __getnewargs__(self):
@@ -60,12 +121,50 @@ class Layout(tuple):
     in_axes = property(lambda self: tuple.__getitem__(self, 0))
     out_axes = property(lambda self: tuple.__getitem__(self, 1))
     stack_axes = property(lambda self: tuple.__getitem__(self, 2))
+    fused = property(lambda self: tuple.__getitem__(self, 3) if len(self) > 3 else None)
 
     def __repr__(self):
+        fused = f", fused={self.fused}" if self.fused is not None else ""
         return (
             f"Layout(in_axes={self.in_axes}, out_axes={self.out_axes}, "
-            f"stack_axes={self.stack_axes})"
+            f"stack_axes={self.stack_axes}{fused})"
         )
+
+    def plain(self) -> Layout:
+        """This layout without `fused`: the layout of `expand_b`'s full-width `b`."""
+        return Layout(self.in_axes, self.out_axes, self.stack_axes)
+
+    def with_fused(self, fused) -> Layout:
+        return Layout(self.in_axes, self.out_axes, self.stack_axes, fused)
+
+    def expand_b(self, b):
+        """`b` at the kernel's full width: each rank block `j` placed on the slice
+        `fused.adapt[j]` of the fused axis, zero on the others (exact: `a @ expand_b(b)`
+        is the update of every part). `b` itself where the layout has no `fused`."""
+        f = self.fused
+        if f is None:
+            return b
+        ns = len(self.stack_axes)
+        k = len(f.adapt)
+        rank = b.shape[ns]
+        if rank % k:
+            raise ValueError(
+                f"{self}: b's rank {rank} is not a multiple of the {k} adapted parts."
+            )
+        r = rank // k
+        where = ns + 1 + self.out_axes.index(f.axis)
+        rows = np.arange(rank)
+        blocks = []
+        for part in range(f.parts):
+            if part in f.adapt:
+                j = f.adapt.index(part)
+                keep = (rows >= j * r) & (rows < (j + 1) * r)
+                shape = [1] * b.ndim
+                shape[ns] = rank
+                blocks.append(jnp.where(keep.reshape(shape), b, jnp.zeros((), b.dtype)))
+            else:
+                blocks.append(jnp.zeros(b.shape, b.dtype))
+        return jnp.concatenate(blocks, axis=where)
 
     @property
     def ndim(self) -> int:
@@ -85,15 +184,27 @@ class Layout(tuple):
                 f"stack_axes must together name each axis 0..{ndim - 1} exactly once."
             )
         ni, no = len(self.in_axes), len(self.out_axes)
+        fused = self.fused
+        if fused is not None:
+            axis = fused.axis + ndim if fused.axis < 0 else fused.axis
+            fused = Fused(axis, fused.parts, fused.adapt)
         return Layout(
-            tuple(resolved[:ni]), tuple(resolved[ni : ni + no]), tuple(resolved[ni + no :])
+            tuple(resolved[:ni]),
+            tuple(resolved[ni : ni + no]),
+            tuple(resolved[ni + no :]),
+            fused,
         )
 
     def factor_shapes(self, shape: tuple[int, ...], rank: int):
-        """Shapes of `a` and `b` for a kernel of `shape` at `rank`."""
+        """Shapes of `a` and `b` for a kernel of `shape` at `rank` (`a`'s last axis;
+        with `fused`, the rank per part times the number of parts adapted, and `b`
+        spans one part's width on the fused axis)."""
         stack = tuple(shape[i] for i in self.stack_axes)
+        out = [shape[i] for i in self.out_axes]
+        if self.fused is not None:
+            out[self.out_axes.index(self.fused.axis)] //= self.fused.parts
         a_shape = stack + tuple(shape[i] for i in self.in_axes) + (rank,)
-        b_shape = stack + (rank,) + tuple(shape[i] for i in self.out_axes)
+        b_shape = stack + (rank,) + tuple(out)
         return a_shape, b_shape
 
     def fan_in(self, shape: tuple[int, ...]) -> int:
@@ -138,6 +249,7 @@ def low_rank_product(a, b, layout: Layout, scale: float, dtype=jnp.float32):
     use a dot.
     """
     a, b = jnp.asarray(a, dtype), jnp.asarray(b, dtype)
+    b, layout = layout.expand_b(b), layout.plain()
     if a.shape[-1] > FUSED_RANK_MAX:
         delta = jnp.einsum(layout.product_subscripts(), a, b, preferred_element_type=dtype)
         return delta * jnp.asarray(scale, dtype)
@@ -355,6 +467,7 @@ def _register_export_serialization():
                 "in": layout.in_axes,
                 "out": layout.out_axes,
                 "stack": layout.stack_axes,
+                "fused": layout.fused,
                 "dropout": dropout,
             }
         ).encode()
@@ -363,7 +476,7 @@ def _register_export_serialization():
         d = json.loads(data.decode())
         return (
             d["scale"],
-            Layout(tuple(d["in"]), tuple(d["out"]), tuple(d["stack"])),
+            Layout(tuple(d["in"]), tuple(d["out"]), tuple(d["stack"]), d.get("fused")),
             d["dropout"],
         )
 

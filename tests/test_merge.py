@@ -342,12 +342,26 @@ def test_unmerge_refuses_params_that_are_still_adapted():
     assert isinstance(back["attn"]["q"]["kernel"], jlora.LoraWeight)
 
 
-def test_merge_of_split_adapters_says_combine_with_the_base():
+def test_merge_of_split_adapters_says_combine_with_the_base(tmp_path):
+    """`split`'s adapters where adapted params were wanted (the lean route's obvious
+    slip): merge, save_merged and lora(fn) each say what is missing and what to call."""
     lp = jlora.init(jax.random.key(1), _params(), CFG)
     adapters = jlora.split(lp)[0]
     with pytest.raises(ValueError, match=r"without a base kernel at \['attn/o/kernel'.*"
                        r"jlora\.combine\(adapters, base\)"):
         jlora.merge(adapters)
+    with pytest.raises(ValueError, match=r"without a base kernel.*jlora\.combine"):
+        jlora.save_merged(tmp_path / "merged", adapters)
+    assert not (tmp_path / "merged").exists()
+    x = jnp.ones((2, 64))
+
+    def fn(p, x):
+        return x @ p["attn"]["q"]["kernel"]
+
+    for call in (jlora.lora(fn), jax.jit(jlora.lora(fn))):
+        with pytest.raises(ValueError, match=r"attn/.*/kernel holds adapters without a "
+                           r"base kernel.*jlora\.combine\(adapters, base\)"):
+            call(adapters, x)
 
 
 def _bf16_rounding_oracle(lw):
