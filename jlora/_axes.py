@@ -10,11 +10,16 @@ Three kinds of description:
 
 - `moves(eqn, shape)`: primitives that rearrange an array without combining its
   elements: casts, copies, placements, transposes, squeezes, size-1 reshapes,
-  broadcasts and slices. For each output axis, the input axis it comes from (None: a
-  new axis); input axes that appear nowhere were indexed away (they had size 1).
+  broadcasts, slices and splits. For each output axis (of every output), the input
+  axis it comes from (None: a new axis); input axes that appear nowhere were indexed
+  away (they had size 1). A reshape that merges or splits axes is described by
+  `regroups(eqn, shape)` instead: consecutive input axes and the output axes they
+  become, group by group.
+- `KEEPS`: primitives whose output has the axes of each operand of its rank
+  (`concatenate` along one axis; `mul`, `div` by a scalar or a broadcast one; `neg`).
 - `uses(eqn, operand)`: primitives that consume a kernel: which of its axes are
   contracted (the kernel's inputs), batched (stacked layers) and left free (its
-  outputs): `dot_general`; `gather` as a row lookup (rows are inputs);
+  outputs): `dot_general`; `gather` as a lookup (the indexed axes, rows, are inputs);
   `conv_general_dilated` (the output-feature axis is the output).
 - `links(eqn)`: call-like primitives and barriers: which inner variable each operand
   becomes (`scan` slices its `xs` along their first axis on the way in), and, for the
@@ -88,6 +93,7 @@ MOVES: dict[str, Callable[[Any, tuple], Moves | None]] = {
     "pcast": _identity,
     "slice": _identity,  # narrows axes, keeps them
     "dynamic_slice": _identity,
+    "split": _identity,  # each output narrows one axis
     "transpose": _transpose,
     "squeeze": _squeeze,
     "reshape": _reshape,
@@ -99,6 +105,69 @@ def moves(eqn, shape) -> Moves | None:
     """How `eqn` moves the axes of its first operand (of `shape`), or None."""
     fn = MOVES.get(compat.primitive_name(eqn))
     return None if fn is None else fn(eqn, tuple(shape))
+
+
+def looked_up(eqn, shape) -> tuple[int, ...]:
+    """The axes a `dynamic_slice` narrows: a window read at a traced offset (rows of a
+    position table while decoding, a layer of a stack); () for other primitives."""
+    if compat.primitive_name(eqn) != "dynamic_slice":
+        return ()
+    sizes = compat.dynamic_slice_sizes(eqn)
+    return tuple(i for i, (n, m) in enumerate(zip(sizes, shape)) if n < m)
+
+
+Groups = list  # of (input axes, output axes): consecutive runs that a reshape maps
+
+
+def reshape_groups(old, new) -> Groups | None:
+    """How a row-major reshape from shape `old` to `new` maps runs of axes, or None.
+
+    Each group is `(input axes, output axes)`, both consecutive, with equal products:
+    `((1, 2), (1,))` merges input axes 1 and 2 into output axis 1, `((0,), (0, 1))`
+    splits input axis 0. A size-1 axis the reshape drops or inserts between groups is a
+    group of its own with no counterpart (`((3,), ())`, `((), (2,))`).
+    """
+    old, new = tuple(old), tuple(new)
+    groups, i, j = [], 0, 0
+    while i < len(old) or j < len(new):
+        if i < len(old) and old[i] == 1:
+            groups.append(((i,), ()))
+            i += 1
+            continue
+        if j < len(new) and new[j] == 1:
+            groups.append(((), (j,)))
+            j += 1
+            continue
+        if i == len(old) or j == len(new):
+            return None
+        ins, outs, p, q = [i], [j], old[i], new[j]
+        i, j = i + 1, j + 1
+        while p != q:
+            if p < q and i < len(old):
+                ins.append(i)
+                p *= old[i]
+                i += 1
+            elif q < p and j < len(new):
+                outs.append(j)
+                q *= new[j]
+                j += 1
+            else:
+                return None
+        groups.append((tuple(ins), tuple(outs)))
+    return groups
+
+
+def regroups(eqn, shape) -> Groups | None:
+    """The groups of a plain `reshape` of an operand of `shape` (None: not a reshape,
+    or one that also permutes)."""
+    if compat.primitive_name(eqn) != "reshape":
+        return None
+    new = compat.reshape_sizes(eqn)
+    return None if new is None else reshape_groups(shape, new)
+
+
+# Primitives whose output keeps the axes of every operand of the output's rank.
+KEEPS = frozenset({"concatenate", "mul", "div", "neg"})
 
 
 class Use(NamedTuple):
@@ -116,11 +185,28 @@ def _dot_use(eqn, operand, ndim) -> Use:
     return Use(contract, batch, free)
 
 
+def gather_rows(eqn) -> tuple[int, ...]:
+    """The operand axes a `gather` indexes: collapsed ones, and those it starts at an
+    index with a window narrower than the axis (`t[i]` under `vmap` keeps the row axis
+    at size 1); an axis taken whole is not indexed, whatever its start (clamped to 0)."""
+    g = compat.gather_options(eqn)
+    dn = g.dimension_numbers
+    shape = compat.var_shape(eqn.invars[0])
+    indexed = set(dn.collapsed_slice_dims) | {
+        k for k in dn.start_index_map if g.slice_sizes[k] < shape[k]
+    }
+    return tuple(sorted(indexed - set(getattr(dn, "operand_batching_dims", ()))))
+
+
 def _gather_use(eqn, operand, ndim) -> Use | None:
     if operand != 0:
         return None
-    rows = tuple(compat.gather_options(eqn).dimension_numbers.collapsed_slice_dims)
-    return Use(rows, (), tuple(i for i in range(ndim) if i not in rows))
+    rows = gather_rows(eqn)
+    batch = tuple(
+        getattr(compat.gather_options(eqn).dimension_numbers, "operand_batching_dims", ())
+    )
+    free = tuple(i for i in range(ndim) if i not in rows and i not in batch)
+    return Use(rows, batch, free)
 
 
 def _conv_use(eqn, operand, ndim) -> Use | None:
@@ -211,4 +297,4 @@ def links(eqn) -> list[Link] | None:
 # equation's outvars one to one); the others' rules make outputs dense.
 RETURNS = frozenset(compat.JIT_NAMES)
 
-KNOWN = frozenset(MOVES) | frozenset(USES) | frozenset(LINKS)
+KNOWN = frozenset(MOVES) | KEEPS | frozenset(USES) | frozenset(LINKS)

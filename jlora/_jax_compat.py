@@ -182,6 +182,15 @@ def dynamic_slice_sizes(eqn) -> tuple[int, ...]:
     return tuple(eqn.params["slice_sizes"])
 
 
+def split_params(eqn) -> tuple[tuple[int, ...], int]:
+    """`(sizes, axis)` of a `split`: its outputs' sizes along `axis`, in order."""
+    return tuple(int(n) for n in eqn.params["sizes"]), int(eqn.params["axis"])
+
+
+def concatenate_axis(eqn) -> int:
+    return int(eqn.params["dimension"])
+
+
 class GatherOptions(NamedTuple):
     dimension_numbers: Any  # jax.lax.GatherDimensionNumbers
     slice_sizes: tuple

@@ -3,10 +3,13 @@
 `infer(probe, params, targets)` traces `probe(params)` once and follows each target
 kernel through the jaxpr to the equations that consume it, reading the same
 per-primitive descriptions the rules use (`_axes.py`): through every primitive that
-moves axes (casts, transposes, placements, squeezes, size-1 reshapes, broadcasts,
-slices) and into every body (jit, remat, custom derivatives, shard_map, cond, while,
-scan, barriers) to `dot_general` (contracted axes are inputs, batch axes stacked,
-free axes outputs), `gather` (rows are inputs) and `conv_general_dilated`.
+moves axes (casts, transposes, placements, squeezes, reshapes, broadcasts, slices,
+splits), joins or scales kernels (concatenate, mul, div, neg), and into every body
+(jit, remat, custom derivatives, shard_map, cond, while, scan, barriers) to
+`dot_general` (contracted axes are inputs, batch axes stacked, free axes outputs),
+`gather` (the indexed rows are inputs) and `conv_general_dilated`. A value read out of
+a kernel by indexing (`table[i]`, a row) and used as is makes the indexed axes inputs,
+when no contraction says otherwise.
 """
 
 from __future__ import annotations
@@ -24,72 +27,132 @@ from jlora._weight import Layout
 
 class Tracked(NamedTuple):
     path: str
-    axes: tuple  # for each axis of this value: the kernel axis it is, or None (new)
-    stacked: frozenset  # kernel axes already indexed away (layers)
+    axes: tuple  # for each axis of this value: the kernel axes it holds (a sorted tuple;
+    # empty for a new axis; more than one where a reshape merged kernel axes)
+    stacked: frozenset  # kernel axes indexed away (layers of a stack, or rows looked up)
+    indexed: frozenset = frozenset()  # kernel axes narrowed at a traced offset, kept
 
 
-def _observe(obs, t: Tracked, use: _axes.Use) -> None:
-    def kernel_axes(positions):
-        return {t.axes[i] for i in positions} - {None}
+class Seen(NamedTuple):
+    """What the walk observed per path: `uses`, the (in, out, stacked) axes of each
+    contraction; `lookups`, the same for a value read out of the kernel by indexing
+    axes away (`table[i]`) and then used as is, which counts only for a kernel no
+    contraction describes (a layer of a stack used elementwise looks the same)."""
 
-    ins, outs, batch = (
-        kernel_axes(use.contract),
-        kernel_axes(use.free),
-        kernel_axes(use.batch),
-    )
-    obs.setdefault(t.path, set()).add(
+    uses: dict
+    lookups: dict
+
+
+def _union(t: Tracked, positions) -> set:
+    return set().union(*(t.axes[i] for i in positions))
+
+
+def _observe(seen: Seen, t: Tracked, use: _axes.Use) -> None:
+    ins, outs, batch = _union(t, use.contract), _union(t, use.free), _union(t, use.batch)
+    seen.uses.setdefault(t.path, set()).add(
         (tuple(sorted(ins)), tuple(sorted(outs)), tuple(sorted(batch | t.stacked)))
     )
 
 
+def _terminal(seen: Seen, t: Tracked) -> None:
+    """`t` reaches an equation that neither moves nor consumes a kernel (or an output)."""
+    rows = t.stacked | t.indexed
+    rest = _union(t, range(len(t.axes))) - rows
+    if rows and rest:
+        seen.lookups.setdefault(t.path, set()).add(
+            (tuple(sorted(rows)), tuple(sorted(rest)), ())
+        )
+
+
+def _regrouped(t: Tracked, sources) -> Tracked:
+    """`t` after an equation whose output axis `j` holds input axes `sources[j]`."""
+    kept = {i for src in sources for i in src}
+    dropped = _union(t, [i for i in range(len(t.axes)) if i not in kept])
+    axes = tuple(tuple(sorted(_union(t, src))) for src in sources)
+    return Tracked(t.path, axes, t.stacked | dropped, t.indexed)
+
+
 def _moved(t: Tracked, moves: tuple) -> Tracked:
-    kept = {src for src in moves if src is not None}
-    dropped = {t.axes[i] for i in range(len(t.axes)) if i not in kept} - {None}
-    axes = tuple(None if src is None else t.axes[src] for src in moves)
-    return Tracked(t.path, axes, t.stacked | dropped)
+    return _regrouped(t, [() if src is None else (src,) for src in moves])
+
+
+def _grouped(t: Tracked, groups) -> Tracked:
+    sources = {j: ins for ins, outs in groups for j in outs}
+    return _regrouped(t, [sources[j] for j in range(len(sources))])
 
 
 def _sliced(t: Tracked) -> Tracked:
     """`t` as a loop body sees one slice of its first axis (a layer of a stack)."""
-    return Tracked(t.path, t.axes[1:], t.stacked | ({t.axes[0]} - {None}))
+    return Tracked(t.path, t.axes[1:], t.stacked | set(t.axes[0]), t.indexed)
 
 
-def _walk(jaxpr, tracked_in: dict, obs: dict) -> list:
-    """Follows the tracked kernels through `jaxpr`; returns what its outputs are."""
+def _walk(jaxpr, tracked_in: dict, seen: Seen, returned: bool = False) -> list:
+    """Follows the tracked kernels through `jaxpr`; returns what its outputs are (for
+    each, the tuple of kernels it holds). `returned`: the caller keeps the outputs
+    (a nested jit); otherwise they are where the kernels' values end."""
     env = dict(tracked_in)
 
-    def get(v):
-        return None if compat.is_literal(v) else env.get(v)
+    def get(v) -> tuple:
+        return () if compat.is_literal(v) else env.get(v, ())
 
     for eqn in jaxpr.eqns:
         ins = [get(v) for v in eqn.invars]
         if not any(ins):
             continue
-        if ins[0] is not None:
-            moves = _axes.moves(eqn, compat.var_shape(eqn.invars[0]))
-            if moves is not None:
-                env[eqn.outvars[0]] = _moved(ins[0], moves)
+        name = compat.primitive_name(eqn)
+        if ins[0]:
+            shape = compat.var_shape(eqn.invars[0])
+            moves = _axes.moves(eqn, shape)
+            groups = None if moves is not None else _axes.regroups(eqn, shape)
+            if moves is not None or groups is not None:
+                out = tuple(
+                    _moved(t, moves) if moves is not None else _grouped(t, groups)
+                    for t in ins[0]
+                )
+                rows = _axes.looked_up(eqn, shape)
+                if rows:
+                    out = tuple(
+                        t._replace(indexed=t.indexed | _union(t, rows)) for t in out
+                    )
+                env.update({v: out for v in eqn.outvars})
                 continue
-        for i, t in enumerate(ins):
-            use = None if t is None else _axes.uses(eqn, i, len(t.axes))
-            if use is not None:
-                _observe(obs, t, use)
+        if name in _axes.KEEPS:
+            ndim = len(compat.var_shape(eqn.outvars[0]))
+            keep = tuple(t for ts in ins for t in ts if len(t.axes) == ndim)
+            env[eqn.outvars[0]] = keep
+            for t in (t for ts in ins for t in ts if len(t.axes) != ndim):
+                _terminal(seen, t)
+            continue
         links = _axes.links(eqn) or []
+        linked = {link.operand for link in links}
+        for i, ts in enumerate(ins):
+            for t in ts:
+                use = _axes.uses(eqn, i, len(t.axes))
+                if use is not None:
+                    _observe(seen, t, use)
+                elif i not in linked:
+                    _terminal(seen, t)
         inner: dict = {}
         for link in links:
-            t = ins[link.operand]
-            if t is None:
+            ts = ins[link.operand]
+            if not ts:
                 continue
-            t = _sliced(t) if link.sliced else t
+            ts = tuple(_sliced(t) for t in ts) if link.sliced else ts
             if link.jaxpr is None:
-                env[link.target] = t
+                env[link.target] = ts
             else:
-                inner.setdefault(id(link.jaxpr), (link.jaxpr, {}))[1][link.target] = t
+                inner.setdefault(id(link.jaxpr), (link.jaxpr, {}))[1][link.target] = ts
+        keeps = name in _axes.RETURNS
         for body, bound in inner.values():
-            outs = _walk(body, bound, obs)
-            if compat.primitive_name(eqn) in _axes.RETURNS:
-                env.update({v: t for v, t in zip(eqn.outvars, outs) if t is not None})
-    return [get(v) for v in jaxpr.outvars]
+            outs = _walk(body, bound, seen, returned=keeps)
+            if keeps:
+                env.update({v: ts for v, ts in zip(eqn.outvars, outs) if ts})
+    outs = [get(v) for v in jaxpr.outvars]
+    if not returned:
+        for ts in outs:
+            for t in ts:
+                _terminal(seen, t)
+    return outs
 
 
 def infer(probe: Callable, params, targets: set[str]) -> dict[str, Layout]:
@@ -103,15 +166,17 @@ def infer(probe: Callable, params, targets: set[str]) -> dict[str, Layout]:
         n = len(jax.tree.leaves(node.value))
         if node.path in targets:
             ndim = jax.numpy.ndim(jax.tree.leaves(node.value)[0])
-            tracked[index] = Tracked(node.path, tuple(range(ndim)), frozenset())
+            tracked[index] = Tracked(
+                node.path, tuple((i,) for i in range(ndim)), frozenset()
+            )
         index += n
     closed = jax.make_jaxpr(probe)(params)
     jaxpr = closed.jaxpr
-    obs: dict[str, set] = {}
-    _walk(jaxpr, {jaxpr.invars[i]: t for i, t in tracked.items()}, obs)
+    found = Seen({}, {})
+    _walk(jaxpr, {jaxpr.invars[i]: (t,) for i, t in tracked.items()}, found)
     errors, out = [], {}
     for path in sorted(targets):
-        seen = obs.get(path, set())
+        seen = found.uses.get(path) or found.lookups.get(path, set())
         if not seen:
             errors.append(
                 f"  {path}: the probe never contracts it (no dot_general, gather or conv "
@@ -124,6 +189,14 @@ def infer(probe: Callable, params, targets: set[str]) -> dict[str, Layout]:
             )
         else:
             ins, outs, stack = next(iter(seen))
+            mixed = sorted(set(ins) & set(outs) | set(stack) & set(ins + outs))
+            if mixed:
+                errors.append(
+                    f"  {path}: kernel axes {mixed} are used in more than one role (a "
+                    "reshape splits an axis between inputs and outputs?); declare "
+                    "LoraConfig(layout=...)"
+                )
+                continue
             if not ins or not outs:
                 errors.append(
                     f"  {path}: used with inputs {ins} and outputs {outs}; "

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import NamedSharding, PartitionSpec
@@ -155,28 +156,39 @@ def dot_general_rule(ctx, eqn, invals):
 # Primitives that move a kernel's axes ---------------------------------------------------
 
 
+def _factor_axes(lay: Layout):
+    """The kernel axis each axis of `a` and of `b` holds (None: the rank)."""
+    return lay.stack_axes + lay.in_axes + (None,), lay.stack_axes + (None,) + lay.out_axes
+
+
 def _window(eqn, rest, shape):
-    """`(starts, sizes)` per input axis of a slice (static or dynamic)."""
+    """`(starts, sizes, strides)` per input axis of a slice (static or dynamic)."""
     name = compat.primitive_name(eqn)
     if name == "slice":
-        starts, limits, _ = compat.slice_params(eqn)
-        return list(starts), [lim - s for s, lim in zip(starts, limits)]
+        starts, limits, strides = compat.slice_params(eqn)
+        strides = tuple(strides or (1,) * len(shape))
+        sizes = [-(-(lim - s) // d) for s, lim, d in zip(starts, limits, strides)]
+        return list(starts), sizes, list(strides)
     if name == "dynamic_slice":
-        return list(rest), list(compat.dynamic_slice_sizes(eqn))
-    return [0] * len(shape), list(shape)
+        return list(rest), list(compat.dynamic_slice_sizes(eqn)), [1] * len(shape)
+    return [0] * len(shape), list(shape), [1] * len(shape)
 
 
-def _slice_factor(f, stack_axes, starts, sizes, dynamic):
-    """A factor narrowed along its leading stacked axes as the kernel is."""
-    f_starts, f_sizes = [0] * f.ndim, list(f.shape)
-    for j, axis in enumerate(stack_axes):
-        f_starts[j], f_sizes[j] = starts[axis], sizes[axis]
+def _narrow(x, axes, starts, sizes, strides, dynamic: bool):
+    """Factor `x`, whose axis `i` holds kernel axis `axes[i]` (None: the rank), narrowed
+    as a slice narrows the kernel: `W[rows, cols] = w[rows, cols] + s a[rows] @ b[:, cols]`.
+    A dynamic slice clamps its starts to fit; each factor axis has its kernel axis's
+    size, so the factors are clamped alike."""
+    st = [0 if k is None else starts[k] for k in axes]
+    sz = [x.shape[i] if k is None else sizes[k] for i, k in enumerate(axes)]
     if dynamic:
-        return lax.dynamic_slice(f, [jnp.asarray(s, jnp.int32) for s in f_starts], f_sizes)
-    return lax.slice(f, f_starts, [s + z for s, z in zip(f_starts, f_sizes)])
+        return lax.dynamic_slice(x, [jnp.asarray(s, jnp.int32) for s in st], sz)
+    sd = [1 if k is None else strides[k] for k in axes]
+    limits = [s + (z - 1) * d + 1 if z else s for s, z, d in zip(st, sz, sd)]
+    return lax.slice(x, st, limits, sd)
 
 
-_OWN_RULES = ("sharding_constraint", "reshard", "pvary", "pcast")
+_OWN_RULES = ("sharding_constraint", "reshard", "pvary", "pcast", "split")
 
 
 @rule(*(name for name in _axes.MOVES if name not in _OWN_RULES))
@@ -184,60 +196,289 @@ def move_rule(ctx, eqn, invals):
     """One rule for every primitive `_axes.moves` describes.
 
     The frozen kernel goes through the primitive itself; the layout follows its axes:
-    kept axes are renamed, dropped ones must be size-1 stacked axes (a layer indexed
-    out of a stack: the factors drop them too), new ones become leading stacked axes
-    (the factors are broadcast along them, so every new slice carries the same update),
-    and a slice may narrow stacked axes only (the factors are sliced alike).
+    kept axes are renamed; a slice narrows any axis (the factors are sliced alike:
+    `a` along the input axes, `b` along the outputs, both along stacked ones); a
+    broadcast may grow size-1 axes (the factors are broadcast alike); new axes become
+    leading stacked axes (every new slice carries the same update); dropped (size-1)
+    axes go from the factors too. When the last input (or output) axis goes, what is
+    left is a row (a column) read out of the kernel, `table[i]`: that value is
+    returned as `w_i + scale * a_i @ b`, the size of the result; so are rows read at
+    a traced offset (`dynamic_slice` of input axes, `lax.dynamic_slice_in_dim(table,
+    t, n)`), as a gather returns them.
     """
     f, *rest = invals
+    name = compat.primitive_name(eqn)
     if any(isinstance(v, Factored) for v in rest):
         return _fallback(ctx, eqn, invals, "an adapted kernel as an index")
-    if compat.primitive_name(eqn) == "slice" and any(
-        s != 1 for s in (compat.slice_params(eqn)[2] or ())
-    ):
-        return _fallback(ctx, eqn, invals, "strided slice")
     moves = _axes.moves(eqn, f.shape)
+    if moves is None and name == "reshape":
+        return _regroup(ctx, eqn, f)
     if moves is None:
         return _fallback(ctx, eqn, invals, "mixes the kernel's axes")
     lay = f.layout
     ndim = len(f.shape)
-    dropped = [i for i in range(ndim) if i not in moves]
-    if not set(dropped) <= set(lay.stack_axes):
-        return _fallback(ctx, eqn, invals, f"drops kernel axes {dropped}")
     where = {src: i for i, src in enumerate(moves) if src is not None}
+    dropped = [i for i in range(ndim) if i not in where]
+    if set(lay.in_axes) <= set(dropped) or set(lay.out_axes) <= set(dropped):
+        ctx.note(f, name)
+        return compat.bind(eqn, [f.materialize(), *rest])
     out_shape = compat.var_shape(eqn.outvars[0])
     resized = [i for i in where if out_shape[where[i]] != f.shape[i]]
-    if not set(resized) <= set(lay.stack_axes):
-        return _fallback(ctx, eqn, invals, f"resizes kernel axes {resized}")
     w = compat.bind(eqn, [f.w, *rest])[0]
+    a_axes, b_axes = _factor_axes(lay)
     a, b = f.a, f.b
-    if resized and compat.primitive_name(eqn) == "broadcast_in_dim":
-        # A size-1 stacked axis broadcast: every new layer carries the same update.
-        for axis in resized:
-            j = lay.stack_axes.index(axis)
-            a, b = (
-                jnp.broadcast_to(
-                    x, x.shape[:j] + (out_shape[where[axis]],) + x.shape[j + 1 :]
-                )
-                for x in (a, b)
-            )
-    elif resized:  # a slice narrowing stacked axes: the factors are sliced alike
-        starts, sizes = _window(eqn, rest, f.shape)
-        dynamic = compat.primitive_name(eqn) == "dynamic_slice"
-        a, b = (_slice_factor(x, lay.stack_axes, starts, sizes, dynamic) for x in (a, b))
-    if dropped:  # size-1 stacked axes: the factors' matching leading axes go too
-        gone = tuple(lay.stack_axes.index(d) for d in dropped)
-        a, b = jnp.squeeze(a, gone), jnp.squeeze(b, gone)
+    if resized and name == "broadcast_in_dim":  # size-1 axes grown
+
+        def grow(x, axes):
+            shape = [
+                out_shape[where[k]] if k in resized else n for k, n in zip(axes, x.shape)
+            ]
+            return jnp.broadcast_to(x, shape)
+
+        a, b = grow(a, a_axes), grow(b, b_axes)
+    elif resized:
+        window = _window(eqn, rest, f.shape)
+        dynamic = name == "dynamic_slice"
+        a, b = _narrow(a, a_axes, *window, dynamic), _narrow(b, b_axes, *window, dynamic)
+        if set(_axes.looked_up(eqn, f.shape)) & set(lay.in_axes):
+            # Rows read at a traced offset (a position table while decoding): a lookup,
+            # whose value, `w[rows] + scale * a[rows] @ b`, is the size of the result.
+            ctx.note(f, name)
+            return [f.replace(w=w, a=a, b=b).materialize()]
+    if dropped:
+        a = jnp.squeeze(a, tuple(i for i, k in enumerate(a_axes) if k in dropped))
+        b = jnp.squeeze(b, tuple(i for i, k in enumerate(b_axes) if k in dropped))
     new = [i for i, src in enumerate(moves) if src is None]
     if new:  # new leading stacked axes
         lead = tuple(w.shape[i] for i in new)
         a, b = jnp.broadcast_to(a, lead + a.shape), jnp.broadcast_to(b, lead + b.shape)
-    stack = tuple(new) + tuple(where[s] for s in lay.stack_axes if s not in dropped)
+
+    def kept(axes):
+        return tuple(where[i] for i in axes if i in where)
+
     layout = Layout(
-        tuple(where[i] for i in lay.in_axes), tuple(where[i] for i in lay.out_axes), stack
+        kept(lay.in_axes), kept(lay.out_axes), tuple(new) + kept(lay.stack_axes)
     )
-    ctx.note(f, compat.primitive_name(eqn))
+    ctx.note(f, name)
     return [f.replace(w=w, a=a, b=b, layout=layout)]
+
+
+@rule("split")
+def split_rule(ctx, eqn, invals):
+    """`jnp.split` (a fused kernel into its parts): each part a slice, factors sliced."""
+    (f,) = invals
+    sizes, axis = compat.split_params(eqn)
+    a_axes, b_axes = _factor_axes(f.layout)
+    ndim = len(f.shape)
+    outs, start = [], 0
+    for w, n in zip(compat.bind(eqn, [f.w]), sizes):
+        starts, shape = [0] * ndim, list(f.shape)
+        starts[axis], shape[axis] = start, n
+        window = (starts, shape, [1] * ndim)
+        a, b = _narrow(f.a, a_axes, *window, False), _narrow(f.b, b_axes, *window, False)
+        outs.append(f.replace(w=w, a=a, b=b))
+        start += n
+    ctx.note(f, "split")
+    return outs
+
+
+def _regroup(ctx, eqn, f: Factored):
+    """A reshape that merges or splits runs of axes of one role (`[d, h, hd]` to
+    `[d, h * hd]` and back): the factors' axes of each role, in the kernel's order, are
+    reshaped alike. New size-1 axes become stacked axes."""
+    groups = _axes.regroups(eqn, f.shape)
+    lay = f.layout
+    role = {k: r for r, axes in zip("ios", lay) for k in axes}
+    new_role = {}
+    for ins, outs in groups or ():
+        roles = {role[k] for k in ins} or {"s"}
+        if len(roles) != 1:
+            return _fallback(
+                ctx, eqn, [f], f"merges kernel axes {list(ins)} of different roles, {lay}"
+            )
+        new_role.update(dict.fromkeys(outs, roles.pop()))
+    new_in, new_out, new_stack = (
+        tuple(j for j in sorted(new_role) if new_role[j] == r) for r in "ios"
+    )
+    if groups is None or not new_in or not new_out:
+        return _fallback(ctx, eqn, [f], f"mixes the kernel's axes, {lay}")
+    out_shape = compat.var_shape(eqn.outvars[0])
+    a_axes, b_axes = _factor_axes(lay)
+    ins, outs, stack = (sorted(axes) for axes in lay)
+
+    def sizes(axes):
+        return [out_shape[j] for j in axes]
+
+    rank = f.a.shape[-1]
+    a = jnp.transpose(f.a, [a_axes.index(k) for k in stack + ins] + [len(a_axes) - 1])
+    a = a.reshape(sizes(new_stack) + sizes(new_in) + [rank])
+    ns = len(lay.stack_axes)
+    b = jnp.transpose(
+        f.b, [b_axes.index(k) for k in stack] + [ns] + [b_axes.index(k) for k in outs]
+    )
+    b = b.reshape(sizes(new_stack) + [rank] + sizes(new_out))
+    w = compat.bind(eqn, [f.w])[0]
+    ctx.note(f, "reshape")
+    return [f.replace(w=w, a=a, b=b, layout=Layout(new_in, new_out, new_stack))]
+
+
+# Joins and scalings ---------------------------------------------------------------------
+
+
+class _JointRecord(list):
+    """The record of a kernel joined from several (`concatenate`): a rule noted for the
+    joint kernel is noted for each of its parts, so `explain` names it for each."""
+
+    def __init__(self, records):
+        super().__init__()
+        self.records = records
+
+    def __contains__(self, rule):
+        return all(rule in r for r in self.records)
+
+    def append(self, rule):
+        for r in self.records:
+            if rule not in r:
+                r.append(rule)
+
+
+def _joint_path(ctx, parts) -> str:
+    paths = list(dict.fromkeys(p.path for p in parts))
+    if len(paths) == 1:
+        return paths[0]
+    joint = " + ".join(paths)
+    ctx.record[joint] = _JointRecord([ctx.record.setdefault(p, []) for p in paths])
+    return joint
+
+
+def _wide(dtypes):
+    """The widest of `dtypes` (the first among equals): the joint factor's dtype."""
+    return max(dtypes, key=lambda d: jnp.dtype(d).itemsize)
+
+
+@rule("concatenate")
+def concatenate_rule(ctx, eqn, invals):
+    """Kernels (and plain arrays) joined along one axis stay one low-rank kernel.
+
+    Along an output axis, `[W1 | W2] = [w1 | w2] + [a1, a2] @ [[s1 b1, 0], [0, s2 b2]]`:
+    `a`s joined along the rank, `b` block-diagonal (rank r1 + r2); along an input axis
+    the same with the roles of `a` and `b` swapped; along a stacked axis, factors joined
+    along it, ranks padded with zeros to the largest. A plain array's part of the
+    factors is zero, the array itself is in `w`. Equal scales stay the scale; unequal
+    ones are folded into each part of `b` (the joint scale is 1).
+    """
+    axis = compat.concatenate_axis(eqn)
+    parts = [v for v in invals if isinstance(v, Factored)]
+    lay = parts[0].layout
+    if any(p.layout != lay for p in parts):
+        layouts = sorted({str(p.layout) for p in parts})
+        return _fallback(ctx, eqn, invals, f"joins kernels of different layouts {layouts}")
+    if len({p.dropout for p in parts}) > 1:
+        return _fallback(ctx, eqn, invals, "joins kernels of different dropout rates")
+    w = compat.bind(eqn, [v.w if isinstance(v, Factored) else v for v in invals])[0]
+    scale = parts[0].scale if len({p.scale for p in parts}) == 1 else 1.0
+    a_dtype, b_dtype = _wide([p.a.dtype for p in parts]), _wide([p.b.dtype for p in parts])
+    ranks = [p.a.shape[-1] for p in parts]
+    a_axes, b_axes = _factor_axes(lay)
+    ns = len(lay.stack_axes)
+    along_stack = axis in lay.stack_axes
+    total = max(ranks) if along_stack else sum(ranks)
+
+    def b_of(p):
+        b = p.b.astype(b_dtype)
+        return b if p.scale == scale else b * jnp.asarray(p.scale / scale, b_dtype)
+
+    def rank_padded(x, rank_axis, before, after):
+        pad = [(0, 0)] * x.ndim
+        pad[rank_axis] = (before, after)
+        return jnp.pad(x, pad)
+
+    def zeros(axes, dtype, n):
+        """A factor part for a plain array: zero, `n` long along the joined axis."""
+        shape = [total if k is None else n if k == axis else w.shape[k] for k in axes]
+        return jnp.zeros(shape, dtype)
+
+    a_pieces, b_pieces, offset = [], [], 0
+    for v in invals:
+        n = v.shape[axis] if isinstance(v, Factored) else jnp.shape(v)[axis]
+        if not isinstance(v, Factored):
+            a_pieces.append(zeros(a_axes, a_dtype, n))
+            b_pieces.append(zeros(b_axes, b_dtype, n))
+            continue
+        a, b, r = v.a.astype(a_dtype), b_of(v), v.a.shape[-1]
+        before, after = (0, total - r) if along_stack else (offset, total - offset - r)
+        a_pieces.append(rank_padded(a, a.ndim - 1, before, after))
+        b_pieces.append(rank_padded(b, ns, before, after))
+        offset += r
+    if axis in lay.out_axes:  # a joined along the rank; b block-diagonal
+        a = jnp.concatenate([p.a.astype(a_dtype) for p in parts], axis=-1)
+        b = jnp.concatenate(b_pieces, axis=b_axes.index(axis))
+    elif axis in lay.in_axes:  # b joined along the rank; a block-diagonal
+        a = jnp.concatenate(a_pieces, axis=a_axes.index(axis))
+        b = jnp.concatenate([b_of(p) for p in parts], axis=ns)
+    else:  # along a stacked axis
+        a = jnp.concatenate(a_pieces, axis=a_axes.index(axis))
+        b = jnp.concatenate(b_pieces, axis=b_axes.index(axis))
+    ctx.note_all(parts, "concatenate")
+    path = _joint_path(ctx, parts)
+    return [parts[0].replace(w=w, a=a, b=b, scale=scale, path=path)]
+
+
+def _as_factor(m, axes):
+    """A multiplier `m` (the kernel's rank, size 1 where it does not vary, which must
+    include every kernel axis not in `axes`) laid out for a factor whose axis `i` holds
+    kernel axis `axes[i]` (None: the rank)."""
+    held = [k for k in axes if k is not None]
+    m = jnp.squeeze(m, tuple(k for k in range(m.ndim) if k not in held))
+    m = jnp.transpose(m, [sorted(held).index(k) for k in held])
+    return jnp.expand_dims(m, axes.index(None))
+
+
+@rule("mul", "div")
+def scale_rule(ctx, eqn, invals):
+    """A kernel times (or over) a scalar, or an array varying along outputs (or inputs)
+    only: `W * m = w * m + scale * a @ (b * m)` (or `(a * m) @ b`). A concrete scalar
+    goes into the static scale; a traced one into `b`, so its gradient flows."""
+    name = compat.primitive_name(eqn)
+    x, y = invals
+    if isinstance(x, Factored) and isinstance(y, Factored):
+        return _fallback(ctx, eqn, invals, "both operands adapted")
+    if name == "div" and isinstance(y, Factored):
+        return _fallback(ctx, eqn, invals, "divides by an adapted kernel")
+    f, m = (x, y) if isinstance(x, Factored) else (y, x)
+    lay = f.layout
+    shape = jnp.shape(m)
+    if len(shape) not in (0, len(f.shape)):
+        return _fallback(ctx, eqn, invals, f"a multiplier of shape {shape}")
+    varying = {k for k, n in enumerate(shape) if n != 1}
+    w = compat.bind(eqn, [f.w if v is f else v for v in invals])[0]
+    a, b, scale = f.a, f.b, f.scale
+    concrete = not varying and not compat.is_tracer(m)
+    value = float(np.asarray(m).reshape(())) if concrete else None
+    if concrete and (name == "mul" or value != 0.0):
+        scale = scale * value if name == "mul" else scale / value
+    elif varying <= set(lay.out_axes + lay.stack_axes):
+        _, b_axes = _factor_axes(lay)
+        mb = jnp.reshape(m, (1,) * len(f.shape)) if not shape else m
+        mb = _as_factor(mb, b_axes).astype(b.dtype)
+        b = b * mb if name == "mul" else b / mb
+    elif varying <= set(lay.in_axes + lay.stack_axes):
+        a_axes, _ = _factor_axes(lay)
+        ma = _as_factor(m, a_axes).astype(a.dtype)
+        a = a * ma if name == "mul" else a / ma
+    else:
+        return _fallback(
+            ctx, eqn, invals, f"a multiplier varying along inputs and outputs, {lay}"
+        )
+    ctx.note(f, name)
+    return [f.replace(w=w, a=a, b=b, scale=scale)]
+
+
+@rule("neg")
+def neg_rule(ctx, eqn, invals):
+    (f,) = invals
+    ctx.note(f, "neg")
+    return [f.replace(w=compat.bind(eqn, [f.w])[0], scale=-f.scale)]
 
 
 # Embeddings and convolutions ------------------------------------------------------------
@@ -245,45 +486,68 @@ def move_rule(ctx, eqn, invals):
 
 @rule("gather")
 def gather_rule(ctx, eqn, invals):
+    """A lookup of rows (`jnp.take`, `table[ids]`, `table[i]` under `vmap`, windows of
+    rows): the same gather of `a`, laid out like the kernel with the rank in place of
+    the output axes, then `@ b`. The output axes must be taken whole."""
     f, idx = invals
     if isinstance(idx, Factored):
-        return _fallback(ctx, eqn, invals)
+        return _fallback(ctx, eqn, invals, "an adapted kernel as the indices")
     g = compat.gather_options(eqn)
     dn = g.dimension_numbers
     lay = f.layout
-    table = (
-        f.w.ndim == 2
-        and lay.in_axes == (0,)
-        and lay.out_axes == (1,)
-        and _axes.uses(eqn, 0, 2).contract == (0,)
-        and tuple(dn.start_index_map) == (0,)
-        and len(dn.offset_dims) == 1
-        and g.slice_sizes == (1, f.w.shape[1])
-        and not getattr(dn, "operand_batching_dims", ())
-    )
-    if not table:
-        return _fallback(ctx, eqn, invals, "not a row lookup of an [in, out] table")
+    batching = tuple(getattr(dn, "operand_batching_dims", ()))
+    kept = [k for k in range(f.w.ndim) if k not in dn.collapsed_slice_dims + batching]
+    if lay.stack_axes or any(
+        k not in kept or g.slice_sizes[k] != f.shape[k] for k in lay.out_axes
+    ):
+        return _fallback(
+            ctx, eqn, invals, f"not a lookup of whole rows (output axes kept), {lay}"
+        )
     ctx.note(f, "gather")
     base = compat.bind(eqn, [f.w, idx])[0]
+    # `a` as the kernel's axes: inputs in place, the rank at the first output axis,
+    # size 1 at the other output axes (taken whole, so their starts clamp to 0 alike).
+    first, *others = sorted(lay.out_axes)
+    n_in = len(lay.in_axes)
+    perm = [
+        n_in if k == first else lay.in_axes.index(k)
+        for k in range(f.w.ndim)
+        if k not in others
+    ]
+    a_k = jnp.expand_dims(jnp.transpose(f.a, perm), tuple(others))
     rank = f.a.shape[-1]
+    sizes = [
+        rank if k == first else 1 if k in others else g.slice_sizes[k]
+        for k in range(f.w.ndim)
+    ]
     rows = lax.gather(
-        f.a,
+        a_k,
         idx,
         dimension_numbers=dn,
-        slice_sizes=(1, rank),
+        slice_sizes=tuple(sizes),
         indices_are_sorted=g.indices_are_sorted,
         unique_indices=g.unique_indices,
         mode=g.mode,
         fill_value=g.fill_value,
     )
-    off = dn.offset_dims[0]
-    h = jnp.moveaxis(rows, off, -1).astype(base.dtype) * jnp.asarray(f.scale, base.dtype)
-    y = jnp.matmul(h, f.b.astype(base.dtype))
-    return [base + jnp.moveaxis(y, -1, off)]
+    pos = {k: dn.offset_dims[kept.index(k)] for k in lay.out_axes}
+    h = jnp.squeeze(rows, tuple(pos[k] for k in others))
+    h = jnp.moveaxis(h, pos[first] - sum(pos[k] < pos[first] for k in others), -1)
+    h = h.astype(base.dtype) * jnp.asarray(f.scale, base.dtype)
+    b = f.b.astype(base.dtype)
+    y = jnp.matmul(h, b.reshape(rank, -1)).reshape(h.shape[:-1] + b.shape[1:])
+    # y's axes: the result's non-output axes in order, then the outputs in layout order.
+    src = [p for p in range(base.ndim) if p not in pos.values()]
+    src += [pos[k] for k in lay.out_axes]
+    return [base + jnp.transpose(y, [src.index(p) for p in range(base.ndim)])]
 
 
 @rule("conv_general_dilated")
 def conv_rule(ctx, eqn, invals):
+    """`conv(x, w) + scale * conv(x, a) @ b`, `a` laid out as a kernel with `r` output
+    features. Grouped (`feature_group_count = G`): group `g`'s outputs see group `g`'s
+    inputs; one conv with `a` repeated per group (`G * r` features) gives each group's
+    `x_g . a`, and each output feature takes its own group's `r` of them into `b`."""
     x, f = invals
     if isinstance(x, Factored):
         return _fallback(ctx, eqn, invals, "adapted kernel as the conv input")
@@ -294,21 +558,36 @@ def conv_rule(ctx, eqn, invals):
         lay.stack_axes
         or lay.out_axes != use.free
         or set(lay.in_axes) != set(use.contract)
-        or c.feature_group_count != 1
         or c.batch_group_count != 1
     ):
-        return _fallback(ctx, eqn, invals, "grouped conv or unusual layout")
+        return _fallback(
+            ctx,
+            eqn,
+            invals,
+            f"batch_group_count={c.batch_group_count} or a layout other than the "
+            f"conv's (inputs {use.contract}, output feature {use.free}): {lay}",
+        )
     ctx.note(f, "conv_general_dilated")
     base = compat.bind(eqn, [x, f.w])[0]
-    # `a` laid out like the kernel, with `r` output features: a conv with it, then B.
+    groups = c.feature_group_count
     (out_feature,) = use.free
     n_in = len(lay.in_axes)
     perm = [n_in if k == out_feature else lay.in_axes.index(k) for k in range(f.w.ndim)]
     a_kernel = jnp.transpose(f.a, perm).astype(x.dtype)
+    if groups > 1:
+        a_kernel = jnp.concatenate([a_kernel] * groups, axis=out_feature)
     h = compat.bind(eqn, [ctx.dropout(x, f), a_kernel])[0]
     h = checkpoint_name(h * jnp.asarray(f.scale, h.dtype), XA_NAME)
     feat = c.dimension_numbers.out_spec[1]
-    y = jnp.matmul(jnp.moveaxis(h, feat, -1), f.b.astype(h.dtype))
+    h = jnp.moveaxis(h, feat, -1)
+    rank = f.a.shape[-1]
+    b = f.b.astype(h.dtype)
+    if groups == 1:
+        y = jnp.matmul(h, b)
+    else:  # [..., G, r] . [r, G, out/G] per group
+        h = h.reshape(h.shape[:-1] + (groups, rank))
+        b = b.reshape(rank, groups, -1)
+        y = jnp.einsum("...gr,rgo->...go", h, b).reshape(h.shape[:-2] + (-1,))
     return [base + jnp.moveaxis(y, -1, feat).astype(base.dtype)]
 
 
@@ -635,5 +914,16 @@ def scan_rule(ctx, eqn, invals):
 
 @rule(*compat.CUSTOM_CALL_NAMES)
 def custom_call_rule(ctx, eqn, invals):
-    # The custom rule sees a dense kernel: materialize for this call only.
-    return _fallback(ctx, eqn, invals, "custom derivative rule")
+    """A `custom_jvp` / `custom_vjp` function called with a kernel: its derivative rule
+    is written for a dense kernel, and no rewrite of it keeps the factors, so it gets
+    the dense kernel (exact, gradients to `a` and `b` included), and the message says
+    how to keep the kernel factored."""
+    return _fallback(
+        ctx,
+        eqn,
+        invals,
+        "a custom_jvp/custom_vjp function, whose derivative rule needs the dense kernel; "
+        "this is exact, gradients of A and B included, but forms the kernel. To keep it "
+        "factored, apply the kernel outside the custom function (x @ W before the call, "
+        "its result passed in)",
+    )
