@@ -85,11 +85,15 @@ class PeftModule:
       rows: `(start, total)` when the kernel is one part of a fused module: its outputs
         are rows `start:start + out` of a module with `total` outputs (GPT-2's
         `c_attn`: query `(0, 3 * d)`, key `(d, 3 * d)`, value `(2 * d, 3 * d)`).
+      embedding: whether the module is PyTorch's `nn.Embedding` (its factors written as
+        `lora_embedding_A/B`) or a linear layer (`lora_A/B`). None (default): decided
+        by `save_peft` from how its `probe` uses the kernel, or from Flax's leaf names.
     """
 
     name: str
     to_torch: Callable[[np.ndarray], np.ndarray] | None = None
     rows: tuple[int, int] | None = None
+    embedding: bool | None = None
 
     def __post_init__(self):
         if not isinstance(self.name, str) or not self.name:
@@ -97,6 +101,11 @@ class PeftModule:
         if self.to_torch is not None and not callable(self.to_torch):
             raise TypeError(
                 f"PeftModule: to_torch must be callable, got {self.to_torch!r}."
+            )
+        if self.embedding is not None and not isinstance(self.embedding, bool):
+            raise TypeError(
+                f"PeftModule: embedding must be True, False or None, got "
+                f"{self.embedding!r}."
             )
         if self.rows is not None:
             rows = tuple(self.rows)
@@ -495,6 +504,80 @@ def read_peft_config(path) -> dict:
 # Save ----------------------------------------------------------------------------------
 
 
+class _Part(NamedTuple):
+    """One kernel's factors (one layer's, for a stacked kernel) in PEFT's form, bound
+    for a module: `a` is PEFT's `A` (`[r, in]`), `b` its `B` (`[out, r]`)."""
+
+    path: str
+    rows: tuple[int, int] | None
+    a: np.ndarray
+    b: np.ndarray
+    scale: float
+    embedding: bool
+
+
+class _Leaf(NamedTuple):
+    """A leaf written whole (trained, or a frozen parameter of a module saved whole)."""
+
+    module: PeftModule
+    path: str
+    value: Any
+
+
+_LOOKUPS = ("gather",)  # rules that read rows of a kernel (an embedding's use)
+_CONTRACTIONS = ("dot_general", "conv_general_dilated")  # a linear layer's uses
+_ROW_READS = ("slice", "dynamic_slice", "squeeze")  # rows read out, when nothing contracts
+
+
+def _uses(probe, params) -> dict[str, tuple[str, ...]]:
+    """`{path: (rule, ...)}`: how `lora(probe)(params)` uses each adapted kernel, by
+    the rules of the transform itself (`jlora.explain`)."""
+    from jlora._transform import explain
+
+    return explain(probe, params)
+
+
+def _is_embedding(path: str, pm: PeftModule, uses) -> bool:
+    """Whether a kernel is an embedding (PEFT's `lora_embedding_A/B`) or a linear layer
+    (`lora_A/B`): as its `PeftModule` declares; else from how the probe uses it (row
+    lookups or contractions); else from Flax's leaf names (`embedding` for `nn.Embed`,
+    `kernel` for `nn.Dense`); else a ValueError that says how to tell."""
+    if pm.embedding is not None:
+        return pm.embedding
+    declare = (
+        f"declare it: module_names={{{path!r}: jlora.PeftModule({pm.name!r}, "
+        "embedding=True or False)}"
+    )
+    if uses is not None:
+        rules = uses.get(path, ())
+        linear = any(r in _CONTRACTIONS for r in rules)
+        lookup = any(r in _LOOKUPS for r in rules) or (
+            not linear and any(r in _ROW_READS for r in rules)
+        )
+        if linear and lookup:
+            raise ValueError(
+                f"the probe uses it both as a row lookup and in a contraction (a tied "
+                f"embedding; rules {list(rules)}); PEFT adapts an Embedding and a Linear "
+                f"module separately, so one module can't carry both: {declare}"
+            )
+        if linear or lookup:
+            return lookup
+        raise ValueError(
+            f"the probe {'never uses it' if not rules else f'uses it by {list(rules)}'}"
+            f", which tells neither an embedding (a row lookup) nor a linear layer (a "
+            f"contraction): {declare}"
+        )
+    leaf = path.rsplit("/", 1)[-1]
+    if leaf in ("embedding", "kernel"):
+        return leaf == "embedding"
+    raise ValueError(
+        f"whether it is an embedding (PEFT's lora_embedding_A/B) or a linear layer "
+        f"(lora_A/B) can't be read off its name {leaf!r} (only Flax's 'embedding' and "
+        "'kernel' say); pass probe= (a function of params that runs the model) to "
+        f"jlora.save_peft, or {declare}"
+    )
+
+
 def save_peft(
     path,
     params: Any,
@@ -504,6 +587,7 @@ def save_peft(
     base_model_name_or_path: str | None = None,
     task_type: str | None = None,
     fan_in_fan_out: bool = False,
+    probe: Callable[[Any], Any] | None = None,
     overwrite: bool = False,
 ) -> str:
     """Writes the adapters of `params` as a Hugging Face PEFT LoRA directory.
@@ -530,6 +614,12 @@ def save_peft(
       base_model_name_or_path, task_type: written to the config for PEFT's loaders.
       fan_in_fan_out: set for models whose targeted layers store `[in, out]` (GPT-2's
         `Conv1D`); the tensors are the same either way.
+      probe: a function of params that runs the model (`lambda p: model.apply(
+        {"params": p}, x)`). It tells an embedding (its kernel read by row lookups;
+        written as PEFT's `lora_embedding_A/B`, for PyTorch's `nn.Embedding`) from a
+        linear layer (contracted; `lora_A/B`). Needed for kernels whose leaf name
+        doesn't say (only Flax's `embedding` and `kernel` do) and whose `PeftModule`
+        doesn't declare `embedding=`.
       overwrite: replace an existing directory.
 
     Returns:
@@ -538,12 +628,16 @@ def save_peft(
     Raises:
       ValueError: no adapters, a path without a module name, a stacked kernel whose name
         has no `{layer}`, parts of a fused module that overlap or disagree, a `to_torch`
-        that is not a rearrangement (every problem listed at once).
+        that is not a rearrangement, a kernel that can't be told an embedding or a
+        linear layer (every problem listed at once).
       FileExistsError: `path` exists and `overwrite` is False.
     """
-    modules: dict[str, list] = {}
-    trained_whole: list[tuple] = []
-    frozen: dict[str, list] = {}
+    path = os.path.abspath(os.fspath(path))
+    _atomic.prepare(path, overwrite, "save_peft")  # refused before anything is computed
+    uses = _uses(probe, params) if probe is not None else None
+    modules: dict[str, list[_Part]] = {}
+    trained_whole: list[_Leaf] = []
+    frozen: dict[str, list[_Leaf]] = {}
     errors: list[str] = []
     for node in walk(params).nodes:
         if node.kind == LORA:
@@ -559,6 +653,7 @@ def save_peft(
                     raise ValueError("params hold no base kernel; pass combined params")
                 shape = tuple(d for i, d in enumerate(w_shape) if i != axis)
                 mapping = _factor_mapping(shape, layer_layout, pm.to_torch)
+                embed = _is_embedding(node.path, pm, uses)
             except ValueError as e:
                 errors.append(f"  {node.path}: {e}")
                 continue
@@ -570,7 +665,6 @@ def save_peft(
                     f"{pm.name!r} has no '{{layer}}' to fill with each layer's index"
                 )
                 continue
-            embed = node.path.rsplit("/", 1)[-1] == "embedding"
             for i in range(layers):
                 name = pm.name.format(layer=i) if axis is not None else pm.name
                 big_a, big_b = _to_peft(
@@ -579,7 +673,7 @@ def save_peft(
                     mapping,
                 )
                 modules.setdefault(name, []).append(
-                    (node.path, pm.rows, big_a, big_b, float(lw.scale), embed)
+                    _Part(node.path, pm.rows, big_a, big_b, float(lw.scale), embed)
                 )
         elif node.kind == TRAINED:
             pm = _module_for(module_names, node.path, "save_peft")
@@ -592,16 +686,18 @@ def save_peft(
                     f"module; {pm} is a template or a part of a fused module"
                 )
                 continue
-            trained_whole.append((pm, node.path, unbox(node.value.value)))
+            trained_whole.append(_Leaf(pm, node.path, unbox(node.value.value)))
         elif node.kind == LEAF:
             pm = _module_for(module_names, node.path, "save_peft")
             if pm is not None and "{layer}" not in pm.name and pm.rows is None:
-                frozen.setdefault(pm.name, []).append((pm, node.path, unbox(node.value)))
+                frozen.setdefault(pm.name, []).append(
+                    _Leaf(pm, node.path, unbox(node.value))
+                )
     plain: dict[str, np.ndarray] = {}
     biases, to_save = set(), set()
-    for pm, path_, _ in trained_whole:
-        if _param_name(path_) != "bias":
-            to_save.add(pm.name)
+    for leaf in trained_whole:
+        if _param_name(leaf.path) != "bias":
+            to_save.add(leaf.module.name)
     extra = [leaf for name in sorted(to_save) for leaf in frozen.get(name, [])]
     for pm, path_, value in trained_whole + extra:
         # A module in modules_to_save is written whole (PEFT reads every parameter of
@@ -630,11 +726,13 @@ def save_peft(
     tensors, ranks, scales, embeds = {}, {}, {}, {}
     for name, parts in modules.items():
         try:
+            if len({p.embedding for p in parts}) > 1:
+                raise ValueError("some parts are embeddings and some linear layers")
             big_a, big_b, scale = _fuse(parts)
         except ValueError as e:
-            errors.append(f"  {name} (from {[p[0] for p in parts]}): {e}")
+            errors.append(f"  {name} (from {[p.path for p in parts]}): {e}")
             continue
-        kind = ("lora_embedding_A", "lora_embedding_B") if parts[0][5] else None
+        kind = ("lora_embedding_A", "lora_embedding_B") if parts[0].embedding else None
         if kind:
             tensors[f"{PREFIX}{name}.{kind[0]}"] = big_a
             tensors[f"{PREFIX}{name}.{kind[1]}"] = big_b
@@ -695,47 +793,45 @@ def save_peft(
             f.write(text)
         _safetensors.save(os.path.join(target, WEIGHTS_FILE), tensors, {"format": "pt"})
 
-    path = os.path.abspath(os.fspath(path))
     _atomic.write_atomically(path, overwrite, "save_peft", write)
     return path
 
 
-def _fuse(parts) -> tuple[np.ndarray, np.ndarray, float]:
+def _fuse(parts: list[_Part]) -> tuple[np.ndarray, np.ndarray, float]:
     """One module's `(A, B, scale)` from the kernels that map to it: a single kernel as
     is; parts of a fused module side by side in `B`'s rows, sharing `A` where they
     share it (and their scale), else as a block-structured module of the summed rank
     whose `B` carries each part's scale relative to the first."""
-    if len(parts) == 1 and parts[0][1] is None:
-        _, _, big_a, big_b, scale, _ = parts[0]
-        return big_a, big_b, scale
-    if any(p[1] is None for p in parts):
+    if len(parts) == 1 and parts[0].rows is None:
+        return parts[0].a, parts[0].b, parts[0].scale
+    if any(p.rows is None for p in parts):
         raise ValueError(
             "several kernels map to this module; give each PeftModule rows=(start, total)"
         )
-    totals = {p[1][1] for p in parts}
+    totals = {p.rows[1] for p in parts}
     if len(totals) != 1:
         raise ValueError(f"the parts give different module sizes {sorted(totals)}")
     (total,) = totals
-    spans = sorted((p[1][0], p[1][0] + p[3].shape[0], p[0]) for p in parts)
+    spans = sorted((p.rows[0], p.rows[0] + p.b.shape[0], p.path) for p in parts)
     for (_, e0, p0), (s1, _, p1) in zip(spans, spans[1:]):
         if s1 < e0:
             raise ValueError(f"{p0} and {p1} overlap in the module's rows")
     if spans[-1][1] > total:
         raise ValueError(f"{spans[-1][2]} ends at row {spans[-1][1]} > total {total}")
-    first_a, scale = parts[0][2], parts[0][4]
-    dtype = np.result_type(*[p[2].dtype for p in parts], *[p[3].dtype for p in parts])
-    if all(p[4] == scale and np.array_equal(p[2], first_a) for p in parts):
+    first_a, scale = parts[0].a, parts[0].scale
+    dtype = np.result_type(*[p.a.dtype for p in parts], *[p.b.dtype for p in parts])
+    if all(p.scale == scale and np.array_equal(p.a, first_a) for p in parts):
         big_b = np.zeros((total, first_a.shape[0]), dtype)
-        for _, (start, _), _, b, _, _ in parts:
-            big_b[start : start + b.shape[0]] = b
+        for p in parts:
+            big_b[p.rows[0] : p.rows[0] + p.b.shape[0]] = p.b
         return first_a.astype(dtype), big_b, scale
-    big_a = np.concatenate([p[2] for p in parts]).astype(dtype)
+    big_a = np.concatenate([p.a for p in parts]).astype(dtype)
     big_b = np.zeros((total, big_a.shape[0]), dtype)
     col = 0
-    for _, (start, _), a, b, s, _ in parts:
-        r = a.shape[0]
-        big_b[start : start + b.shape[0], col : col + r] = (
-            b if s == scale else b * (s / scale)
+    for p in parts:
+        r = p.a.shape[0]
+        big_b[p.rows[0] : p.rows[0] + p.b.shape[0], col : col + r] = (
+            p.b if p.scale == scale else p.b * (p.scale / scale)
         )
         col += r
     return big_a, big_b, scale

@@ -424,9 +424,11 @@ def test_stacked_kernel_exports_one_module_per_layer(tmp_path):
     )
     assert lp["w"].layout.stack_axes == (0,)
     with pytest.raises(ValueError, match=r"no '\{layer\}'"):
-        jlora.save_peft(tmp_path / "no", lp, cfg)
+        jlora.save_peft(tmp_path / "no", lp, cfg, probe=probe)
     names = {"w": "layers.{layer}.proj"}
-    jlora.save_peft(tmp_path / "st", lp, cfg, module_names=names)
+    with pytest.raises(ValueError, match=r"w: whether it is an embedding"):
+        jlora.save_peft(tmp_path / "st", lp, cfg, module_names=names)
+    jlora.save_peft(tmp_path / "st", lp, cfg, module_names=names, probe=probe)
     pcfg, _ = files_of(tmp_path / "st")
     assert pcfg["target_modules"] == ["layers.0.proj", "layers.1.proj", "layers.2.proj"]
     merged = np.asarray(jlora.merge(lp)["w"], np.float64)
@@ -436,6 +438,90 @@ def test_stacked_kernel_exports_one_module_per_layer(tmp_path):
         assert_close(got, merged[i].T, chain_bound(2, 2))  # rounded at |w|
     back = jlora.load_peft(tmp_path / "st", params, module_names=names)
     assert np.array_equal(back["w"].a, lp["w"].a) and np.array_equal(back["w"].b, lp["w"].b)
+
+
+def _haiku_style():
+    """An embedding as Haiku and Equinox name it (`embed/embeddings`), read by a
+    gather, and a linear layer's `w`: neither leaf name says which is which."""
+    rng = np.random.default_rng(0)
+    params = {
+        "embed": {"embeddings": jnp.asarray(rng.normal(size=(11, 8)), jnp.float32)},
+        "proj": {"w": jnp.asarray(rng.normal(size=(8, 5)) * 0.3, jnp.float32)},
+    }
+    ids = jnp.asarray(rng.integers(0, 11, (2, 6)))
+    return params, ids
+
+
+def _haiku_forward(lookup):
+    def fn(p, ids):
+        table = p["embed"]["embeddings"]
+        h = table[ids] if lookup == "index" else jnp.take(table, ids, axis=0)
+        return h @ p["proj"]["w"]
+
+    return fn
+
+
+HAIKU_NAMES = {"embed/embeddings": "embed", "proj/w": "proj"}
+HAIKU_CFG = jlora.LoraConfig(2, 4.0, targets=r"(embeddings|w)$")
+
+
+def _haiku_adapted(lookup):
+    params, ids = _haiku_style()
+    fn = _haiku_forward(lookup)
+    probe = lambda p: fn(p, ids)  # noqa: E731
+    lp = jlora.init(jax.random.key(1), params, HAIKU_CFG, probe=probe)
+    return params, ids, fn, probe, randomize(lp, jax.random.key(2))
+
+
+@pytest.mark.parametrize("lookup", ["index", "take"])
+def test_an_embedding_is_told_by_its_row_lookup_not_by_its_name(tmp_path, lookup):
+    params, ids, fn, probe, lp = _haiku_adapted(lookup)
+    with pytest.raises(
+        ValueError, match=r"embed/embeddings: whether it is an embedding.*probe="
+    ):
+        jlora.save_peft(tmp_path / "no", lp, HAIKU_CFG, module_names=HAIKU_NAMES)
+    assert not os.path.exists(tmp_path / "no")
+    out = jlora.save_peft(
+        tmp_path / "ad", lp, HAIKU_CFG, module_names=HAIKU_NAMES, probe=probe
+    )
+    tensors, _ = _safetensors.load(os.path.join(out, "adapter_model.safetensors"))
+    assert sorted(tensors) == [
+        "base_model.model.embed.lora_embedding_A",
+        "base_model.model.embed.lora_embedding_B",
+        "base_model.model.proj.lora_A.weight",
+        "base_model.model.proj.lora_B.weight",
+    ]
+    # PEFT's Embedding adds scale * (B @ A).T to the [num_embeddings, dim] table.
+    a = tensors["base_model.model.embed.lora_embedding_A"].astype(np.float64)
+    b = tensors["base_model.model.embed.lora_embedding_B"].astype(np.float64)
+    got = np.asarray(params["embed"]["embeddings"], np.float64) + 2.0 * (b @ a).T
+    assert_close(got, jlora.merge(lp)["embed"]["embeddings"], chain_bound(2, 2))
+    # Declared instead of probed: the same directory.
+    declared = {
+        "embed/embeddings": jlora.PeftModule("embed", embedding=True),
+        "proj/w": jlora.PeftModule("proj", embedding=False),
+    }
+    jlora.save_peft(tmp_path / "decl", lp, HAIKU_CFG, module_names=declared)
+    assert files_of(tmp_path / "decl") == files_of(out)
+
+
+def test_a_tied_embedding_is_refused_with_a_probe(tmp_path):
+    params, ids = _haiku_style()
+    cfg = jlora.LoraConfig(
+        2, 4.0, targets=r"embeddings$", layout={"embeddings": jlora.Layout((0,), (1,))}
+    )
+    lp = randomize(jlora.init(jax.random.key(1), params, cfg), jax.random.key(2))
+
+    def tied(p):  # a row lookup, then decoding with the same table
+        table = p["embed"]["embeddings"]
+        return table[ids] @ table.T
+
+    with pytest.raises(ValueError, match="both as a row lookup and in a contraction"):
+        jlora.save_peft(
+            tmp_path / "t", lp, cfg, module_names={"embed/embeddings": "embed"}, probe=tied
+        )
+    with pytest.raises(TypeError, match="embedding must be True, False or None"):
+        jlora.PeftModule("embed", embedding="yes")
 
 
 def test_fused_module_splits_on_import_and_refuses_unmapped_rows(tmp_path):
@@ -711,3 +797,32 @@ def test_qwen2_biases_and_a_trained_bias_go_through_peft(tmp_path):
     pm = peft.PeftModel.from_pretrained(copy.deepcopy(tm), str(tmp_path / "q")).eval()
     ours = jlora.lora(model.apply)({"params": lp}, jnp.asarray(ids))
     assert_close(ours, torch_logits(pm, ids), logits_bound(2))
+
+
+@needs_torch
+def test_an_embedding_named_embeddings_goes_to_peft_as_an_embedding(tmp_path):
+    import peft
+    import torch
+
+    params, ids, fn, probe, lp = _haiku_adapted("index")
+    jlora.save_peft(tmp_path / "ad", lp, HAIKU_CFG, module_names=HAIKU_NAMES, probe=probe)
+
+    class Torch(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = torch.nn.Embedding(11, 8)
+            self.proj = torch.nn.Linear(8, 5, bias=False)
+
+        def forward(self, ids):
+            return self.proj(self.embed(ids))
+
+    tm = Torch()
+    with torch.no_grad():
+        tm.embed.weight.copy_(torch.tensor(np.asarray(params["embed"]["embeddings"])))
+        tm.proj.weight.copy_(torch.tensor(np.asarray(params["proj"]["w"]).T))
+    pm = peft.PeftModel.from_pretrained(tm, str(tmp_path / "ad")).eval()
+    with torch.no_grad():
+        theirs = pm(torch.tensor(np.asarray(ids))).numpy()
+    ours = jlora.lora(fn)(lp, ids)
+    # Two evaluations of a lookup (plus a rank-2 product) and an 8-term contraction.
+    assert_close(ours, theirs, chain_bound(8, 3))
