@@ -5,6 +5,8 @@ counted with a counter inside `fn`, compilations with JAX's compile-time event.
 """
 
 import gc
+import pathlib
+import sys
 import weakref
 
 import flax.linen as nn
@@ -334,3 +336,20 @@ def test_under_an_outer_transformation_the_call_is_traced_as_before():
     assert fn.traces == 2  # eager grad: one trace per call, no cached program
     for got, want in zip(jax.tree.leaves(g), jax.tree.leaves(jax.grad(loss_ref)(adapters))):
         assert_close(got, want, chain_bound(k=D, depth=9))
+
+
+def test_the_benchmark_runs_and_its_cached_calls_trace_once():
+    sys.path.insert(0, str(pathlib.Path(__file__).parents[1] / "benchmarks"))
+    import eager
+
+    rows, text = eager.measure(d=8, layers=2, batch=2, repeats=1)
+    assert {r["model"] for r in rows} == {"mlp", "scan", "cond"}
+    for r in rows:
+        assert r["traces"] == 1, r  # 10 cached eager calls, one trace
+        for column in ("call 1", "call 10", "jit", "plain eager"):
+            assert r[column] > 0
+    lines = text.splitlines()
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    assert header[0] == "model" and "call 10 / jit" in header
+    assert lines[1].startswith("|---")
+    assert len(lines) == 2 + len(rows)
