@@ -3,9 +3,10 @@
 An adapter checkpoint is one orbax checkpoint (a `CompositeCheckpointHandler`) with two
 items: `adapters`, the factor and trained arrays, and `jlora`, JSON metadata (format,
 jlora version, config, and per leaf: path, kind, shapes, dtypes, scale, layout, and a
-fingerprint of the base kernel the factors were trained on). Restoring always goes
-against an abstract target built from the base params, so the result has `LoraWeight`
-nodes with their scale and layout, never plain dicts.
+fingerprint of the base kernel the factors were trained on, with the checksums of its
+bfloat16 and float16 casts under `base_casts`, which readers without them ignore).
+Restoring always goes against an abstract target built from the base params, so the
+result has `LoraWeight` nodes with their scale and layout, never plain dicts.
 
 Every save is written beside its target and swapped in by `_atomic.write_atomically`:
 a save that dies at any step leaves the old or the new checkpoint complete, where loads
@@ -168,6 +169,8 @@ def save_adapter(
       jlora.save_adapter("/tmp/run/adapter", params, config)
       params = jlora.load_adapter("/tmp/run/adapter", base_params)
     """
+    path = os.path.abspath(os.fspath(path))
+    _atomic.prepare(path, overwrite, "save_adapter")  # refused before anything is read
     arrays, entries = _collect(params)
     if not entries:
         raise ValueError(
@@ -195,7 +198,6 @@ def save_adapter(
                 ),
             )
 
-    path = os.path.abspath(os.fspath(path))
     _atomic.write_atomically(path, overwrite, "save_adapter", write)
     return path
 

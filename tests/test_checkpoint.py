@@ -214,6 +214,10 @@ def test_save_merged_refuses_an_existing_path_before_merging(model, tmp_path, mo
     monkeypatch.setattr(_checkpoint, "merge", no_merge)
     with pytest.raises(FileExistsError, match="overwrite=True"):
         jlora.save_merged(path, lp)
+    # save_adapter too: refused before it reads (and fingerprints) any kernel.
+    monkeypatch.setattr(_checkpoint, "_collect", no_merge)
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        jlora.save_adapter(path, lp)
 
 
 def test_manager_keeps_last_k_and_async_save_holds_pre_step_values(model, tmp_path):
