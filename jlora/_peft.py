@@ -904,11 +904,15 @@ def load_peft(
     at once: each LoRA module must map to adapted kernels of `base_params` (by
     `module_names`), each plain key to a leaf (trained whole: `modules_to_save`,
     biases), and base weights the file carries (`...base_layer.weight`) must equal
-    those of `base_params`. Config fields jlora can't honour are refused by name
-    (`use_dora`, `lora_bias`, `pissa`/`olora`/`corda`/`loftq` inits, ...). Each
-    module's scale follows PEFT: `lora_alpha / r` (`/ sqrt(r)` with `use_rslora`),
-    with `rank_pattern` / `alpha_pattern` matched against the module name as PEFT
-    matches them. Factors keep the file's dtype.
+    those of `base_params` (compared by fingerprint, as `load_adapter` compares bases:
+    the bfloat16 cast of the file's float32 weights is the same base). Config fields
+    jlora can't honour are refused by name (`use_dora`, `lora_bias`,
+    `pissa`/`olora`/`corda`/`loftq` inits, ...), and so are fields of the wrong type
+    (a string or null `lora_alpha`, ...). Each module's scale follows PEFT:
+    `lora_alpha / r` (`/ sqrt(r)` with `use_rslora`), with `rank_pattern` /
+    `alpha_pattern` matched against the module name as PEFT matches them. Factors keep
+    the file's dtype (integer factors are refused; float64 ones become float32, with a
+    warning, unless JAX runs with x64).
 
     Args:
       path: a directory with `adapter_config.json` and `adapter_model.safetensors`.
@@ -926,7 +930,8 @@ def load_peft(
 
     Raises:
       FileNotFoundError: no directory, or a missing file (named).
-      ValueError: a refused config field, or tensors that don't fit `base_params`.
+      ValueError: a refused config field, base params that already hold adapters, or
+        tensors that don't fit `base_params` (every problem listed at once).
     """
     cfg = read_peft_config(path)  # read the files
     path = _atomic.readable(os.path.abspath(os.fspath(path)))
