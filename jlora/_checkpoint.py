@@ -119,6 +119,8 @@ def _collect(params):
                         list(inner.layout.in_axes),
                         list(inner.layout.out_axes),
                         list(inner.layout.stack_axes),
+                        # (a fourth entry only for fused parts: [axis, parts, adapt])
+                        *([list(inner.layout.fused)] if inner.layout.fused else []),
                     ],
                     "dropout": inner.dropout,
                     "a": _spec(a),

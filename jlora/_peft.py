@@ -36,6 +36,7 @@ from jax.experimental import multihost_utils
 from jlora import _atomic, _safetensors
 from jlora._boxes import unbox
 from jlora._config import LoraConfig
+from jlora._init import conventional_layout, orientation_advice
 from jlora._probe import infer as infer_layouts
 from jlora._rebuild import (
     OTHER,
@@ -647,7 +648,7 @@ def save_peft(
                 errors.append(f"  {node.path}: module_names gives no module name")
                 continue
             try:
-                layer_layout, axis = _per_layer(lw.layout)
+                layer_layout, axis = _per_layer(lw.layout.plain())
                 w_shape = tuple(lw.shape) if lw.w is not None else None
                 if w_shape is None:
                     raise ValueError("params hold no base kernel; pass combined params")
@@ -657,7 +658,9 @@ def save_peft(
             except ValueError as e:
                 errors.append(f"  {node.path}: {e}")
                 continue
-            a, b = _host(unbox(lw.a)), _host(unbox(lw.b))
+            # Fused parts adapted alone go out as the equivalent LoRA of the whole
+            # module: b at full width, zero on the parts not adapted (exact).
+            a, b = _host(unbox(lw.a)), _host(lw.layout.expand_b(unbox(lw.b)))
             layers = 1 if axis is None else w_shape[axis]
             if axis is not None and "{layer}" not in pm.name:
                 errors.append(
@@ -872,15 +875,23 @@ def _classify(keys, where) -> tuple[dict, dict, dict, list[str]]:
     return lora, plain, base, errors
 
 
-def _layout_2d(shape, n_in, n_out, to_torch) -> tuple[Layout, _Mapping]:
+def _layout_2d(shape, n_in, n_out, to_torch, path) -> tuple[Layout, _Mapping]:
     """Which axis of a 2-axis kernel is the input: the one the shapes (and the module's
-    `to_torch`, if it has one) allow; a square kernel without `to_torch` can't tell."""
+    `to_torch`, if it has one) allow; for a square kernel without `to_torch`, the one
+    its framework's convention gives (`jlora.init`'s rule: Flax's `kernel` is
+    `[in, out]`); otherwise it can't tell."""
     fits = _orientations(shape, to_torch, n_in, n_out)
     if len(fits) == 2:
+        conventional = conventional_layout(path, len(shape))
+        for lay, mapping in fits:
+            if lay == conventional:
+                return lay, mapping
         raise ValueError(
             f"the kernel {list(shape)} is square, so whether it is stored [in, out] or "
-            "[out, in] can't be read off shapes; pass probe= (a function of params that "
-            "runs the model) to jlora.load_peft, or a PeftModule with to_torch"
+            "[out, in] can't be read off shapes; "
+            + orientation_advice([path], "probe= (a function of params that runs the "
+                                 "model) to jlora.load_peft")
+            + ", or a PeftModule with to_torch"
         )
     if not fits:
         raise ValueError(
@@ -1063,7 +1074,7 @@ def _factors(lora, tensors, settings, targets: _Targets, base: Base, probed, err
             shape = tuple(np.shape(unbox(base.nodes[path_].value)))
             try:
                 layout, layer_layout, lshape, mapping = _part_layout(
-                    shape, probed.get(path_), pm, layer, big_a, big_b
+                    path_, shape, probed.get(path_), pm, layer, big_a, big_b
                 )
             except ValueError as e:
                 errors.append(f"  {module} -> {path_}: {e}")
@@ -1099,7 +1110,7 @@ def _factors(lora, tensors, settings, targets: _Targets, base: Base, probed, err
     return found
 
 
-def _part_layout(shape, layout, pm: PeftModule, layer, big_a, big_b):
+def _part_layout(path, shape, layout, pm: PeftModule, layer, big_a, big_b):
     """`(layout, layer_layout, layer_shape, mapping)` of a kernel (of `shape`; `layout`
     from the probe, or None) that one module's `A`, `B` go to, checked against them."""
     if layout is not None:
@@ -1120,7 +1131,7 @@ def _part_layout(shape, layout, pm: PeftModule, layer, big_a, big_b):
             )
         n_in = big_a.shape[1]
         n_out = big_b.shape[0] if pm.rows is None else lshape[0] * lshape[1] // n_in
-        layer_layout, mapping = _layout_2d(lshape, n_in, n_out, pm.to_torch)
+        layer_layout, mapping = _layout_2d(lshape, n_in, n_out, pm.to_torch, path)
         layout = (
             layer_layout
             if axis is None

@@ -154,3 +154,38 @@ def test_fused_arguments_are_checked():
         jlora.Fused(1, 1, (0,))
     with pytest.raises(TypeError, match="LoraConfig: fused"):
         jlora.LoraConfig(2, 4, fused={"c_attn": (1, 3, (0, 2))})
+
+
+def test_fused_parts_survive_an_adapter_checkpoint_and_export_to_peft_exactly(tmp_path):
+    import json
+    import os
+
+    from jlora import _safetensors
+
+    p = _gpt2()
+    lp = _random_factors(jlora.init(jax.random.key(1), p, CFG))
+    jlora.save_adapter(tmp_path / "ad", lp, CFG)
+    back = jlora.load_adapter(tmp_path / "ad", p)["c_attn"]["kernel"]
+    lw = lp["c_attn"]["kernel"]
+    assert back.layout == lw.layout and back.layout.fused == jlora.Fused(1, 3, (0, 2))
+    np.testing.assert_array_equal(back.b, lw.b)
+
+    # PEFT has no per-part LoRA: the export is the equivalent rank-2r LoRA of the whole
+    # module, with zeros where k is not adapted. PEFT computes scale * B @ A from it.
+    jlora.save_peft(tmp_path / "peft", lp, CFG)
+    cfg = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    t, _ = _safetensors.load(os.path.join(tmp_path / "peft", "adapter_model.safetensors"))
+    a = t["base_model.model.c_attn.lora_A.weight"].astype(np.float64)
+    b = t["base_model.model.c_attn.lora_B.weight"].astype(np.float64)
+    r = cfg["rank_pattern"].get("c_attn", cfg["r"])
+    alpha = cfg["alpha_pattern"].get("c_attn", cfg["lora_alpha"])
+    assert r == 2 * R
+    delta = (alpha / r) * b @ a  # PyTorch's [out, in]
+    want = np.asarray(jlora.merge(lp)["c_attn"]["kernel"], np.float64) - np.asarray(
+        p["c_attn"]["kernel"], np.float64
+    )
+    np.testing.assert_array_equal(delta[D : 2 * D], 0)
+    scale = np.abs(want).max()
+    assert np.max(np.abs(delta.T - want)) <= 4 * (gamma(2 * R + 1) + 2.0**-24) * (
+        scale + np.abs(np.asarray(p["c_attn"]["kernel"])).max()
+    )

@@ -205,17 +205,39 @@ def test_factors_keep_their_dtype(tiny, tmp_path):
     assert np.array_equal(back["wide"]["kernel"].b, lp["wide"]["kernel"].b)
 
 
-def test_square_kernel_needs_a_probe_and_errors_list_every_problem(tiny, tmp_path):
+def test_square_kernel_orientation_follows_init_and_errors_list_every_problem(
+    tiny, tmp_path
+):
+    """A square Flax `kernel` is `[in, out]` by Flax's convention (as `jlora.init`
+    takes it): no probe needed. A square kernel whose name gives no orientation needs
+    the probe, and the error says how to decide."""
     _, params, _, probe = tiny
     cfg = jlora.LoraConfig(2, 4.0, targets=r"(square|wide)/kernel$")
     lp = randomize(jlora.init(jax.random.key(1), params, cfg), jax.random.key(5))
     jlora.save_peft(tmp_path / "sq", lp, cfg)
-    with pytest.raises(
-        ValueError, match=r"square/kernel: the kernel \[8, 8\] is square.*probe"
-    ):
-        jlora.load_peft(tmp_path / "sq", params)
+    plain = jlora.load_peft(tmp_path / "sq", params)
     ok = jlora.load_peft(tmp_path / "sq", params, probe=probe)
-    assert np.array_equal(ok["square"]["kernel"].b, lp["square"]["kernel"].b)
+    for got in (plain, ok):
+        assert got["square"]["kernel"].layout == lp["square"]["kernel"].layout
+        assert np.array_equal(got["square"]["kernel"].a, lp["square"]["kernel"].a)
+        assert np.array_equal(got["square"]["kernel"].b, lp["square"]["kernel"].b)
+
+    w = jax.random.normal(jax.random.key(3), (8, 8))
+    other = {"proj": {"w": w}}  # stored [out, in], as Equinox's Linear.weight
+
+    def other_probe(p):
+        return jnp.ones((2, 8)) @ p["proj"]["w"].T
+
+    ocfg = jlora.LoraConfig(2, 4.0, targets="proj/w$")
+    olp = randomize(jlora.init(jax.random.key(1), other, ocfg, probe=other_probe),
+                    jax.random.key(6))
+    assert olp["proj"]["w"].layout == jlora.Layout((1,), (0,))
+    jlora.save_peft(tmp_path / "w", olp, ocfg, probe=other_probe)
+    with pytest.raises(ValueError, match=r"proj/w: the kernel \[8, 8\] is square.*"
+                       r"not given by their names.*probe="):
+        jlora.load_peft(tmp_path / "w", other)
+    back = jlora.load_peft(tmp_path / "w", other, probe=other_probe)
+    assert np.array_equal(back["proj"]["w"].b, olp["proj"]["w"].b)
     renamed = {"wide/kernel": "model.wide", "square/kernel": "model.square"}
     with pytest.raises(ValueError) as e:
         jlora.load_peft(tmp_path / "sq", params, module_names=renamed)
