@@ -149,8 +149,10 @@ def lora(fn: Callable, *, rng: jax.Array | None = None, strict: bool = False) ->
     array, a list or a dict is identified by its object, and a new such closure each
     call traces and compiles each call (cost: a `jax.jit` of `fn`); reuse the function
     or jit the caller. A non-array leaf that is not compared by value (a mutable
-    object) is never cached: such calls run the traced path every time. The cache is
-    bounded (64 signatures) and holds no arrays; entries keyed by an object die with it.
+    object) is never cached: such calls run the traced path every time. The cache holds
+    the 64 most recent (function, tree structure, non-array leaves) entries, each a
+    `jax.jit` with its own per-shape cache; it holds no arguments, and an entry keyed by
+    an object dies with it.
 
     Args:
       fn: any function of arrays (`model.apply`, a closure over `nnx.merge`, jnp code).
