@@ -162,7 +162,7 @@ class Base:
     """
 
     def __init__(self, params: Any, fn_name: str):
-        self.params = params
+        self.tree = params
         self.walk = walk(params, keep_none=True)
         self.nodes = self.walk.by_path()
         adapted = [n.path for n in self.walk.nodes if n.kind in (LORA, TRAINED)]
@@ -217,4 +217,4 @@ def rebuild(base: Base, found: dict[str, Factors | Whole], fn_name: str, shardin
             "True) before loading keeps them float64).",
             stacklevel=3,
         )
-    return combine(base.walk.rebuild(out), base.params)
+    return combine(base.walk.rebuild(out), base.tree)
