@@ -37,7 +37,8 @@ class Seen(NamedTuple):
     """What the walk observed per path: `uses`, the (in, out, stacked) axes of each
     contraction; `lookups`, the same for a value read out of the kernel by indexing
     axes away (`table[i]`) and then used as is, which counts only for a kernel no
-    contraction describes (a layer of a stack used elementwise looks the same)."""
+    contraction describes (a layer of a stack used elementwise looks the same), and of
+    each gather (which is also a use): together they tell a tied table (`_tied`)."""
 
     uses: dict
     lookups: dict
@@ -47,11 +48,14 @@ def _union(t: Tracked, positions) -> set:
     return set().union(*(t.axes[i] for i in positions))
 
 
-def _observe(seen: Seen, t: Tracked, use: _axes.Use) -> None:
+def _observe(seen: Seen, t: Tracked, use: _axes.Use, lookup: bool = False) -> None:
+    """Records a use; a row lookup (a gather) also as a lookup, which tells a tied
+    embedding's orientation (see `_tied`)."""
     ins, outs, batch = _union(t, use.contract), _union(t, use.free), _union(t, use.batch)
-    seen.uses.setdefault(t.path, set()).add(
-        (tuple(sorted(ins)), tuple(sorted(outs)), tuple(sorted(batch | t.stacked)))
-    )
+    entry = (tuple(sorted(ins)), tuple(sorted(outs)), tuple(sorted(batch | t.stacked)))
+    seen.uses.setdefault(t.path, set()).add(entry)
+    if lookup:
+        seen.lookups.setdefault(t.path, set()).add(entry)
 
 
 def _terminal(seen: Seen, t: Tracked) -> None:
@@ -129,7 +133,7 @@ def _walk(jaxpr, tracked_in: dict, seen: Seen, returned: bool = False) -> list:
             for t in ts:
                 use = _axes.uses(eqn, i, len(t.axes))
                 if use is not None:
-                    _observe(seen, t, use)
+                    _observe(seen, t, use, lookup=compat.primitive_name(eqn) == "gather")
                 elif i not in linked:
                     _terminal(seen, t)
         inner: dict = {}
@@ -155,6 +159,20 @@ def _walk(jaxpr, tracked_in: dict, seen: Seen, returned: bool = False) -> list:
     return outs
 
 
+def _tied(uses: set, lookups: set):
+    """The lookup's orientation of a table that is also used transposed (a tied
+    embedding: rows looked up, and `x @ table.T` for the logits), or None.
+
+    Rows looked up are the inputs; the transform runs the transposed contraction from
+    the same factors, so the lookup decides."""
+    if len(lookups) != 1:
+        return None
+    ((ins, outs, stack),) = lookups
+    if uses and all(u in ((ins, outs, stack), (outs, ins, stack)) for u in uses):
+        return ins, outs, stack
+    return None
+
+
 def infer(probe: Callable, params, targets: set[str]) -> dict[str, Layout]:
     """`{path: Layout}` for each target, from how `probe(params)` uses it.
 
@@ -177,6 +195,9 @@ def infer(probe: Callable, params, targets: set[str]) -> dict[str, Layout]:
     errors, out = [], {}
     for path in sorted(targets):
         seen = found.uses.get(path) or found.lookups.get(path, set())
+        tied = _tied(found.uses.get(path, set()), found.lookups.get(path, set()))
+        if tied is not None:
+            seen = {tied}
         if not seen:
             errors.append(
                 f"  {path}: the probe never contracts it (no dot_general, gather or conv "

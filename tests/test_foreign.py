@@ -213,3 +213,21 @@ def test_default_targets_that_select_nothing_list_the_leaves_that_could_be_meant
     with pytest.raises(ValueError, match=r"proj/mat \[4, 3\].*Pass targets=") as e:
         jlora.init(jax.random.key(0), params, jlora.LoraConfig(2, 4))
     assert "norm/gain" not in str(e.value) and "'ids" not in str(e.value)
+
+
+def test_gemma_tied_embedding_is_read_as_the_lookup_reads_it():
+    """Without a declared layout, the probe sees the rows looked up and the table used
+    transposed for the logits: a tied embedding, oriented as the lookup reads it (rows
+    are the inputs); the transform runs both uses from the same factors."""
+    params = gemma_params(jax.random.key(0))
+    lp = jlora.init(
+        jax.random.key(1),
+        params,
+        jlora.LoraConfig(2, 4, targets="input_embedding"),
+        probe=lambda p: gemma_forward(p, IDS),
+    )
+    assert lp["embedder"]["input_embedding"].layout == jlora.Layout((0,), (1,))
+    lp = perturb(lp, jax.random.key(2))
+    got = jlora.lora(gemma_forward, strict=True)(lp, IDS)
+    _close(got, gemma_forward(jlora.merge(lp), IDS), k=16, depth=8)
+    _grads_match(lambda p: jnp.sum(jnp.sin(gemma_forward(p, IDS))), lp, k=16, depth=12)
