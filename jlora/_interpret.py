@@ -94,11 +94,15 @@ class Context:
     in_shard_map: bool = False
     manual_axes: frozenset = frozenset()
     vma_checked: bool = True
+    joints: dict[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
 
     def note(self, f: Factored, rule: str) -> None:
-        seen = self.record.setdefault(f.path, [])
-        if rule not in seen:
-            seen.append(rule)
+        """Records `rule` for the kernel `f` (for each of its parts, where `f` was joined
+        from several kernels: `joints` maps a joined path to theirs)."""
+        for path in self.joints.get(f.path, (f.path,)):
+            seen = self.record.setdefault(path, [])
+            if rule not in seen:
+                seen.append(rule)
 
     def note_all(self, values, rule: str) -> None:
         for v in values:

@@ -325,29 +325,14 @@ def _regroup(ctx, eqn, f: Factored):
 # Joins and scalings ---------------------------------------------------------------------
 
 
-class _JointRecord(list):
-    """The record of a kernel joined from several (`concatenate`): a rule noted for the
-    joint kernel is noted for each of its parts, so `explain` names it for each."""
-
-    def __init__(self, records):
-        super().__init__()
-        self.records = records
-
-    def __contains__(self, rule):
-        return all(rule in r for r in self.records)
-
-    def append(self, rule):
-        for r in self.records:
-            if rule not in r:
-                r.append(rule)
-
-
 def _joint_path(ctx, parts) -> str:
     paths = list(dict.fromkeys(p.path for p in parts))
     if len(paths) == 1:
         return paths[0]
     joint = " + ".join(paths)
-    ctx.record[joint] = _JointRecord([ctx.record.setdefault(p, []) for p in paths])
+    ctx.joints[joint] = tuple(
+        dict.fromkeys(q for p in paths for q in ctx.joints.get(p, (p,)))
+    )  # (a joint of joints notes each original kernel)
     return joint
 
 
