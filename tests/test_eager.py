@@ -283,23 +283,6 @@ def test_plain_params_call_fn_itself_every_time():
     np.testing.assert_array_equal(out, np.full((1, 2), 3.0, np.float32))
 
 
-def test_strict_errors_on_every_call_and_the_fallback_warns():
-    params = {"kernel": jax.random.normal(jax.random.key(0), (4, 4))}
-    lp = adapted(params, jlora.LoraConfig(2, 2))
-
-    def fn(p, x):
-        return x @ jnp.sin(p["kernel"])  # sin has no low-rank rule
-
-    x = jnp.ones((2, 4))
-    for _ in range(2):
-        with pytest.raises(jlora.RuleError, match="kernel flows into 'sin'"):
-            jlora.lora(fn, strict=True)(lp, x)
-    with pytest.warns(UserWarning, match="'sin'"):
-        out = jlora.lora(fn)(lp, x)
-    assert_close(out, fn(jlora.merge(lp), x), chain_bound(k=4, depth=2))
-    assert jlora.explain(fn, lp, x) == {"kernel": ("materialize:sin",)}
-
-
 def test_dropout_masks_follow_the_key_and_match_the_jitted_call():
     params = {"kernel": jax.random.normal(jax.random.key(0), (16, 16))}
     lp = jlora.init(jax.random.key(1), params, jlora.LoraConfig(4, 4, dropout=0.5))

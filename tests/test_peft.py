@@ -300,14 +300,20 @@ def test_what_jlora_cannot_load_is_refused_by_field(tiny, tmp_path, field, value
         jlora.load_peft(tmp_path / "x", params)
 
 
-def test_base_weights_in_the_file_must_equal_the_base(tiny, tmp_path):
-    _, params, _, _ = tiny
-    emb = np.asarray(params["embed"]["embedding"])
-    tensors = {
+def _embedding_file(emb):
+    """The tensors of a PEFT file adapting the tiny model's embedding, carrying its base
+    weights `emb` (as PEFT saves them when the embedding is targeted)."""
+    return {
         "base_model.model.embed.lora_embedding_A": np.ones((2, 11), np.float32),
         "base_model.model.embed.lora_embedding_B": np.ones((8, 2), np.float32),
         "base_model.model.embed.base_layer.weight": emb,
     }
+
+
+def test_base_weights_in_the_file_must_equal_the_base(tiny, tmp_path):
+    _, params, _, _ = tiny
+    emb = np.asarray(params["embed"]["embedding"])
+    tensors = _embedding_file(emb)
     write_peft(
         str(tmp_path / "same"), {"peft_type": "LORA", "r": 2, "lora_alpha": 2}, tensors
     )
@@ -377,11 +383,7 @@ def test_base_weights_in_the_file_are_compared_with_a_cast_base(tiny, tmp_path):
     weights (compared in bfloat16); another base in bfloat16 is still refused."""
     _, params, _, _ = tiny
     emb = np.asarray(params["embed"]["embedding"])
-    tensors = {
-        "base_model.model.embed.lora_embedding_A": np.ones((2, 11), np.float32),
-        "base_model.model.embed.lora_embedding_B": np.ones((8, 2), np.float32),
-        "base_model.model.embed.base_layer.weight": emb,
-    }
+    tensors = _embedding_file(emb)
     cfg = {"peft_type": "LORA", "r": 2, "lora_alpha": 2}
     write_peft(str(tmp_path / "f32"), cfg, tensors)
     cast = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
