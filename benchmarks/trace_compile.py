@@ -1,6 +1,6 @@
 """Trace and compile time of the benchmark steps, this tree against another revision.
 
-    python benchmarks/trace_compile.py --against REV [--rounds 5]
+    python benchmarks/trace_compile.py --against REV [--rounds 5] [--layers 4]
 
 `jlora.lora` runs at trace time, so a change to the interpreter shows up in how long
 the jitted steps take to trace, lower and compile, not in step time. This checks out
@@ -31,7 +31,7 @@ STEPS = ("lean step", "whole-tree step", "inference")
 PHASES = ("trace", "lower", "compile")
 
 
-def child(repeats: int) -> dict:
+def child(repeats: int, layers: int = 4) -> dict:
     """Runs in a fresh process whose `jlora` is the one under test."""
     sys.path.insert(0, str(HERE))
     import jax
@@ -40,7 +40,7 @@ def child(repeats: int) -> dict:
 
     import jlora
 
-    cfg = GPTConfig()  # the benchmark's 4 x 512 model
+    cfg = GPTConfig(layers=layers)  # the benchmark's 512-wide model
     ids = jax.random.randint(jax.random.key(0), (8, cfg.seq), 0, cfg.vocab)
     model = GPT(cfg)
     params = model.init(jax.random.key(1), ids)["params"]
@@ -98,10 +98,11 @@ def child(repeats: int) -> dict:
     return out
 
 
-def run_child(path: str, repeats: int) -> dict:
+def run_child(path: str, repeats: int, layers: int = 4) -> dict:
     env = {**os.environ, "PYTHONPATH": path + os.pathsep + os.environ.get("PYTHONPATH", "")}
     got = subprocess.run(
-        [sys.executable, __file__, "--child", "--repeats", str(repeats)],
+        [sys.executable, __file__, "--child", "--repeats", str(repeats), "--layers",
+         str(layers)],
         capture_output=True,
         text=True,
         env=env,
@@ -117,11 +118,12 @@ def main(argv=None):
     p.add_argument("--against", help="git revision to compare with")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--repeats", type=int, default=3, help="jit objects per process")
+    p.add_argument("--layers", type=int, default=4, help="GPT layers (default 4)")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--no-write", action="store_true")
     args = p.parse_args(argv)
     if args.child:
-        print(json.dumps(child(args.repeats)))
+        print(json.dumps(child(args.repeats, args.layers)))
         return None
     if not args.against:
         p.error("--against REV is required")
@@ -143,11 +145,11 @@ def main(argv=None):
         try:
             trees = {"old": old, "new": str(ROOT)}
             for path in trees.values():  # warm-up: imports, disk caches
-                run_child(path, 1)
+                run_child(path, 1, args.layers)
             rounds = {k: [] for k in trees}
             for _ in range(args.rounds):
                 for k, path in trees.items():
-                    rounds[k].append(run_child(path, args.repeats))
+                    rounds[k].append(run_child(path, args.repeats, args.layers))
         finally:
             subprocess.run(
                 ["git", "worktree", "remove", "--force", old], cwd=ROOT, check=False
@@ -157,7 +159,7 @@ def main(argv=None):
     lines = [
         f"jax {jax.__version__}, {os.cpu_count()} host cores; old = {rev}, new = this "
         f"tree; {args.rounds} alternated rounds of fresh processes, each the median of "
-        f"{args.repeats} fresh jit objects. GPT 4 x 512, LoRA r=8 on q, v.",
+        f"{args.repeats} fresh jit objects. GPT {args.layers} x 512, LoRA r=8 on q, v.",
         "",
         "| step | phase | old s (median) | new s (median) | new / old (median of rounds) |",
         "|---|---|---|---|---|",
@@ -178,7 +180,9 @@ def main(argv=None):
         import run
 
         run.write_section(
-            text, "trace-compile", f"python benchmarks/trace_compile.py --against {rev}"
+            text,
+            "trace-compile",
+            f"python benchmarks/trace_compile.py --against {rev} --layers {args.layers}",
         )
     return rounds
 
