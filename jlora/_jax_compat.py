@@ -37,6 +37,17 @@ def is_tracer(x) -> bool:
     return isinstance(x, jax.core.Tracer)
 
 
+def is_differentiated(x) -> bool:
+    """Whether `x` is being differentiated: a tracer of forward-mode AD or of the
+    linearization `grad`/`vjp` run (JAX names these traces' tracers `JVPTracer` and
+    `LinearizeTracer`)."""
+    while isinstance(x, jax.core.Tracer):
+        if type(x).__name__ in ("JVPTracer", "LinearizeTracer"):
+            return True
+        x = getattr(x, "primal", None) if hasattr(x, "primal") else None
+    return False
+
+
 def at_top_level() -> bool:
     """Whether no transformation (`jit`, `grad`, `vmap`, ...) is tracing: an eager call."""
     ctx = getattr(_jax_core, "trace_ctx", None)
@@ -241,6 +252,17 @@ def call_jaxpr(eqn):
         if key in eqn.params:
             return open_jaxpr(eqn.params[key])
     raise KeyError(f"no inner jaxpr in {eqn.primitive.name} params {list(eqn.params)}")
+
+
+def passthrough(jaxpr) -> dict[int, int]:
+    """`{output position: input position}` for the outputs of an open jaxpr that are
+    its inputs unchanged (an NNX transform returns the state it was given)."""
+    where = {v: i for i, v in enumerate(jaxpr.invars)}
+    return {
+        j: where[v]
+        for j, v in enumerate(jaxpr.outvars)
+        if not is_literal(v) and v in where
+    }
 
 
 class JitOptions(NamedTuple):

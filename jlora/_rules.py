@@ -777,16 +777,35 @@ def jit_rule(ctx, eqn, invals):
     return _refill(out_kinds, outs)
 
 
+def _kept(values, through: dict) -> dict[int, object]:
+    """`{output position: value}` for outputs that hand a `Factored` input back
+    unchanged (`through`: output -> input position): they leave as they came, factored,
+    instead of being materialized (NNX transforms return the module state they were
+    given, kernels included)."""
+    return {j: values[i] for j, i in through.items() if isinstance(values[i], Factored)}
+
+
+def _put_back(outs, kept: dict, n: int) -> list:
+    """`outs` (the outputs not in `kept`, in order) with `kept` placed among them."""
+    it = iter(outs)
+    return [kept[j] if j in kept else next(it) for j in range(n)]
+
+
 @rule(*compat.REMAT_NAMES)
 def remat_rule(ctx, eqn, invals):
     jaxpr, consts = compat.call_jaxpr(eqn)
     prevent_cse, policy = compat.remat_options(eqn)
     ctx.note_all(invals, "remat")
+    kept = _kept(invals, compat.passthrough(jaxpr))
+    n = len(jaxpr.outvars)
 
     def body(*args):
-        return ctx.materialize_all(interpret(ctx, jaxpr, consts, args), "remat output")
+        outs = interpret(ctx, jaxpr, consts, args)
+        outs = [o for j, o in enumerate(outs) if j not in kept]
+        return ctx.materialize_all(outs, "remat output")
 
-    return list(jax.checkpoint(body, prevent_cse=prevent_cse, policy=policy)(*invals))
+    outs = jax.checkpoint(body, prevent_cse=prevent_cse, policy=policy)(*invals)
+    return _put_back(list(outs), kept, n)
 
 
 @rule("cond")
@@ -795,39 +814,55 @@ def cond_rule(ctx, eqn, invals):
     if isinstance(index, Factored):
         return _fallback(ctx, eqn, invals)
     ctx.note_all(ops, "cond")
+    branches = compat.cond_branches(eqn)
+    maps = [compat.passthrough(j) for j, _ in branches]
+    through = {o: i for o, i in maps[0].items() if all(m.get(o) == i for m in maps)}
+    kept = _kept(ops, through)
+    n = len(branches[0][0].outvars)
 
     def branch_fn(jaxpr, consts):
-        return lambda *args: ctx.materialize_all(
-            interpret(ctx, jaxpr, consts, args), "cond output"
-        )
+        def branch(*args):
+            outs = interpret(ctx, jaxpr, consts, args)
+            outs = [o for j, o in enumerate(outs) if j not in kept]
+            return ctx.materialize_all(outs, "cond output")
 
-    branches = [branch_fn(j, c) for j, c in compat.cond_branches(eqn)]
-    return list(lax.switch(index, branches, *ops))
+        return branch
+
+    fns = [branch_fn(j, c) for j, c in branches]
+    return _put_back(list(lax.switch(index, fns, *ops)), kept, n)
 
 
 @rule("while")
 def while_rule(ctx, eqn, invals):
     """With dropout on, the loop also carries an iteration counter, so each iteration
-    draws its own masks (as under `scan`), even when the trip count is traced."""
+    draws its own masks (as under `scan`), even when the trip count is traced. A
+    kernel the body hands back unchanged (an NNX loop over a module's state) stays
+    factored: it is read by every iteration instead of being carried."""
     parts = compat.while_parts(eqn)
     nc, nb = parts.cond_nconsts, parts.body_nconsts
     cond_consts, body_consts, init = invals[:nc], invals[nc : nc + nb], invals[nc + nb :]
-    init = ctx.materialize_all(init, "while carry")
-    ctx.note_all(cond_consts + body_consts, "while")
     (cj, cc), (bj, bc) = parts.cond, parts.body
+    fixed = {j: i - nb for j, i in compat.passthrough(bj).items() if i - nb == j}
+    kept = _kept(init, fixed)
+    carried = [v for j, v in enumerate(init) if j not in kept]
+    carried = ctx.materialize_all(carried, "while carry")
+    ctx.note_all(cond_consts + body_consts + list(kept.values()), "while")
+    n = len(init)
 
     def cond_fn(state):
         _, carry = state
-        return interpret(ctx, cj, cc, [*cond_consts, *carry])[0]
+        return interpret(ctx, cj, cc, [*cond_consts, *_put_back(carry, kept, n)])[0]
 
     def body_fn(state):
         i, carry = state
         inner = ctx if i is None else ctx.iteration(i)
-        outs = interpret(inner, bj, bc, [*body_consts, *carry])
+        outs = interpret(inner, bj, bc, [*body_consts, *_put_back(carry, kept, n)])
+        outs = [o for j, o in enumerate(outs) if j not in kept]
         return None if i is None else i + 1, inner.materialize_all(outs, "while carry")
 
     counter = None if ctx.rng is None else jnp.zeros((), jnp.uint32)
-    return list(lax.while_loop(cond_fn, body_fn, (counter, list(init)))[1])
+    out = lax.while_loop(cond_fn, body_fn, (counter, list(carried)))[1]
+    return _put_back(list(out), kept, n)
 
 
 def _unstacked(f: Factored):
@@ -849,10 +884,24 @@ def _unstacked(f: Factored):
 @rule("scan")
 def scan_rule(ctx, eqn, invals):
     """Each iteration sees one layer of a stacked kernel (scanned over axis 0) as a
-    `Factored` value of its own, with its own dropout key."""
+    `Factored` value of its own, with its own dropout key. A kernel the body hands back
+    unchanged (an NNX scan returns the module state it was given) stays factored: a
+    carried one is read by every iteration, a scanned one leaves stacked as it came."""
     s = compat.scan_parts(eqn)
     fixed = s.num_consts + s.num_carry
     consts, init, xs = invals[: s.num_consts], invals[s.num_consts : fixed], invals[fixed:]
+    jaxpr, jconsts = s.body
+    through = compat.passthrough(jaxpr)
+    same_carry = {
+        j: j for j, i in through.items() if j < s.num_carry and i - s.num_consts == j
+    }
+    carry_kept = _kept(init, same_carry)
+    ys_kept = {
+        j - s.num_carry: xs[i - fixed]
+        for j, i in through.items()
+        if j >= s.num_carry and i >= fixed and isinstance(xs[i - fixed], Factored)
+    }
+    init = [v for j, v in enumerate(init) if j not in carry_kept]
     init = ctx.materialize_all(init, "scan carry")
     xs_in, rebuild = [], []
     for v in xs:
@@ -867,9 +916,9 @@ def scan_rule(ctx, eqn, invals):
         else:
             xs_in.append(v)
             rebuild.append(None)
-    ctx.note_all(consts, "scan")
-    jaxpr, jconsts = s.body
+    ctx.note_all(consts + list(carry_kept.values()), "scan")
     counter = jnp.arange(s.length, dtype=jnp.uint32) if ctx.rng is not None else None
+    n_ys = len(jaxpr.outvars) - s.num_carry
 
     def body(carry, x):
         xs_vals, i = x
@@ -882,9 +931,12 @@ def scan_rule(ctx, eqn, invals):
                 src, layout = rb
                 w, a, b = val
                 vals.append(src.replace(w=w, a=a, b=b, layout=layout))
-        outs = interpret(inner_ctx, jaxpr, jconsts, [*consts, *carry, *vals])
-        outs = inner_ctx.materialize_all(outs, "scan output")
-        return outs[: s.num_carry], outs[s.num_carry :]
+        full_carry = _put_back(carry, carry_kept, s.num_carry)
+        outs = interpret(inner_ctx, jaxpr, jconsts, [*consts, *full_carry, *vals])
+        carry_out = [o for j, o in enumerate(outs[: s.num_carry]) if j not in carry_kept]
+        ys = [o for j, o in enumerate(outs[s.num_carry :]) if j not in ys_kept]
+        carry_out = inner_ctx.materialize_all(carry_out, "scan carry")
+        return carry_out, inner_ctx.materialize_all(ys, "scan output")
 
     carry, ys = lax.scan(
         body,
@@ -894,7 +946,10 @@ def scan_rule(ctx, eqn, invals):
         reverse=s.reverse,
         unroll=s.unroll,
     )
-    return [*carry, *ys]
+    return [
+        *_put_back(list(carry), carry_kept, s.num_carry),
+        *_put_back(list(ys), ys_kept, n_ys),
+    ]
 
 
 @rule(*compat.CUSTOM_CALL_NAMES)

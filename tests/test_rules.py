@@ -408,3 +408,78 @@ def test_custom_derivative_around_a_kernel_use_says_what_to_do(kind):
         got = jlora.lora(fn)(lp, x)
     assert_close(got, fn(jlora.merge(lp), x), chain_bound(6, 2))
     np.testing.assert_array_equal(np.shape(got), (3, 5))
+
+
+# Kernels handed back unchanged by control flow ------------------------------------------
+#
+# NNX's transforms (`nnx.remat`, `nnx.scan`, `nnx.fori_loop`, `nnx.cond`) return the
+# module state they were given, kernels included; a kernel that leaves a body unchanged
+# stays factored (and is used again after it) instead of being materialized.
+
+
+def _square(seed=0):
+    return adapt({"kernel": normal(seed, (6, 6))}, jlora.LoraConfig(2, 4))
+
+
+def test_remat_hands_a_kernel_back_factored():
+    def fn(p, x):
+        y, w = jax.checkpoint(lambda w, x: (jnp.tanh(x @ w), w))(p["kernel"], x)
+        return y @ w
+
+    check(fn, _square(), (normal(1, (3, 6)),), k=6, depth=2, rules=("remat",))
+
+
+def test_cond_hands_a_kernel_back_factored():
+    def fn(p, x, flag):
+        def yes(w, x):
+            return w, jnp.tanh(x @ w)
+
+        def no(w, x):
+            return w, -x
+
+        w, h = lax.cond(flag, yes, no, p["kernel"], x)
+        return h @ w
+
+    for flag in (True, False):
+        check(fn, _square(), (normal(1, (3, 6)), flag), k=6, depth=2, rules=("cond",))
+
+
+def test_loops_carry_a_kernel_back_factored():
+    def scanned(p, x):
+        def body(carry, _):
+            w, h = carry
+            return (w, jnp.tanh(h @ w)), None
+
+        (w, h), _ = lax.scan(body, (p["kernel"], x), length=3)
+        return h @ w
+
+    def looped(p, x):
+        def body(carry):
+            i, w, h = carry
+            return i + 1, w, jnp.tanh(h @ w)
+
+        _, w, h = lax.while_loop(lambda c: c[0] < 3, body, (0, p["kernel"], x))
+        return h @ w
+
+    check(scanned, _square(), (normal(1, (3, 6)),), k=6, depth=4, rules=("scan",))
+    # A while loop has no reverse-mode derivative: forward only.
+    lp, x = _square(), normal(1, (3, 6))
+    used = jlora.explain(looped, lp, x)["kernel"]
+    assert "while" in used and not any(r.startswith("materialize") for r in used), used
+    out = jax.jit(jlora.lora(looped, strict=True))(lp, x)
+    assert_close(out, looped(jlora.merge(lp), x), chain_bound(6, 4))
+
+
+def test_scan_hands_a_stacked_kernel_back_stacked():
+    cfg = jlora.LoraConfig(2, 4, layout={"kernel": jlora.Layout((1,), (2,), (0,))})
+    lp = adapt({"kernel": normal(0, (3, 6, 6))}, cfg)
+
+    def fn(p, x):
+        def body(h, w):
+            return jnp.tanh(h @ w), w  # each layer's kernel out as a scan output
+
+        h, ws = lax.scan(body, x, p["kernel"])
+        h, _ = lax.scan(body, h, ws)  # the stack again, used a second time
+        return h
+
+    check(fn, lp, (normal(1, (3, 6)),), k=6, depth=6, rules=("scan",))
