@@ -1,5 +1,6 @@
 """jlora: LoRA for JAX as pure functions over parameter pytrees."""
 
+from jlora import nnx
 from jlora._checkpoint import (
     CheckpointManager,
     load_adapter,
@@ -44,6 +45,7 @@ __all__ = [
     "load_peft",
     "lora",
     "merge",
+    "nnx",
     "optimizer",
     "read_adapter_metadata",
     "read_peft_config",

@@ -27,8 +27,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from flax import nnx
 
-from jlora import _atomic
+from jlora import _atomic, _nnx, _nnx_state
 from jlora._boxes import unbox
 from jlora._config import LoraConfig
 from jlora._merge import merge
@@ -153,7 +154,8 @@ def save_adapter(
     Args:
       path: a directory that must not exist yet (unless `overwrite=True`).
       params: adapted params (from `jlora.init`, `combine`, `unmerge`); adapters alone
-        (`split`'s first output) also work, without the base fingerprint.
+        (`split`'s first output) also work, without the base fingerprint; or an NNX
+        model adapted by `jlora.nnx.apply` (its `nnx.state(model, nnx.Param)` paths).
       config: the `LoraConfig`, stored for reference.
       overwrite: replace an existing checkpoint. The new one is written beside it and
         swapped in by renames; a save that dies at any point leaves the old or the new
@@ -171,6 +173,7 @@ def save_adapter(
       jlora.save_adapter("/tmp/run/adapter", params, config)
       params = jlora.load_adapter("/tmp/run/adapter", base_params)
     """
+    params = _nnx_state.as_params(params, "jlora.save_adapter")
     path = os.path.abspath(os.fspath(path))
     _atomic.prepare(path, overwrite, "save_adapter")  # refused before anything is read
     arrays, entries = _collect(params)
@@ -261,7 +264,10 @@ def load_adapter(
     Args:
       path: a directory written by `save_adapter`.
       base_params: the plain base params (e.g. freshly loaded) or `split`'s base (which
-        holds None where the trained leaves go: they are restored as stored).
+        holds None where the trained leaves go: they are restored as stored); or an
+        NNX model, into which the adapters are loaded in place (replacing any it
+        holds; it then runs factored as after `jlora.nnx.apply`, with LoRA dropout
+        masks drawn from a stream seeded 0 unless it had one).
       sharding: optional `jax.sharding.Sharding` to restore every adapter array into.
         By default each array is restored straight into the sharding its base leaf
         implies: `a` the kernel's input axes, `b` its output axes (see
@@ -271,7 +277,7 @@ def load_adapter(
         listing every such path), `"error"` (raise), or `"ignore"`.
 
     Returns:
-      adapted params, as `combine(adapters, base_params)`.
+      adapted params, as `combine(adapters, base_params)`; for an NNX model, the model.
 
     Raises:
       FileNotFoundError: no directory at `path`.
@@ -283,6 +289,14 @@ def load_adapter(
         raise ValueError(
             f"jlora.load_adapter: base_mismatch must be one of {BASE_MISMATCH}, got "
             f"{base_mismatch!r}."
+        )
+    if isinstance(base_params, nnx.Module):  # an NNX model: loaded into it, in place
+        return _nnx.load_onto(
+            base_params,
+            lambda base: load_adapter(
+                path, base, sharding=sharding, base_mismatch=base_mismatch
+            ),
+            "jlora.load_adapter",
         )
     path = _atomic.readable(os.path.abspath(os.fspath(path)))
     meta = read_adapter_metadata(path)
@@ -416,7 +430,7 @@ def save_merged(path, params: Any, *, overwrite: bool = False) -> str:
 
     Args:
       path: the directory to write (must not exist unless `overwrite=True`).
-      params: adapted params.
+      params: adapted params, or an NNX model adapted by `jlora.nnx.apply`.
       overwrite: replace an existing checkpoint (written beside it, then swapped in).
 
     Returns:
@@ -425,6 +439,7 @@ def save_merged(path, params: Any, *, overwrite: bool = False) -> str:
     Raises:
       FileExistsError: `path` exists and `overwrite` is False.
     """
+    params = _nnx_state.as_params(params, "jlora.save_merged")
     path = os.path.abspath(os.fspath(path))
     _atomic.prepare(path, overwrite, "save_merged")  # refused before anything is merged
     merged = merge(params)

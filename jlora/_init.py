@@ -123,16 +123,33 @@ def init(
       >>> lp["dense"]["kernel"].a.shape, lp["dense"]["kernel"].b.shape
       ((4, 2), (2, 3))
     """
+    return adapt(key, params, config, probe=probe)
+
+
+def adapt(
+    key: jax.Array,
+    params: Any,
+    config: LoraConfig,
+    *,
+    probe: Callable[[Any], Any] | None = None,
+    known: dict[str, Layout] | None = None,
+    caller: str = "jlora.init",
+    probe_arg: str = "probe=",
+) -> Any:
+    """`init`'s work, for `init` and the NNX route: `known` gives the layouts a model's
+    own modules fix (an `nnx.Linear`'s kernel, ...), used where neither the config nor
+    the probe says; `caller` and `probe_arg` name the public call in messages."""
+    known = known or {}
     if not isinstance(config, LoraConfig):
         raise TypeError(
-            f"jlora.init: config must be a jlora.LoraConfig, got {type(config).__name__}."
+            f"{caller}: config must be a jlora.LoraConfig, got {type(config).__name__}."
         )
     tree = walk(params)
     leaves = [(n.path, n.leaf) for n in tree.nodes]
     already = [n.path for n in tree.nodes if n.kind in (LORA, TRAINED)]
     if already:
         raise ValueError(
-            f"jlora.init: params are already adapted at {already[:5]}; call jlora.merge "
+            f"{caller}: params are already adapted at {already[:5]}; call jlora.merge "
             "(or jlora.split) first, or init from the base params."
         )
     paths = [p for p, _ in leaves]
@@ -190,12 +207,12 @@ def init(
     layouts: dict[str, Layout] = {}
     unoriented: list[str] = []
     for path, value in selected.items():
-        layout = config.layout_for(path) or probed.get(path)
+        layout = config.layout_for(path) or probed.get(path) or known.get(path)
         if layout is None:
             if value.ndim != 2:
                 errors.append(
                     f"  {path}: kernel of shape {list(value.shape)} has {value.ndim} axes; "
-                    "pass probe= to jlora.init to read which are inputs, outputs and "
+                    f"pass {probe_arg} to {caller} to read which are inputs, outputs and "
                     "stacked off the model, or declare them: "
                     + _layout_hint(path, tuple(value.shape))
                 )
@@ -250,14 +267,14 @@ def init(
                 f"closest paths: {near_misses(pattern.pattern, paths)}"
             )
     if errors:
-        raise ValueError("jlora.init: cannot adapt these params:\n" + "\n".join(errors))
+        raise ValueError(f"{caller}: cannot adapt these params:\n" + "\n".join(errors))
     if unoriented:
         warnings.warn(
-            "jlora.init: taking these kernels as [in, out]; "
-            + orientation_advice(unoriented)
+            f"{caller}: taking these kernels as [in, out]; "
+            + orientation_advice(unoriented, probe_arg)
             + ". (The math is exact either way, but `a` then sits on the output side and "
             "a PEFT export is transposed.)",
-            stacklevel=2,
+            stacklevel=3,
         )
 
     out = []

@@ -8,6 +8,7 @@ import jax
 import numpy as np
 import optax
 
+from jlora import _nnx_state
 from jlora._boxes import unbox
 from jlora._config import LoraConfig
 from jlora._targets import LORA, TRAINED, map_nodes, walk
@@ -142,7 +143,8 @@ def summary(params: Any) -> Summary:
     """Trainable vs total parameter counts and bytes, and what is adapted.
 
     Counts include the factors (as PEFT's printout does). Trainable = the same set as
-    `split`'s adapters and `optimizer`'s trained leaves.
+    `split`'s adapters and `optimizer`'s trained leaves. `params` may also be an NNX
+    model adapted by `jlora.nnx.apply` (its `nnx.Param` state is counted).
 
     Example:
       >>> import jax, jax.numpy as jnp, jlora
@@ -151,6 +153,7 @@ def summary(params: Any) -> Summary:
       >>> jlora.summary(lp).trainable_params
       32
     """
+    params = _nnx_state.as_params(params, "jlora.summary")
     train = jax.tree.map(
         lambda label, x: x if label == TRAIN else None,
         trainable_labels(params),

@@ -31,9 +31,10 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 from jax.experimental import multihost_utils
 
-from jlora import _atomic, _safetensors
+from jlora import _atomic, _nnx, _nnx_state, _safetensors
 from jlora._boxes import unbox
 from jlora._config import LoraConfig
 from jlora._init import conventional_layout, orientation_advice
@@ -604,7 +605,8 @@ def save_peft(
 
     Args:
       path: the directory to write (must not exist unless `overwrite=True`).
-      params: adapted params (`jlora.init`, `combine`, `load_peft`).
+      params: adapted params (`jlora.init`, `combine`, `load_peft`), or an NNX model
+        adapted by `jlora.nnx.apply` (then `probe` is a function of the model).
       config: the `LoraConfig` (global `r`, `lora_alpha`, `use_rslora`, dropout, bias),
         a PEFT config dict (e.g. `jlora.read_peft_config` of the directory the
         adapters came from), or None (the most common rank and alpha).
@@ -633,6 +635,9 @@ def save_peft(
         linear layer (every problem listed at once).
       FileExistsError: `path` exists and `overwrite` is False.
     """
+    if isinstance(params, nnx.Module):
+        probe = _nnx.model_probe(params, probe)
+        params = _nnx_state.as_params(params, "jlora.save_peft")
     path = os.path.abspath(os.fspath(path))
     _atomic.prepare(path, overwrite, "save_peft")  # refused before anything is computed
     uses = _uses(probe, params) if probe is not None else None
@@ -889,8 +894,10 @@ def _layout_2d(shape, n_in, n_out, to_torch, path) -> tuple[Layout, _Mapping]:
         raise ValueError(
             f"the kernel {list(shape)} is square, so whether it is stored [in, out] or "
             "[out, in] can't be read off shapes; "
-            + orientation_advice([path], "probe= (a function of params that runs the "
-                                 "model) to jlora.load_peft")
+            + orientation_advice(
+                [path],
+                "probe= (a function of params that runs the model) to jlora.load_peft",
+            )
             + ", or a PeftModule with to_torch"
         )
     if not fits:
@@ -927,7 +934,8 @@ def load_peft(
 
     Args:
       path: a directory with `adapter_config.json` and `adapter_model.safetensors`.
-      base_params: the JAX model's plain params.
+      base_params: the JAX model's plain params, or an NNX model to load into in place
+        (then `probe` is a function of the model, and the model is returned).
       module_names: as for `save_peft`; the map is evaluated on every leaf path of
         `base_params` (a callable may return None for leaves without a module). A fused
         module (`rows=`) is split over its parts, each getting the module's `A`.
@@ -944,6 +952,18 @@ def load_peft(
       ValueError: a refused config field, base params that already hold adapters, or
         tensors that don't fit `base_params` (every problem listed at once).
     """
+    if isinstance(base_params, nnx.Module):  # an NNX model: loaded into it, in place
+        model = base_params
+        return _nnx.load_onto(
+            model,
+            lambda base: load_peft(
+                path,
+                base,
+                module_names=module_names,
+                probe=_nnx.model_probe(model, probe),
+            ),
+            "jlora.load_peft",
+        )
     cfg = read_peft_config(path)  # read the files
     path = _atomic.readable(os.path.abspath(os.fspath(path)))
     settings, errors = _settings(cfg)

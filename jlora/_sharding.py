@@ -14,6 +14,7 @@ from typing import Any
 import jax
 from jax.sharding import NamedSharding, PartitionSpec
 
+from jlora import _nnx_state
 from jlora._boxes import unbox
 from jlora._jax_compat import explicit_axes, is_tracer, spec_entries
 from jlora._targets import LORA, TRAINED, walk
@@ -73,7 +74,8 @@ def adapter_specs(params: Any, base_specs: Any = None) -> Any:
     from the shardings of the kernels in `params` (concrete or abstract arrays).
 
     Args:
-      params: adapted params (concrete, or abstract from `jax.eval_shape`).
+      params: adapted params (concrete, or abstract from `jax.eval_shape`), or an NNX
+        model adapted by `jlora.nnx.apply`.
       base_specs: optional `PartitionSpec` tree with the base params' structure.
 
     Returns:
@@ -88,6 +90,7 @@ def adapter_specs(params: Any, base_specs: Any = None) -> Any:
       specs = jlora.adapter_specs(params)
       shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), specs)
     """
+    params = _nnx_state.as_params(params, "jlora.adapter_specs")
     given = None
     if base_specs is not None:
         given = {n.path: n.value for n in walk(base_specs, keep_none=True).nodes}

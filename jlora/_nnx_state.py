@@ -1,0 +1,178 @@
+"""The NNX storage of adapters: how a model adapted by `jlora.nnx.apply` holds them,
+and the functional tree read from it.
+
+Each adapted kernel's factors are `nnx.LoRAParam` attributes `<kernel>_lora_a` and
+`<kernel>_lora_b` of the module that owns the kernel; their metadata (`lora_kernel`,
+`lora_scale`, `lora_layout`, `lora_dropout`, `lora_role`) says which kernel they adapt
+and how. A leaf trained whole is an `nnx.LoRAParam` with `lora_trained=True`. A
+`Control` module (attribute `jlora`) on every module that runs factored holds the
+switches. `params_of` reads the model as the functional route holds its params, which
+is how checkpoints, PEFT files, `adapter_specs` and `summary` read NNX models. (The
+behaviour, `apply` and the factored calls, is `_nnx.py`.)
+"""
+
+from __future__ import annotations
+
+from flax import nnx
+
+from jlora._weight import LoraWeight, Trainable
+
+A_SUFFIX, B_SUFFIX = "_lora_a", "_lora_b"
+KERNEL, SCALE, LAYOUT, DROPOUT, ROLE = (
+    "lora_kernel",
+    "lora_scale",
+    "lora_layout",
+    "lora_dropout",
+    "lora_role",
+)
+TRAINED_MARK = "lora_trained"
+CONTROL = "jlora"  # the attribute that holds the shared `Control`
+SHARDING_KEYS = ("out_sharding", "mesh", "sharding_rules")
+
+
+class Control(nnx.Module):
+    """jlora's switches in an NNX model adapted by `jlora.nnx.apply`, on every module
+    that runs factored (attribute `jlora`).
+
+    `deterministic`: no LoRA dropout (set by `model.eval()`, cleared by
+    `model.train()`, as for `nnx.Dropout`). `rngs`: the stream dropout masks are drawn
+    from, held by the root's control only (None elsewhere, and without dropout: a
+    module inside an `nnx.vmap` stack holds no unstacked state). `strict`: a kernel use
+    no rule handles raises instead of materializing. `merged`: the kernels hold
+    `w + scale * a @ b` (`jlora.nnx.merge`) and calls run the plain model.
+    """
+
+    def __init__(self, *, rngs: nnx.RngStream | None, strict: bool, stream: str):
+        self.deterministic = False
+        self.rngs = rngs
+        self.strict = bool(strict)
+        self.stream = stream
+        self.merged = False
+
+    def static(self) -> Control:
+        """A control with these switches and no dropout stream (for modules below the
+        root)."""
+        return Control(rngs=None, strict=self.strict, stream=self.stream)
+
+
+def base_class(cls: type) -> type:
+    """The user's class behind a factored class (the class itself otherwise)."""
+    return cls.__dict__.get("_jlora_base", cls)
+
+
+def is_factored(module) -> bool:
+    return "_jlora_base" in type(module).__dict__
+
+
+def factor_pairs(flat) -> dict[tuple, tuple[tuple, tuple]]:
+    """`{kernel path: (a path, b path)}` from the factor variables' metadata."""
+    pairs = {}
+    for path, v in flat:
+        if isinstance(v, nnx.Variable) and v.get_metadata(ROLE, None) == "a":
+            name = v.get_metadata(KERNEL)
+            pairs[path[:-1] + (name,)] = (path, path[:-1] + (name + B_SUFFIX,))
+    return pairs
+
+
+def lora_weight(kernel: nnx.Variable, a: nnx.Variable, b: nnx.Variable) -> LoraWeight:
+    return LoraWeight(
+        kernel.get_raw_value(),
+        a.get_raw_value(),
+        b.get_raw_value(),
+        scale=a.get_metadata(SCALE),
+        layout=a.get_metadata(LAYOUT),
+        dropout=a.get_metadata(DROPOUT),
+    )
+
+
+def with_lora_weights(flat) -> list:
+    """`flat` with each adapted kernel's variable holding its `LoraWeight` (the factor
+    variables stay: code that reads them sees their values)."""
+    by_path = dict(flat)
+    pairs = factor_pairs(flat)
+    out = []
+    for path, v in flat:
+        if path in pairs:
+            pa, pb = pairs[path]
+            v = v.replace(value=lora_weight(v, by_path[pa], by_path[pb]))
+        out.append((path, v))
+    return out
+
+
+def is_adapted(model) -> bool:
+    """Whether `jlora.nnx.apply` (or `load_adapter`/`load_peft` onto the model) put
+    adapters into `model`."""
+    return any(
+        isinstance(node, Control) or (isinstance(node, nnx.Module) and is_factored(node))
+        for _, node in nnx.iter_graph(model)
+    )
+
+
+def require_module(model, fn_name: str) -> None:
+    if not isinstance(model, nnx.Module):
+        raise TypeError(
+            f"{fn_name}: model must be an flax.nnx.Module, got {type(model).__name__}."
+        )
+
+
+def require_adapted(model, fn_name: str) -> Control:
+    require_module(model, fn_name)
+    for _, node in nnx.iter_graph(model):
+        if isinstance(node, Control):
+            return node
+    raise ValueError(
+        f"{fn_name}: the model holds no jlora adapters; call "
+        "jlora.nnx.apply(model, config, rngs=...) (or load adapters onto it) first."
+    )
+
+
+def params_of(model, fn_name: str = "jlora") -> nnx.State:
+    """The model's params as the functional route holds them: `nnx.state(model,
+    nnx.Param)` with each adapted kernel's variable holding its `LoraWeight`, each
+    trained leaf marked `Trainable`, and no factor variables."""
+    ctl = require_adapted(model, fn_name)
+    if ctl.merged:
+        raise ValueError(
+            f"{fn_name}: the model's kernels are merged (jlora.nnx.merge); call "
+            "jlora.nnx.unmerge(model) first, so that the frozen kernels are the base."
+        )
+    flat = list(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+    out = []
+    for path, v in with_lora_weights(flat):
+        if v.get_metadata(ROLE, None) is not None:
+            continue
+        if v.get_metadata(TRAINED_MARK, False):
+            meta = {k: m for k, m in v.get_metadata().items() if k != TRAINED_MARK}
+            v = nnx.Param(Trainable(v.get_raw_value()), **meta)
+        out.append((path, v))
+    return nnx.from_flat_state(out)
+
+
+def base_of(model, fn_name: str = "jlora") -> nnx.State:
+    """The model's plain params (`nnx.state(model, nnx.Param)` without factors, trained
+    leaves as plain `nnx.Param`s): what adapters load onto."""
+    if not is_adapted(model):
+        return nnx.state(model, nnx.Param)
+    ctl = require_adapted(model, fn_name)
+    if ctl.merged:
+        raise ValueError(
+            f"{fn_name}: the model's kernels are merged (jlora.nnx.merge); call "
+            "jlora.nnx.unmerge(model) first."
+        )
+    out = []
+    for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        if v.get_metadata(ROLE, None) is not None:
+            continue
+        if v.get_metadata(TRAINED_MARK, False):
+            meta = {k: m for k, m in v.get_metadata().items() if k != TRAINED_MARK}
+            v = nnx.Param(v.get_raw_value(), **meta)
+        out.append((path, v))
+    return nnx.from_flat_state(out)
+
+
+def as_params(x, fn_name: str):
+    """`params_of(x)` for an NNX model (its plain `nnx.Param` state if it holds no
+    adapters), `x` itself for anything else."""
+    if not isinstance(x, nnx.Module):
+        return x
+    return params_of(x, fn_name) if is_adapted(x) else nnx.state(x, nnx.Param)
