@@ -107,3 +107,35 @@ def test_pytorch_peft_candidate_trains_the_same_adapter_size():
     assert c["opt_bytes"] == 2 * 4 * c["n_train"] + 8 * 4
     first = c["run"](1)
     assert c["run"](5) < first  # it trains
+
+
+def test_nnx_finetune_example_learns_the_new_task_and_serves_it_merged():
+    with jax.numpy_dtype_promotion("standard"):  # optax's adam is not strict-clean
+        out = _load("nnx_finetune").main(["--pretrain-steps", "150", "--lora-steps", "100"])
+    assert out["base_acc"] < 0.5 <= out["lora_acc"]  # counting by 3: learned by LoRA only
+    assert out["same"] == 1.0  # loaded onto a fresh base and merged: the same tokens
+
+
+def test_nnx_benchmark_quick_mode_times_every_candidate():
+    import sys
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    spec = importlib.util.spec_from_file_location(
+        "bench_nnx", ROOT / "benchmarks" / "nnx.py"
+    )
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    with jax.numpy_dtype_promotion("standard"):  # optax's adam is not strict-clean
+        out = bench.main(["--quick", "--no-write", "--rounds", "2"])
+    expected = {
+        "jlora.nnx",
+        "nnx.LoRALinear",
+        "jlora functional",
+        "nnx.LoRALinear, jax.jit",
+    }
+    if importlib.util.find_spec("qwix") is not None:  # qwix is in the [bench] extra
+        expected.add("qwix")
+    assert set(out["times"]) == expected
+    assert all(len(t) == 2 and min(t) > 0 for t in out["times"].values())
+    # Every candidate trains the same factors: rank 8 on query and value of each layer.
+    assert len(set(out["n_train"].values())) == 1

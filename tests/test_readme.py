@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from helpers import assert_close, chain_bound
 
 import jlora
 
@@ -99,6 +100,7 @@ def test_readme_python_blocks_run_in_order(tmp_path, monkeypatch):
     assert len(blocks) >= 4, "the README's Python blocks were not found"
     monkeypatch.chdir(tmp_path)
     ns = _brought()
+    linen_model = ns["model"]  # (the NNX section names its own model `model`)
     start_loss = float(
         ns["loss"](
             ns["model"].apply({"params": ns["base_params"]}, ns["x"]), ns["data"][0]["y"]
@@ -128,8 +130,22 @@ def test_readme_python_blocks_run_in_order(tmp_path, monkeypatch):
 
     # Training lowered the loss of the merged serving model (b starts at 0, so the
     # adapted model started at the base's loss).
-    served = ns["model"].apply({"params": ns["serving_params"]}, ns["x"])
+    served = linen_model.apply({"params": ns["serving_params"]}, ns["x"])
     assert float(ns["loss"](served, ns["data"][0]["y"])) < start_loss
+    # The NNX block trained its model, served it plain, and loaded the adapter it saved
+    # onto a fresh model that computes the same.
+    from flax import nnx
+
+    nnx_served, restored = ns["served"], ns["restored"]
+    assert type(nnx_served) is ns["MyModel"] and not nnx.state(nnx_served, nnx.LoRAParam)
+    restored.eval()
+    want = nnx_served(ns["x"])
+    # factored vs merged: rounding of chains of 3 sums of at most 16 terms
+    assert_close(restored(ns["x"]), want, chain_bound(16, 3))
+    fresh = ns["MyModel"](rngs=nnx.Rngs(0))
+    assert float(ns["loss"](want, ns["data"][0]["y"])) < float(
+        ns["loss"](fresh(ns["x"]), ns["data"][0]["y"])
+    )
     # The checkpoint block restored the latest saved step and its extras.
     assert ns["n"] == 0 and ns["extra"] == {"next_batch": 1}
     # The PEFT block read back what it wrote: the same merged model.
