@@ -138,7 +138,8 @@ def next_token_loss(logits, ids):
 
 
 def make_nnx_gpt(cfg: GPTConfig, lora_rank: int, seed: int = 1):
-    """The same GPT in Flax NNX, with `nnx.LoRALinear` as the query and value layers."""
+    """The same GPT in Flax NNX, with `nnx.LoRALinear` as the query and value layers
+    (plain `nnx.Linear` ones with `lora_rank=0`)."""
     from flax import nnx
 
     d, dt = cfg.d, cfg.dtype
@@ -149,6 +150,8 @@ def make_nnx_gpt(cfg: GPTConfig, lora_rank: int, seed: int = 1):
                 return nnx.Linear(i, o, dtype=dt, param_dtype=dt, rngs=rngs)
 
             def lora(i, o):
+                if not lora_rank:
+                    return lin(i, o)
                 return nnx.LoRALinear(
                     i, o, lora_rank=lora_rank, dtype=dt, param_dtype=dt, rngs=rngs
                 )
