@@ -39,11 +39,12 @@ from jlora import _jax_compat as compat
 from jlora._config import LoraConfig
 from jlora._init import adapt
 from jlora._merge import merge_kernel, unmerge_kernel
-from jlora._nnx_state import (
+from jlora._nnx_state import (  # noqa: F401  (Kept: re-exported by jlora.nnx)
     A_SUFFIX,
     B_SUFFIX,
     CONTROL,
     DROPOUT,
+    KEPT_SUFFIX,
     KERNEL,
     LAYOUT,
     ROLE,
@@ -51,10 +52,13 @@ from jlora._nnx_state import (
     SHARDING_KEYS,
     TRAINED_MARK,
     Control,
+    Kept,
     base_class,
     base_of,
+    in_eval_mode,
     is_adapted,
     is_factored,
+    owner_controls,
     require_adapted,
     require_module,
     with_lora_weights,
@@ -201,34 +205,28 @@ def _controls(args, kwargs) -> list[Control]:
     return sorted(found, key=lambda c: c.rngs is None)
 
 
-def _dropout_key(ctl: Control, args, kwargs):
-    """A fresh dropout key from the root's stream, or None where dropout is off."""
-    if ctl.deterministic:
-        return None
-    source = ctl if ctl.rngs is not None else next(iter(_controls(args, kwargs)), ctl)
-    if source.rngs is not None:
+def _dropout_key(args, kwargs, fn):
+    """A fresh key from the dropout stream of the model among the arguments."""
+    source = next(iter(_controls(args, kwargs)), None)
+    if source is not None and source.rngs is not None:
         return source.rngs()
-    rated = [
-        v.get_metadata(KERNEL)
-        for _, v in nnx.to_flat_state(nnx.state((args, kwargs), nnx.LoRAParam))
-        if v.get_metadata(ROLE, None) == "a" and v.get_metadata(DROPOUT, 0.0) > 0
-    ]
-    if not rated:
-        return None
+    name = getattr(fn, "__qualname__", getattr(fn, "__name__", "fn"))
     raise ValueError(
-        "jlora.nnx: this module was called on its own in training mode, and LoRA "
-        "dropout draws its masks from the stream of the model it was adapted in (its "
-        "root); call the model itself, set module.eval() (no dropout), or pass a key: "
-        "jlora.nnx.lora(fn, rng=key)(module, ...)."
+        f"jlora.nnx: {name} runs kernels with LoRA dropout in training mode, but the "
+        "dropout stream lives in the model's root (the module jlora.nnx.apply adapted) "
+        "and the root is not among the arguments. Call through the root (e.g. "
+        f"jlora.nnx.lora(lambda model, *a: ...)(model, ...)), set module.eval() (no "
+        "dropout), or pass a key: jlora.nnx.lora(fn, rng=key)."
     )
 
 
-def _refuse_training_merged(flat) -> None:
+def _refuse_training_merged(flat, merged: set) -> None:
     moving = [
         "/".join(map(str, p[2:] if p[:2] == (0, 0) else p))
         for p, v in flat
         if isinstance(v, nnx.Variable)
         and v.get_metadata(ROLE, None) is not None
+        and p[:-1] in merged
         and any(compat.is_differentiated(x) for x in _leaves_of(v))
     ]
     if moving:
@@ -238,6 +236,17 @@ def _refuse_training_merged(flat) -> None:
             f"{moving[:4]}{' ...' if len(moving) > 4 else ''} being differentiated would "
             "get no gradient; call jlora.nnx.unmerge(model) before training."
         )
+
+
+def _held_outside(lora_flat) -> bool:
+    """Whether an adapted kernel holds a concrete array: its model is not part of the
+    factored call being traced (a model reached through a global or a closure)."""
+    return any(
+        isinstance(v, nnx.Variable)
+        and isinstance(v.get_raw_value(), LoraWeight)
+        and not compat.is_tracer(v.get_raw_value().w)
+        for _, v in lora_flat
+    )
 
 
 def run(
@@ -253,22 +262,34 @@ def run(
     """`fn(*args, **kwargs)` with every adapted kernel of the NNX modules among the
     arguments held low-rank: the one NNX entry into `jlora.lora`. `pure(fn, graphdef)`
     gives the function `jlora.lora` interprets (the same object for the same graph, so
-    that eager calls hit its cache)."""
-    if _ACTIVE.depth:  # inside a factored call: its interpretation holds the kernels
-        return fn(*args, **kwargs)
-    ctl = control
-    if ctl is None:
-        ctl = next(iter(_controls(args, kwargs)), None)
-    if ctl is not None and ctl.merged:
-        _refuse_training_merged(nnx.to_flat_state(nnx.split((args, kwargs))[1]))
-        return fn(*args, **kwargs)
-    if rng is None and ctl is not None:
-        rng = _dropout_key(ctl, args, kwargs)
+    that eager calls hit its cache).
+
+    Each kernel follows its own module's switches: a merged module's kernels stay
+    plain, an eval-mode module's get no dropout. Inside another factored call, the
+    modules of that call run as written (its interpretation holds their kernels), and
+    a model it reaches otherwise (a global, a closure) runs factored on its own."""
     graphdef, state = nnx.split((args, kwargs))
     flat = list(nnx.to_flat_state(state))
-    first, rest = _first_and_rest(with_lora_weights(flat))
+    controls = owner_controls((args, kwargs))
+    lora_flat = with_lora_weights(flat, controls)
+    if _ACTIVE.depth and not _held_outside(lora_flat):
+        return fn(*args, **kwargs)
+    merged = {p for p, c in controls.items() if c.merged}
+    if merged:
+        _refuse_training_merged(flat, merged)
+    weights = [
+        v.get_raw_value()
+        for _, v in lora_flat
+        if isinstance(v, nnx.Variable) and isinstance(v.get_raw_value(), LoraWeight)
+    ]
+    if not weights:  # no adapters, or every one merged: the plain call
+        return fn(*args, **kwargs)
+    if rng is None and any(lw.dropout > 0 for lw in weights):
+        rng = _dropout_key(args, kwargs, fn)
     if strict is None:
+        ctl = control if control is not None else next(iter(controls.values()), None)
         strict = bool(ctl is not None and ctl.strict)
+    first, rest = _first_and_rest(lora_flat)
     out, updates = _lora(pure(fn, graphdef), rng=rng, strict=strict)(first, rest)
     if len(nnx.to_flat_state(updates)):
         nnx.update((args, kwargs), updates)
@@ -335,11 +356,9 @@ def explain(fn: Callable, *args, **kwargs) -> dict[str, tuple[str, ...]]:
         args = (module, *args)
         method = type(module).__call__
         fn = getattr(method, "__wrapped__", method)
-    ctl = next(iter(_controls(args, kwargs)), None)
-    if ctl is not None and ctl.merged:
-        return {}  # a merged model's calls run its plain kernels
     graphdef, state = nnx.split((args, kwargs))
-    first, rest = _first_and_rest(with_lora_weights(list(nnx.to_flat_state(state))))
+    flat = with_lora_weights(list(nnx.to_flat_state(state)), owner_controls((args, kwargs)))
+    first, rest = _first_and_rest(flat)  # (a merged module's kernels stay plain)
     return _explain(_pure(fn, graphdef), first, rest)
 
 
@@ -450,6 +469,12 @@ def _nodes(model) -> dict[tuple, Any]:
     return {tuple(p): n for p, n in nnx.iter_graph(model)}
 
 
+def _is_layer(node) -> bool:
+    """A module jlora may give attributes to: not a container (`nnx.Dict` and
+    `nnx.List` are modules whose attributes are their items)."""
+    return isinstance(node, nnx.Module) and not isinstance(node, (nnx.Dict, nnx.List))
+
+
 def _plan(model, tree, fn_name: str):
     """What putting the `LoraWeight`s and `Trainable` marks of `tree` (an adapted
     `nnx.state(model, nnx.Param)`) into `model` sets: `[(owner, attribute, variable)]`
@@ -464,7 +489,7 @@ def _plan(model, tree, fn_name: str):
         keys = tuple(k.key for k in node.keys)  # (State keys: str or int)
         owner = nodes.get(keys[:-1])
         name = keys[-1]
-        if not isinstance(owner, nnx.Module) or not isinstance(name, str):
+        if not _is_layer(owner) or not isinstance(name, str):
             errors.append(
                 f"  {node.path}: the kernel's variable is held by a "
                 f"{type(owner).__name__}, not by a module attribute, so its factors have "
@@ -500,7 +525,7 @@ def _install(model, planned, control: Control) -> None:
         for i in range(len(keys) + 1):
             prefix = keys[:i]
             mod = nodes.get(prefix)
-            if isinstance(mod, nnx.Module) and prefix not in wrapped:
+            if _is_layer(mod) and prefix not in wrapped:
                 wrapped.add(prefix)
                 _set_class(mod, factored_class(type(mod)))
                 here = control if prefix == () else control.static()
@@ -592,6 +617,7 @@ def apply(
         rngs=rngs[dropout_stream].fork() if dropout else None,
         strict=strict,
         stream=dropout_stream,
+        deterministic=in_eval_mode(model),  # (a model in eval mode stays so)
     )
     _install(model, _plan(model, tree, fn_name), control)
     return model
@@ -606,6 +632,19 @@ def install(model, tree, fn_name: str, *, strict: bool = False, rngs=None) -> nn
     if is_adapted(model):
         require_adapted(model, fn_name)
         ctl = vars(model).get(CONTROL)
+        trained = {n.path for n in walk(tree).nodes if n.kind == TRAINED}
+        left = [
+            "/".join(map(str, p))
+            for p, v in nnx.to_flat_state(nnx.state(model, nnx.LoRAParam))
+            if v.get_metadata(TRAINED_MARK, False) and "/".join(map(str, p)) not in trained
+        ]
+        if left:
+            raise ValueError(
+                f"{fn_name}: the model's adapters train {left[:4]}"
+                f"{' ...' if len(left) > 4 else ''} whole, and the adapters being loaded "
+                "do not hold them, so the model would keep their trained values; load "
+                "onto a fresh model (or jlora.nnx.merge_and_unload first, to keep them)."
+            )
         _unload(model)
     dropout = any(n.kind == LORA and n.value.dropout > 0 for n in walk(tree).nodes)
     if ctl is None or (dropout and ctl.rngs is None):
@@ -613,6 +652,7 @@ def install(model, tree, fn_name: str, *, strict: bool = False, rngs=None) -> nn
             rngs=(rngs or nnx.Rngs(0))["dropout"].fork() if dropout else None,
             strict=strict if ctl is None else ctl.strict,
             stream="dropout",
+            deterministic=in_eval_mode(model) if ctl is None else ctl.deterministic,
         )
     _install(model, planned, ctl)
     return model
@@ -636,49 +676,79 @@ def _adapted_kernels(model):
     return out
 
 
-def _fold(model, sign: int) -> None:
-    for _, _, kernel, a, b in _adapted_kernels(model):
+def _owner_control(owner) -> Control:
+    return vars(owner)[CONTROL]
+
+
+def _fold(model, sign: int, keep: bool = False) -> None:
+    """Merges (`sign` > 0) the kernels whose modules are not merged, or unmerges those
+    that are; `keep` keeps each frozen kernel as it was, to be put back by unmerge."""
+    for owner, kname, kernel, a, b in _adapted_kernels(model):
+        ctl = _owner_control(owner)
+        if ctl.merged == (sign > 0):
+            continue  # (already so, e.g. a model merged on its own and attached)
         w = kernel.get_raw_value()
+        kept = vars(owner).get(kname + KEPT_SUFFIX)
+        if sign < 0 and isinstance(kept, Kept):
+            kernel.set_raw_value(kept.get_raw_value())  # bit for bit
+            delattr(owner, kname + KEPT_SUFFIX)
+            continue
         op = merge_kernel if sign > 0 else unmerge_kernel
-        kernel.set_raw_value(
-            op(
-                w,
-                a.get_raw_value(),
-                b.get_raw_value(),
-                layout=a.get_metadata(LAYOUT),
-                scale=a.get_metadata(SCALE),
-                sharding=named_sharding_of(w),
-            )
+        new = op(
+            w,
+            a.get_raw_value(),
+            b.get_raw_value(),
+            layout=a.get_metadata(LAYOUT),
+            scale=a.get_metadata(SCALE),
+            sharding=named_sharding_of(w),
         )
+        if keep:
+            setattr(owner, kname + KEPT_SUFFIX, Kept(w))
+        kernel.set_raw_value(new)
 
 
-def merge(model: nnx.Module) -> nnx.Module:
+def _merged_owners(model) -> tuple[int, int]:
+    """`(merged, all)`: how many adapted kernels' modules are merged."""
+    owners = [_owner_control(o).merged for o, *_ in _adapted_kernels(model)]
+    return sum(owners), len(owners)
+
+
+def merge(model: nnx.Module, *, keep: bool = True) -> nnx.Module:
     """Folds the adapters into the kernels in place, keeping the factors, so the model's
     call runs the plain kernels at base speed; `unmerge` takes it back for training.
 
     Each kernel becomes `w + scale * a @ b` in its dtype (accumulated in float32); a
     differentiated call of a merged model raises (its factors would get no gradient).
 
+    Args:
+      model: a model adapted by `jlora.nnx.apply`.
+      keep: keep each frozen kernel beside its merged one (a `jlora.nnx.Kept`
+        variable), so that `unmerge` puts it back bit for bit, as the checkpoints'
+        base fingerprints expect; costs one copy of the adapted kernels while merged.
+        With `keep=False`, `unmerge` subtracts the product again (the frozen kernel to
+        the rounding of the kernel's dtype).
+
     Raises:
       ValueError: the model holds no adapters, or is merged already.
     """
-    ctl = require_adapted(model, "jlora.nnx.merge")
-    if ctl.merged:
+    require_adapted(model, "jlora.nnx.merge")
+    merged, n = _merged_owners(model)
+    if merged == n:
         raise ValueError("jlora.nnx.merge: the model is merged already.")
-    _fold(model, +1)
+    _fold(model, +1, keep)
     _set_merged(model, True)
     return model
 
 
 def unmerge(model: nnx.Module) -> nnx.Module:
-    """Takes `merge` back: each kernel becomes `merged - scale * a @ b` (float32 sum;
-    the frozen kernel again, to float32 rounding of the product), calls run factored.
+    """Takes `merge` back: each kernel is the frozen kernel again (bit for bit when
+    `merge` kept it, else `merged - scale * a @ b` in float32), and calls run factored.
 
     Raises:
       ValueError: the model holds no adapters, or is not merged.
     """
-    ctl = require_adapted(model, "jlora.nnx.unmerge")
-    if not ctl.merged:
+    require_adapted(model, "jlora.nnx.unmerge")
+    if _merged_owners(model)[0] == 0:
         raise ValueError("jlora.nnx.unmerge: the model is not merged.")
     _fold(model, -1)
     _set_merged(model, False)
@@ -696,6 +766,8 @@ def _unload(model) -> None:
     for owner, kname, _, _, _ in _adapted_kernels(model):
         delattr(owner, kname + A_SUFFIX)
         delattr(owner, kname + B_SUFFIX)
+        if isinstance(vars(owner).get(kname + KEPT_SUFFIX), Kept):
+            delattr(owner, kname + KEPT_SUFFIX)
     for _, node in list(nnx.iter_graph(model)):
         if not isinstance(node, nnx.Module) or isinstance(node, Control):
             continue
@@ -718,9 +790,8 @@ def merge_and_unload(model: nnx.Module) -> nnx.Module:
     Raises:
       ValueError: the model holds no adapters.
     """
-    ctl = require_adapted(model, "jlora.nnx.merge_and_unload")
-    if not ctl.merged:
-        _fold(model, +1)
+    require_adapted(model, "jlora.nnx.merge_and_unload")
+    _fold(model, +1)  # (the modules not merged yet)
     _unload(model)
     return model
 

@@ -13,9 +13,10 @@ behaviour, `apply` and the factored calls, is `_nnx.py`.)
 
 from __future__ import annotations
 
+import numpy as np
 from flax import nnx
 
-from jlora._weight import LoraWeight, Trainable
+from jlora._weight import Layout, LoraWeight, Trainable
 
 A_SUFFIX, B_SUFFIX = "_lora_a", "_lora_b"
 KERNEL, SCALE, LAYOUT, DROPOUT, ROLE = (
@@ -26,8 +27,14 @@ KERNEL, SCALE, LAYOUT, DROPOUT, ROLE = (
     "lora_role",
 )
 TRAINED_MARK = "lora_trained"
+KEPT_SUFFIX = "_lora_kept"  # the frozen kernel kept while merged (`Kept`)
 CONTROL = "jlora"  # the attribute that holds the shared `Control`
 SHARDING_KEYS = ("out_sharding", "mesh", "sharding_rules")
+
+
+class Kept(nnx.Variable):
+    """A frozen kernel as it was before `jlora.nnx.merge(model, keep=True)`, put back
+    bit for bit by `unmerge` (not an `nnx.Param`: no optimizer or filter sees it)."""
 
 
 class Control(nnx.Module):
@@ -42,8 +49,15 @@ class Control(nnx.Module):
     `w + scale * a @ b` (`jlora.nnx.merge`) and calls run the plain model.
     """
 
-    def __init__(self, *, rngs: nnx.RngStream | None, strict: bool, stream: str):
-        self.deterministic = False
+    def __init__(
+        self,
+        *,
+        rngs: nnx.RngStream | None,
+        strict: bool,
+        stream: str,
+        deterministic: bool = False,
+    ):
+        self.deterministic = bool(deterministic)
         self.rngs = rngs
         self.strict = bool(strict)
         self.stream = stream
@@ -52,7 +66,23 @@ class Control(nnx.Module):
     def static(self) -> Control:
         """A control with these switches and no dropout stream (for modules below the
         root)."""
-        return Control(rngs=None, strict=self.strict, stream=self.stream)
+        out = Control(
+            rngs=None,
+            strict=self.strict,
+            stream=self.stream,
+            deterministic=self.deterministic,
+        )
+        out.merged = self.merged
+        return out
+
+    def set_view(self, deterministic: bool | None = None):
+        """For `nnx.view(model, deterministic=...)`: LoRA dropout off (True) or on.
+
+        Args:
+          deterministic: if True, no LoRA dropout.
+        """
+        if deterministic is not None:
+            self.deterministic = deterministic
 
 
 def base_class(cls: type) -> type:
@@ -74,29 +104,81 @@ def factor_pairs(flat) -> dict[tuple, tuple[tuple, tuple]]:
     return pairs
 
 
-def lora_weight(kernel: nnx.Variable, a: nnx.Variable, b: nnx.Variable) -> LoraWeight:
-    return LoraWeight(
-        kernel.get_raw_value(),
-        a.get_raw_value(),
-        b.get_raw_value(),
-        scale=a.get_metadata(SCALE),
-        layout=a.get_metadata(LAYOUT),
-        dropout=a.get_metadata(DROPOUT),
+def peeled(layout: Layout, ndim: int) -> Layout:
+    """`layout` (of a stacked kernel, as `apply` saw it) for the kernel as it is now:
+    inside `nnx.vmap` / `nnx.scan` over the stack, its leading stacked axes are gone."""
+    n = layout.ndim - ndim
+    if n <= 0:
+        return layout
+    if layout.stack_axes[:n] != tuple(range(n)):
+        raise ValueError(
+            f"jlora.nnx: a kernel with layout {layout} is used with {ndim} axes; only "
+            "leading stacked axes can be mapped away (nnx.vmap / nnx.scan over axis 0)."
+        )
+
+    def shift(axes):
+        return tuple(i - n for i in axes)
+
+    return Layout(
+        shift(layout.in_axes),
+        shift(layout.out_axes),
+        shift(layout.stack_axes[n:]),
+        layout.fused,
     )
 
 
-def with_lora_weights(flat) -> list:
+def lora_weight(
+    kernel: nnx.Variable, a: nnx.Variable, b: nnx.Variable, deterministic: bool = False
+) -> LoraWeight:
+    w = kernel.get_raw_value()
+    return LoraWeight(
+        w,
+        a.get_raw_value(),
+        b.get_raw_value(),
+        scale=a.get_metadata(SCALE),
+        layout=peeled(a.get_metadata(LAYOUT), len(np.shape(w))),
+        dropout=0.0 if deterministic else a.get_metadata(DROPOUT),
+    )
+
+
+def owner_controls(graph) -> dict[tuple, Control]:
+    """`{module path: its Control}` for the modules of `graph` that run factored."""
+    out = {}
+    for path, node in nnx.iter_graph(graph):
+        ctl = vars(node).get(CONTROL) if isinstance(node, nnx.Module) else None
+        if isinstance(ctl, Control):
+            out[tuple(path)] = ctl
+    return out
+
+
+def with_lora_weights(flat, controls: dict | None = None) -> list:
     """`flat` with each adapted kernel's variable holding its `LoraWeight` (the factor
-    variables stay: code that reads them sees their values)."""
+    variables stay: code that reads them sees their values). With `controls`
+    (`owner_controls` of the same graph), a kernel whose module is merged stays plain
+    and one whose module is in eval mode gets no dropout."""
     by_path = dict(flat)
     pairs = factor_pairs(flat)
+    controls = controls or {}
     out = []
     for path, v in flat:
-        if path in pairs:
+        ctl = controls.get(path[:-1])
+        if path in pairs and not (ctl is not None and ctl.merged):
             pa, pb = pairs[path]
-            v = v.replace(value=lora_weight(v, by_path[pa], by_path[pb]))
+            quiet = ctl is not None and ctl.deterministic
+            v = v.replace(value=lora_weight(v, by_path[pa], by_path[pb], quiet))
         out.append((path, v))
     return out
+
+
+def in_eval_mode(model) -> bool:
+    """Whether `model` was put in evaluation mode (`model.eval()`, `nnx.view`): some
+    module of it has `deterministic=True` and none `deterministic=False`."""
+    flags = {
+        vars(n)["deterministic"]
+        for _, n in nnx.iter_graph(model)
+        if isinstance(n, nnx.Module) and isinstance(vars(n).get("deterministic"), bool)
+    }
+    return flags == {True}
 
 
 def is_adapted(model) -> bool:

@@ -15,6 +15,7 @@ The factors are `nnx.LoRAParam` variables beside the kernels they adapt; the mod
 
 from jlora._nnx import (
     Control,
+    Kept,
     apply,
     explain,
     is_adapted,
@@ -26,6 +27,7 @@ from jlora._nnx import (
 
 __all__ = [
     "Control",
+    "Kept",
     "apply",
     "explain",
     "is_adapted",

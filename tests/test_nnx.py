@@ -755,3 +755,150 @@ def test_probe_reads_a_custom_kernel_off_the_model():
     assert model.kernel_lora_a.get_metadata("lora_layout") == jlora.Layout((1,), (0, 2))
     perturb(model)
     check_against_oracle(model, lambda m, x: m(x), (x,), k=6, depth=2)
+
+
+# What a hostile review found --------------------------------------------------------------
+
+
+def test_a_stack_mapped_from_outside_the_root_runs_each_layer_factored():
+    model = perturb(jlora.nnx.apply(Stack(nnx.Rngs(0)), CFG, rngs=nnx.Rngs(1), strict=True))
+    x = normal(0, (4, 8))
+
+    def scan_blocks(m, x):
+        @nnx.scan(in_axes=(0, nnx.Carry), out_axes=nnx.Carry)
+        def body(block, h):
+            return block(h)  # each layer's own call, outside the root's
+
+        return body(m.blocks, x)
+
+    check_against_oracle(model, scan_blocks, (x,), k=8, depth=3)
+    per_layer = nnx.vmap(lambda b, x: b(x), in_axes=(0, None))
+    check_against_oracle(model, lambda m, x: per_layer(m.blocks, x), (x,), k=8, depth=1)
+
+
+def test_eval_mode_survives_apply_and_loading(tmp_path):
+    cfg = jlora.LoraConfig(2, 4, dropout=0.5)
+    x = normal(0, (7, 6))
+    model = perturb(jlora.nnx.apply(MLP(nnx.Rngs(0), drop=True), cfg, rngs=nnx.Rngs(1)))
+    jlora.save_adapter(tmp_path / "ad", model, cfg)
+    for make in (
+        lambda m: jlora.nnx.apply(m, cfg, rngs=nnx.Rngs(1)),
+        lambda m: jlora.load_adapter(tmp_path / "ad", m),
+    ):
+        m = MLP(nnx.Rngs(0), drop=True)
+        m.eval()
+        make(m)
+        np.testing.assert_array_equal(m(x), m(x))  # no LoRA dropout in eval mode
+        m.train()
+        assert not np.allclose(m(x), m(x))
+    if hasattr(nnx, "view"):  # Flax's view: dropout off in the view only
+        view = nnx.view(model, deterministic=True)
+        np.testing.assert_array_equal(view(x), view(x))
+
+
+def test_each_module_follows_its_own_switches():
+    class Student(nnx.Module):
+        def __init__(self, rngs):
+            self.fc = nnx.Linear(6, 5, rngs=rngs)
+            self.teacher = nnx.data(None)
+
+        def __call__(self, x):
+            return self.fc(x) + self.teacher(x)
+
+    teacher = perturb(jlora.nnx.apply(MLP(nnx.Rngs(0)), CFG, rngs=nnx.Rngs(1)))
+    teacher.eval()
+    x = normal(0, (7, 6))
+    expected = teacher(x)
+    cfg = jlora.LoraConfig(2, 4, dropout=0.5)
+    student = perturb(jlora.nnx.apply(Student(nnx.Rngs(2)), cfg, rngs=nnx.Rngs(3)))
+    student.teacher = teacher  # adapted, in eval mode, inside a training student
+    first, second = student(x), student(x)
+    assert not np.allclose(first, second)  # the student's dropout is on ...
+    student.fc.eval()
+    assert_close(student(x) - student.fc(x), expected, chain_bound(16, 4))  # ... not its
+    jlora.nnx.merge(teacher)  # merged on its own: its update still counted once
+    assert_close(student(x) - student.fc(x), expected, chain_bound(16, 4))
+    jlora.nnx.merge(student)  # folds the student's kernels; the teacher's stay as they are
+    assert_close(student(x) - student.fc(x), expected, chain_bound(16, 4))
+
+
+def test_a_model_reached_through_a_closure_runs_factored_inside_another_call():
+    teacher = perturb(jlora.nnx.apply(MLP(nnx.Rngs(0)), CFG, rngs=nnx.Rngs(1)))
+    teacher.eval()
+    x = normal(0, (7, 6))
+    expected = teacher(x)
+
+    class Student(nnx.Module):
+        def __init__(self, rngs):
+            self.fc = nnx.Linear(6, 5, rngs=rngs)
+
+        def __call__(self, x):
+            return self.fc(x) + teacher(x)  # not an attribute, not an argument
+
+    student = jlora.nnx.apply(Student(nnx.Rngs(2)), CFG, rngs=nnx.Rngs(3))
+    assert_close(student(x) - student.fc(x), expected, chain_bound(16, 4))
+
+
+def test_containers_get_no_attributes():
+    class Named(nnx.Module):
+        def __init__(self, rngs):
+            self.blocks = nnx.Dict(
+                {"a": nnx.Linear(4, 4, rngs=rngs), "b": nnx.Linear(4, 4, rngs=rngs)}
+            )
+
+        def __call__(self, x):
+            for _, block in sorted(self.blocks.items()):
+                x = block(x)
+            return x
+
+    model = perturb(jlora.nnx.apply(Named(nnx.Rngs(0)), CFG, rngs=nnx.Rngs(1), strict=True))
+    assert sorted(model.blocks.keys()) == ["a", "b"]
+    check_against_oracle(model, lambda m, x: m(x), (normal(0, (2, 4)),), k=4, depth=2)
+
+    class Raw(nnx.Module):
+        def __init__(self):
+            self.ws = nnx.Dict({"kernel": nnx.Param(jnp.ones((4, 4)))})
+
+    with pytest.raises(ValueError, match="ws/kernel.*nowhere to live"):
+        jlora.nnx.apply(Raw(), CFG, rngs=nnx.Rngs(0))
+
+
+def test_unmerge_puts_the_frozen_kernels_back_bit_for_bit(tmp_path):
+    model = perturb(jlora.nnx.apply(MLP(nnx.Rngs(0)), CFG, rngs=nnx.Rngs(1)))
+    before = {
+        p: np.asarray(v.get_raw_value())
+        for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))
+    }
+    jlora.nnx.merge(model)
+    assert not np.array_equal(model.fc1.kernel[...], before[("fc1", "kernel")])
+    jlora.nnx.unmerge(model)
+    for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        np.testing.assert_array_equal(v.get_raw_value(), before[p])
+    assert not any(
+        isinstance(v, jlora.nnx.Kept) for _, v in nnx.to_flat_state(nnx.state(model))
+    )
+    jlora.save_adapter(tmp_path / "ad", model)
+    jlora.load_adapter(tmp_path / "ad", MLP(nnx.Rngs(0)), base_mismatch="error")
+
+
+def test_loading_onto_adapted_model_refuses_to_keep_old_trained_leaves(tmp_path):
+    plain = jlora.nnx.apply(MLP(nnx.Rngs(0)), CFG, rngs=nnx.Rngs(1))
+    jlora.save_adapter(tmp_path / "ad", plain)
+    model = jlora.nnx.apply(
+        MLP(nnx.Rngs(0)), jlora.LoraConfig(2, 4, train_bias="all"), rngs=nnx.Rngs(1)
+    )
+    model.fc1.bias.set_raw_value(model.fc1.bias[...] + 1.0)
+    graph = nnx.graphdef(model)
+    with pytest.raises(ValueError, match="fc1/bias.*fresh model"):
+        jlora.load_adapter(tmp_path / "ad", model)
+    assert nnx.graphdef(model) == graph  # nothing changed
+
+
+def test_a_submodule_called_alone_in_training_says_where_dropout_keys_come_from():
+    model = jlora.nnx.apply(
+        MLP(nnx.Rngs(0)), jlora.LoraConfig(2, 4, dropout=0.5), rngs=nnx.Rngs(1)
+    )
+    with pytest.raises(ValueError, match="root.*eval"):
+        model.fc1(normal(0, (2, 6)))
+    model.fc1.eval()
+    model.fc1(normal(0, (2, 6)))  # no dropout: no key needed
