@@ -11,6 +11,7 @@ from jlora._checkpoint import (
 from jlora._config import LoraConfig
 from jlora._init import init
 from jlora._merge import Rounding, RoundingWarning, combine, merge, split, unmerge
+from jlora._nnx import quantize
 from jlora._optim import Summary, optimizer, summary
 from jlora._peft import (
     PeftModule,
@@ -19,6 +20,7 @@ from jlora._peft import (
     read_peft_config,
     save_peft,
 )
+from jlora._quant import Quantized, dequantize
 from jlora._sharding import adapter_specs
 from jlora._transform import RuleError, explain, lora
 from jlora._version import VERSION as __version__  # noqa: F401
@@ -31,6 +33,7 @@ __all__ = [
     "LoraConfig",
     "LoraWeight",
     "PeftModule",
+    "Quantized",
     "Rounding",
     "RoundingWarning",
     "RuleError",
@@ -39,6 +42,7 @@ __all__ = [
     "adapter_specs",
     "combine",
     "default_module_name",
+    "dequantize",
     "explain",
     "init",
     "load_adapter",
@@ -47,6 +51,7 @@ __all__ = [
     "merge",
     "nnx",
     "optimizer",
+    "quantize",
     "read_adapter_metadata",
     "read_peft_config",
     "save_adapter",

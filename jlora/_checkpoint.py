@@ -33,6 +33,7 @@ from jlora import _atomic, _nnx, _nnx_state
 from jlora._boxes import unbox
 from jlora._config import LoraConfig
 from jlora._merge import merge
+from jlora._quant import dequantize
 from jlora._rebuild import (
     Base,
     Factors,
@@ -440,6 +441,7 @@ def save_merged(path, params: Any, *, overwrite: bool = False) -> str:
       FileExistsError: `path` exists and `overwrite` is False.
     """
     params = _nnx_state.as_params(params, "jlora.save_merged")
+    params = dequantize(params)  # (a quantized base is written in float)
     path = os.path.abspath(os.fspath(path))
     _atomic.prepare(path, overwrite, "save_merged")  # refused before anything is merged
     merged = merge(params)

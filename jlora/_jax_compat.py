@@ -66,7 +66,14 @@ def var_shape(v) -> tuple[int, ...]:
 
 
 def bind(eqn, invals: list[Any]):
-    """Re-binds `eqn`'s primitive on new inputs; always returns a list of outputs."""
+    """Re-binds `eqn`'s primitive on new inputs; always returns a list of outputs.
+
+    An input whose type has a `_jlora_bind(eqn, invals)` hook (a quantized kernel,
+    dequantized at its use) answers for the equation instead."""
+    for v in invals:
+        hook = getattr(type(v), "_jlora_bind", None)
+        if hook is not None:
+            return hook(eqn, invals)
     got = eqn.primitive.get_bind_params(eqn.params)
     if isinstance(got, tuple) and len(got) == 2 and isinstance(got[1], dict):
         subfuns, params = got  # jax < 0.10

@@ -127,6 +127,29 @@ def require_kernels(tree, fn_name: str, argname: str = "params") -> None:
         )
 
 
+def refuse_quantized(tree, fn_name: str) -> None:
+    """Raises if an adapted kernel of `tree` is quantized: the update cannot be folded
+    into its codes without losing most of it.
+
+    Raises:
+      ValueError: naming the paths, why, and how (dequantize first, or save_merged).
+    """
+    paths = [
+        n.path
+        for n in walk(tree).nodes
+        if n.kind == LORA and getattr(type(unbox(n.value.w)), "_jlora_leaf", False)
+    ]
+    if paths:
+        raise ValueError(
+            f"{fn_name}: the adapted kernels at {paths[:5]}"
+            f"{' ...' if len(paths) > 5 else ''} are quantized; folding the update into "
+            "4- or 8-bit codes would round most of it away (a LoRA update is about 1e-3 "
+            "of the kernel, an NF4 step about 0.1). Merge the float kernels instead: "
+            "jlora.merge(jlora.dequantize(params)), or jlora.save_merged(path, params), "
+            "which writes dequantized kernels in their dtype."
+        )
+
+
 def _merged_kernel(lw: LoraWeight, check: bool = False):
     w = unbox(lw.w)
     got = merge_kernel(
@@ -191,6 +214,7 @@ def merge(params: Any, *, safe: bool = False) -> Any:
             "outside jit, or use safe=False under a trace."
         )
     require_kernels(params, "jlora.merge")
+    refuse_quantized(params, "jlora.merge")
     tree = walk(params)
     out, bad, rounding = [], [], {}
     for node in tree.nodes:

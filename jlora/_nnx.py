@@ -36,10 +36,11 @@ import numpy as np
 from flax import nnx
 
 from jlora import _jax_compat as compat
+from jlora import _quant
 from jlora._config import LoraConfig
 from jlora._init import adapt
 from jlora._merge import merge_kernel, unmerge_kernel
-from jlora._nnx_state import (  # noqa: F401  (Kept: re-exported by jlora.nnx)
+from jlora._nnx_state import (
     A_SUFFIX,
     B_SUFFIX,
     CONTROL,
@@ -63,6 +64,7 @@ from jlora._nnx_state import (  # noqa: F401  (Kept: re-exported by jlora.nnx)
     require_module,
     with_lora_weights,
 )
+from jlora._quant import is_quantized
 from jlora._sharding import named_sharding_of
 from jlora._targets import LORA, TRAINED, walk
 from jlora._transform import explain as _explain
@@ -282,7 +284,10 @@ def run(
         for _, v in lora_flat
         if isinstance(v, nnx.Variable) and isinstance(v.get_raw_value(), LoraWeight)
     ]
-    if not weights:  # no adapters, or every one merged: the plain call
+    quantized = any(
+        isinstance(v, nnx.Variable) and is_quantized(v.get_raw_value()) for _, v in flat
+    )
+    if not weights and not quantized:  # no adapters, or every one merged: plain call
         return fn(*args, **kwargs)
     if rng is None and any(lw.dropout > 0 for lw in weights):
         rng = _dropout_key(args, kwargs, fn)
@@ -683,6 +688,17 @@ def _owner_control(owner) -> Control:
 def _fold(model, sign: int, keep: bool = False) -> None:
     """Merges (`sign` > 0) the kernels whose modules are not merged, or unmerges those
     that are; `keep` keeps each frozen kernel as it was, to be put back by unmerge."""
+    quantized = [
+        f"{type(o).__name__}.{k}"
+        for o, k, kernel, _, _ in _adapted_kernels(model)
+        if is_quantized(kernel.get_raw_value())
+    ]
+    if quantized:
+        raise ValueError(
+            f"jlora.nnx: the adapted kernels {quantized[:4]} are quantized; folding the "
+            "update into their codes would round most of it away. jlora.dequantize(model) "
+            "first (then merge), or jlora.save_merged(path, model) to write float kernels."
+        )
     for owner, kname, kernel, a, b in _adapted_kernels(model):
         ctl = _owner_control(owner)
         if ctl.merged == (sign > 0):
@@ -838,3 +854,60 @@ def load_onto(model, load: Callable, fn_name: str) -> nnx.Module:
     """`load(base_of(model))` installed into `model`: the NNX form of a loader."""
     tree = load(base_of(model, fn_name))
     return install(model, tree, fn_name)
+
+
+# A quantized base -----------------------------------------------------------------------
+
+
+def quantize_model(model, kind, *, targets, block_size, double_quant):
+    """`jlora.quantize` of an NNX model, in place: its kernel variables hold
+    `jlora.Quantized` nodes, and the modules on the way to them run the factored call
+    (which dequantizes each kernel at its use)."""
+    fn_name = "jlora.quantize"
+    require_module(model, fn_name)
+    flat = [
+        (p, v)
+        for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))
+        if v.get_metadata(ROLE, None) is None and not v.get_metadata(TRAINED_MARK, False)
+    ]
+    state = _quant.quantize(
+        nnx.from_flat_state(flat),
+        kind,
+        targets=targets,
+        block_size=block_size,
+        double_quant=double_quant,
+    )
+    nodes = _nodes(model)
+    owners = []
+    for path, v in nnx.to_flat_state(state):
+        if is_quantized(v.get_raw_value()):
+            owner = nodes.get(tuple(path[:-1]))
+            if not _is_layer(owner):
+                raise ValueError(
+                    f"{fn_name}: {_path_str(path)} is held by a "
+                    f"{type(owner).__name__}, not by a module attribute; keep kernels as "
+                    "attributes of nnx.Module objects or leave it out (targets=)."
+                )
+            owners.append(tuple(path[:-1]))
+    nnx.update(model, state)
+    control = vars(model).get(CONTROL)
+    if not isinstance(control, Control):
+        control = Control(rngs=None, strict=False, stream="dropout")
+    _install(model, ([], owners), control)
+    return model
+
+
+@functools.wraps(_quant.quantize)
+def quantize(params, kind="nf4", *, targets=None, block_size=64, double_quant=True):
+    # The public `jlora.quantize`: trees go to `_quant.quantize`, NNX models here.
+    if isinstance(params, nnx.Module):
+        if kind not in _quant.KINDS:
+            raise ValueError(
+                f"jlora.quantize: kind must be one of {_quant.KINDS}, got {kind!r}."
+            )
+        return quantize_model(
+            params, kind, targets=targets, block_size=block_size, double_quant=double_quant
+        )
+    return _quant.quantize(
+        params, kind, targets=targets, block_size=block_size, double_quant=double_quant
+    )

@@ -183,10 +183,11 @@ def in_eval_mode(model) -> bool:
 
 def is_adapted(model) -> bool:
     """Whether `jlora.nnx.apply` (or `load_adapter`/`load_peft` onto the model) put
-    adapters into `model`."""
+    adapters into `model` (a model that is only quantized holds none)."""
     return any(
-        isinstance(node, Control) or (isinstance(node, nnx.Module) and is_factored(node))
-        for _, node in nnx.iter_graph(model)
+        isinstance(v, nnx.Variable)
+        and (v.get_metadata(ROLE, None) is not None or v.get_metadata(TRAINED_MARK, False))
+        for _, v in nnx.to_flat_state(nnx.state(model))
     )
 
 
@@ -199,9 +200,13 @@ def require_module(model, fn_name: str) -> None:
 
 def require_adapted(model, fn_name: str) -> Control:
     require_module(model, fn_name)
-    for _, node in nnx.iter_graph(model):
-        if isinstance(node, Control):
-            return node
+    if is_adapted(model):
+        root = vars(model).get(CONTROL)
+        if isinstance(root, Control):
+            return root
+        for _, node in nnx.iter_graph(model):
+            if isinstance(node, Control):
+                return node
     raise ValueError(
         f"{fn_name}: the model holds no jlora adapters; call "
         "jlora.nnx.apply(model, config, rngs=...) (or load adapters onto it) first."

@@ -86,8 +86,9 @@ class Walk(NamedTuple):
 
 
 def _stop(x) -> bool:
-    """Stop at jlora nodes and at boxes (whose inner value is the leaf)."""
-    return is_node(x) or is_box(x)
+    """Stop at jlora nodes, at quantized kernels (one kernel, several arrays) and at
+    boxes (whose inner value is the leaf)."""
+    return is_node(x) or is_box(x) or getattr(type(x), "_jlora_leaf", False)
 
 
 def _open(leaf):

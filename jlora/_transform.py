@@ -23,6 +23,7 @@ import numpy as np
 from jlora import _jax_compat as compat
 from jlora._boxes import unbox
 from jlora._interpret import Context, Factored, RuleError, interpret
+from jlora._quant import Deferred, is_quantized, stand_in
 from jlora._rules import RULES
 from jlora._targets import LORA, TRAINED, path_string, walk
 from jlora._weight import ANY
@@ -44,7 +45,9 @@ def _node_path(keys) -> str:
 
 
 def _is_array(x) -> bool:
-    return isinstance(x, (jax.Array, np.ndarray, np.generic)) or compat.is_tracer(x)
+    return isinstance(
+        x, (jax.Array, np.ndarray, np.generic, jax.ShapeDtypeStruct)
+    ) or compat.is_tracer(x)
 
 
 def _prepare(args, kwargs):
@@ -63,6 +66,20 @@ def _prepare(args, kwargs):
             # Frozen by construction: no gradient ever flows into the kernel, so none
             # is formed (no `dW = x^T g`), whoever differentiates the whole tree.
             w = jax.lax.stop_gradient(unbox(lw.w))
+            if is_quantized(w):  # dequantized at each use (see _quant.Deferred)
+                w = Deferred(w)
+                lowrank_at[len(flat)] = Factored(
+                    w,
+                    unbox(lw.a),
+                    lw.layout.expand_b(unbox(lw.b)),
+                    lw.scale,
+                    lw.layout.plain(),
+                    _node_path(node.keys),
+                    lw.dropout,
+                )
+                stand_ins.append(node.put_back(stand_in(w.q)))
+                flat.append(None)
+                continue
             lowrank_at[len(flat)] = Factored(
                 w,
                 unbox(lw.a),
@@ -77,6 +94,11 @@ def _prepare(args, kwargs):
         elif node.kind == TRAINED:
             stand_ins.append(node.put_back(node.value.value))
             flat.extend(jax.tree.leaves(node.value.value))
+        elif is_quantized(unbox(node.value)):  # a frozen kernel without adapters
+            q = jax.lax.stop_gradient(unbox(node.value))
+            lowrank_at[len(flat)] = Deferred(q)
+            stand_ins.append(node.put_back(stand_in(q)))
+            flat.append(None)
         else:
             stand_ins.append(node.leaf)
             flat.extend(jax.tree.leaves(node.leaf))
@@ -439,7 +461,7 @@ def explain(fn: Callable, *args, **kwargs) -> dict[str, tuple[str, ...]]:
       {'kernel': ('dot_general',)}
     """
     ctx = Context(rules=RULES)
-    lowrank = _prepare(args, kwargs)[3].values()
+    lowrank = [v for v in _prepare(args, kwargs)[3].values() if isinstance(v, Factored)]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         run(fn, args, kwargs, ctx, abstract=True)
