@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import functools
 import statistics
+import warnings
 from typing import Any
 
 import jax
@@ -159,9 +160,12 @@ def _quantize(w, *, kind, axis, block, double):
     safe = jnp.where(absmax > 0, absmax, 1.0)[..., None]
     scaled = x / safe
     if kind == "nf4":
-        table = jnp.asarray(NF4)
-        mids = (table[1:] + table[:-1]) / 2
-        idx = jnp.searchsorted(mids, scaled).astype(jnp.uint8)
+        # The nearest code: how many midpoints between codes lie below the value (15
+        # comparisons XLA fuses into one pass; no table lookup, so it shards freely).
+        mids = (NF4[1:] + NF4[:-1]) / 2
+        idx = jnp.zeros(scaled.shape, jnp.uint8)
+        for m in mids:
+            idx = idx + (scaled > m).astype(jnp.uint8)
         idx = idx.reshape(*idx.shape[:-2], -1)
         codes = idx[..., 0::2] | (idx[..., 1::2] << 4)
     else:
@@ -389,9 +393,10 @@ def quantize(
 
     Raises:
       ValueError: an unknown `kind`; a target that is not floating or has fewer than 2
-        axes; a kernel no axis of which `block_size` divides (pad it, or choose a
+        axes; a target no axis of which `block_size` divides (pad it, or choose a
         `block_size` that divides one); a kernel already quantized as another kind.
-        Every problem is listed, by path.
+        Every problem is listed, by path. A kernel of the default selection that no
+        block fits stays in float, with a warning naming it.
     """
     from flax import nnx
 
@@ -408,7 +413,7 @@ def quantize(
         )
     patterns = compile_patterns(targets, "jlora.quantize targets")
     tree = _tree_walk()(params)
-    out, errors = [], []
+    out, errors, kept_float = [], [], []
     for node in tree.nodes:
         lora = node.kind == LORA
         w = unbox(node.value.w) if lora else unbox(node.value)
@@ -436,11 +441,11 @@ def quantize(
             continue
         axis = block_axis(tuple(w.shape), block_size, avoid)
         if axis is None:
-            errors.append(
+            msg = (
                 f"  {node.path}: no axis of {list(w.shape)} is a multiple of "
-                f"block_size={block_size}; pad the kernel, pass a block_size that "
-                "divides one of its axes, or leave it out (targets=)"
+                f"block_size={block_size}"
             )
+            (errors if patterns else kept_float).append(msg)
             out.append(node.leaf)
             continue
         q = quantize_array(
@@ -458,7 +463,15 @@ def quantize(
                 errors.append(f"  targets pattern {p.pattern!r} matches no leaf")
     if errors:
         raise ValueError(
-            "jlora.quantize: cannot quantize these leaves:\n" + "\n".join(errors)
+            "jlora.quantize: cannot quantize these leaves (pad such a kernel, pass a "
+            "block_size that divides one of its axes, or leave it out of targets=):\n"
+            + "\n".join(errors)
+        )
+    if kept_float:
+        warnings.warn(
+            "jlora.quantize: these kernels stay in float (pad them, or pass a block_size "
+            "that divides one of their axes, to quantize them):\n" + "\n".join(kept_float),
+            stacklevel=3,
         )
     return tree.rebuild(out)
 

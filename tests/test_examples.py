@@ -139,3 +139,21 @@ def test_nnx_benchmark_quick_mode_times_every_candidate():
     assert all(len(t) == 2 and min(t) > 0 for t in out["times"].values())
     # Every candidate trains the same factors: rank 8 on query and value of each layer.
     assert len(set(out["n_train"].values())) == 1
+
+
+def test_quant_memory_benchmark_plans_the_three_bases():
+    import sys
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    spec = importlib.util.spec_from_file_location(
+        "bench_quant", ROOT / "benchmarks" / "quant_memory.py"
+    )
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rows = {
+        (n, base): (b, t) for n, base, b, t in bench.main(["--d", "128", "--layers", "4"])
+    }
+    kernel = 128 * 128 * 4
+    assert rows[(4, "nf4")][0] <= 0.13 * rows[(4, "float32")][0]  # 4.127 bits of 32
+    assert rows[(4, "nf4")][1] <= rows[(4, "float32")][1] + kernel
+    assert rows[(4, "nf4, plain")][1] > rows[(4, "nf4")][1] + 2 * kernel

@@ -141,8 +141,11 @@ def test_merge_refuses_a_quantized_base_and_save_merged_writes_float(tmp_path):
 
 def test_bad_input_names_the_path():
     p = {"ok": {"kernel": normal(0, (128, 64))}, "odd": {"kernel": normal(1, (30, 50))}}
+    with pytest.warns(UserWarning, match="odd/kernel.*block_size=64"):
+        q = jlora.quantize(p)  # the default selection: stays float, said so
+    assert not isinstance(q["odd"]["kernel"], jlora.Quantized)
     with pytest.raises(ValueError, match="odd/kernel.*block_size=64"):
-        jlora.quantize(p)
+        jlora.quantize(p, targets="odd")
     with pytest.raises(ValueError, match="kind must be one of"):
         jlora.quantize(p, "fp8")
     with pytest.raises(ValueError, match="ids.*not a floating kernel"):
@@ -211,3 +214,48 @@ def test_nnx_model_quantized_then_adapted():
     assert np.asarray(grads["up"]["kernel_lora_a"][...]).any()
     with pytest.raises(ValueError, match="quantized"):
         jlora.nnx.merge(model)
+
+
+def test_sharded_quantized_kernels_keep_their_shardings_under_the_mesh():
+    if len(jax.devices()) < 8:
+        pytest.skip("needs 8 devices")
+    mesh = jax.make_mesh(
+        (2, 4), ("data", "model"), axis_types=(jax.sharding.AxisType.Auto,) * 2
+    )
+    with jax.set_mesh(mesh):
+        spec = jax.P("data", "model")
+        w = jax.device_put(normal(0, (128, 256)), spec)
+        q = jlora.quantize({"kernel": w})["kernel"]
+        assert q.codes.sharding.spec == spec and q.absmax.sharding.spec == spec
+        lp = jlora.init(jax.random.key(1), {"kernel": q}, jlora.LoraConfig(4, 8))
+        assert lp["kernel"].a.sharding.spec == jax.P("data", None)  # the kernel's axes
+        assert lp["kernel"].b.sharding.spec == jax.P(None, "model")
+        adapters, base = jlora.split(lp)
+        adapters = jax.tree.map(lambda t: t + 0.05, adapters)
+        lp = jlora.combine(adapters, base)
+        x = jax.device_put(normal(2, (8, 128)), jax.P("data", None))
+        f = jlora.lora(lambda p, x: x @ p["kernel"], strict=True)
+        ref = x @ jlora.merge(jlora.dequantize(lp))["kernel"]
+        for y in (f(lp, x), jax.jit(f)(lp, x)):
+            assert_close(y, ref, chain_bound(128, 1))
+            assert y.sharding.spec == spec
+
+
+def test_a_quantized_base_checkpoints_exactly_and_adapters_load_onto_it(tmp_path):
+    import orbax.checkpoint as ocp
+
+    base = jlora.quantize({"kernel": normal(0, (128, 64)), "bias": jnp.zeros(64)})
+    lp = jlora.init(jax.random.key(1), base, jlora.LoraConfig(4, 8))
+    jlora.save_adapter(tmp_path / "ad", lp)
+    back = jlora.load_adapter(tmp_path / "ad", base, base_mismatch="error")
+    assert isinstance(back["kernel"].w, jlora.Quantized)
+    with ocp.StandardCheckpointer() as ck:
+        ck.save(tmp_path / "base", base)
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), base)
+    with ocp.StandardCheckpointer() as ck:
+        restored = ck.restore(tmp_path / "base", abstract)
+    assert isinstance(restored["kernel"], jlora.Quantized)
+    assert restored["kernel"].kind == "nf4" and restored["kernel"].shape == (128, 64)
+    for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(base)):
+        assert a.dtype == b.dtype
+        np.testing.assert_array_equal(a, b)

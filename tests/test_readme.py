@@ -37,15 +37,15 @@ class Model(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        q = nn.Dense(16, name="query")(x)
-        v = nn.Dense(16, name="value")(x)
+        q = nn.Dense(64, name="query")(x)
+        v = nn.Dense(64, name="value")(x)
         return nn.Dense(4, name="head")(jnp.tanh(q) * v)
 
 
 def _brought():
     """The names the README's training section lists, and nothing else."""
     model = Model()
-    x = jax.random.normal(jax.random.key(1), (8, 12))
+    x = jax.random.normal(jax.random.key(1), (8, 64))
     y = jax.random.randint(jax.random.key(2), (8,), 0, 4)
     base_params = model.init(jax.random.key(0), x)["params"]
 
@@ -132,6 +132,11 @@ def test_readme_python_blocks_run_in_order(tmp_path, monkeypatch):
     # adapted model started at the base's loss).
     served = linen_model.apply({"params": ns["serving_params"]}, ns["x"])
     assert float(ns["loss"](served, ns["data"][0]["y"])) < start_loss
+    # The quantized-base block quantized every kernel (blocks of 64 fit them all).
+    assert all(
+        isinstance(ns["qbase"][name]["kernel"], jlora.Quantized)
+        for name in ("query", "value", "head")
+    )
     # The NNX block trained its model, served it plain, and loaded the adapter it saved
     # onto a fresh model that computes the same.
     from flax import nnx
