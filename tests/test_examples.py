@@ -157,3 +157,25 @@ def test_quant_memory_benchmark_plans_the_three_bases():
     assert rows[(4, "nf4")][0] <= 0.13 * rows[(4, "float32")][0]  # 4.127 bits of 32
     assert rows[(4, "nf4")][1] <= rows[(4, "float32")][1] + kernel
     assert rows[(4, "nf4, plain")][1] > rows[(4, "nf4")][1] + 2 * kernel
+
+
+def test_quant_benchmark_quick_mode_runs_every_base():
+    import sys
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    spec = importlib.util.spec_from_file_location(
+        "bench_q", ROOT / "benchmarks" / "quant.py"
+    )
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    with jax.numpy_dtype_promotion("standard"):  # optax's adam is not strict-clean
+        cands = bench.main(["--quick", "--no-write"])
+    assert set(cands) == {"float32", "bfloat16", "int8", "nf4"}
+    assert all(len(c["times"]) == 2 for c in cands.values())
+    nf4, int8 = cands["nf4"]["kernels"], cands["int8"]["kernels"]
+    assert nf4[0] <= 0.13 * nf4[1] and int8[0] <= 0.27 * int8[1]  # kernel bytes / float32
+    assert (
+        cands["nf4"]["base_bytes"]
+        < cands["int8"]["base_bytes"]
+        < cands["bfloat16"]["base_bytes"]
+    )

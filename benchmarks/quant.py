@@ -1,0 +1,141 @@
+"""LoRA on a quantized base: bytes and step time of the bench GPT on float32, bfloat16,
+int8 and NF4 bases.
+
+    python benchmarks/quant.py            # GPT 4 x 512, seq 128, batch 8, LoRA r=8 on q, v
+    python benchmarks/quant.py --quick    # a small model, for a smoke run
+
+Each base runs the lean LoRA step (adapters differentiated, the base an argument) of
+`gpt.GPT`, one jitted AdamW step:
+  float32     the model in float32
+  bfloat16    the model in bfloat16 (params and compute)
+  int8, nf4   the bfloat16 model's kernels quantized by `jlora.quantize` (embedding,
+              norms and biases stay bfloat16), dequantized to bfloat16 at each use
+For each: the frozen base's argument bytes and the step's temporary bytes (both from
+`compiled.memory_analysis()`), the quantized kernels' bytes against the same kernels in
+float32, and the median step time over alternated rounds (ratios to the bfloat16 step).
+Written to docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import pathlib
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import optax
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from gpt import GPT, GPTConfig, next_token_loss  # noqa: E402
+from run import device_line, write_section  # noqa: E402
+
+import jlora  # noqa: E402
+
+MIN_ROUND_S = 0.25
+BASES = ("float32", "bfloat16", "int8", "nf4")
+
+
+def candidate(cfg: GPTConfig, base: str, rank: int, batch: int):
+    dtype = jnp.float32 if base == "float32" else jnp.bfloat16
+    cfg = GPTConfig(**{**cfg.__dict__, "dtype": dtype})
+    ids = jax.random.randint(jax.random.key(0), (batch, cfg.seq), 0, cfg.vocab)
+    model = GPT(cfg)
+    params = model.init(jax.random.key(1), ids)["params"]
+    kernels = None
+    if base in ("int8", "nf4"):
+        float_kernel_bytes = sum(
+            4 * n.value.size
+            for n in jlora._targets.walk(params).nodes
+            if jlora._init.is_default_target(n.path, n.value)
+        )
+        params = jlora.quantize(params, base)
+        kernels = (
+            sum(n.value.nbytes for n in jlora._targets.walk(params).nodes
+                if isinstance(n.value, jlora.Quantized)),
+            float_kernel_bytes,
+        )  # fmt: skip
+    config = jlora.LoraConfig(rank, 2 * rank, targets=r"(query|value)/kernel$")
+    adapters, frozen = jlora.split(jlora.init(jax.random.key(2), params, config))
+    apply = jlora.lora(model.apply)
+    tx = optax.adamw(1e-4)
+
+    def step(adapters, opt_state, frozen, ids):
+        def loss_fn(ad):
+            return next_token_loss(apply({"params": jlora.combine(ad, frozen)}, ids), ids)
+
+        value, grads = jax.value_and_grad(loss_fn)(adapters)
+        updates, opt_state = tx.update(grads, opt_state, adapters)
+        return optax.apply_updates(adapters, updates), opt_state, value
+
+    jitted = jax.jit(step, donate_argnums=(0, 1))
+    state = [adapters, tx.init(adapters)]
+    compiled = jitted.lower(state[0], state[1], frozen, ids).compile()
+    mem = compiled.memory_analysis()
+
+    def run(n):
+        for _ in range(n):
+            state[0], state[1], loss = jitted(state[0], state[1], frozen, ids)
+        jax.block_until_ready(loss)
+
+    base_bytes = sum(x.nbytes for x in jax.tree.leaves(frozen))
+    return dict(run=run, base_bytes=base_bytes, arg_bytes=mem.argument_size_in_bytes,
+                temp=mem.temp_size_in_bytes, kernels=kernels, times=[])  # fmt: skip
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--no-write", action="store_true")
+    args = p.parse_args(argv)
+    if args.quick:
+        cfg = GPTConfig(vocab=256, d=128, heads=4, layers=2, seq=32)
+        args.rounds = min(args.rounds, 2)
+    else:
+        cfg = GPTConfig()
+    cands = {b: candidate(cfg, b, 8, args.batch) for b in BASES}
+    for c in cands.values():
+        c["run"](2)
+    t0 = time.perf_counter()
+    cands["bfloat16"]["run"](1)
+    steps = max(1, math.ceil(MIN_ROUND_S / (time.perf_counter() - t0)))
+    for r in range(args.rounds):
+        for name in BASES[r % len(BASES) :] + BASES[: r % len(BASES)]:
+            t0 = time.perf_counter()
+            cands[name]["run"](steps)
+            cands[name]["times"].append((time.perf_counter() - t0) / steps)
+    mib = 2.0**20
+    med = {n: statistics.median(c["times"]) for n, c in cands.items()}
+    lines = [
+        f"Bench GPT {cfg.layers} x {cfg.d}, seq {cfg.seq}, batch {args.batch}, LoRA r=8 on "
+        f"query and value; {args.rounds} rounds of {steps} steps, alternating. "
+        f"{device_line()}",
+        "",
+        "| base | base bytes (MiB) | step arguments (MiB) | step temporaries (MiB) | "
+        "quantized kernels / float32 | step (ms), median | / bfloat16 step |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for n, c in cands.items():
+        ratio = f"{c['kernels'][0] / c['kernels'][1]:.3f}" if c["kernels"] else "–"
+        lines.append(
+            f"| {n} | {c['base_bytes'] / mib:.1f} | {c['arg_bytes'] / mib:.1f} | "
+            f"{c['temp'] / mib:.1f} | {ratio} | {1e3 * med[n]:.1f} | "
+            f"{med[n] / med['bfloat16']:.2f} |"
+        )
+    text = "\n".join(lines)
+    print(text)
+    if not args.no_write and not args.quick:
+        write_section(
+            text, f"quant-{jax.devices()[0].platform}", "python benchmarks/quant.py"
+        )
+    return cands
+
+
+if __name__ == "__main__":
+    with jax.numpy_dtype_promotion("standard"):
+        main(sys.argv[1:])
