@@ -868,8 +868,8 @@ def while_rule(ctx, eqn, invals):
 def _unstacked(f: Factored):
     """`(w, a, b)` to scan over and the layout of one slice, if axis 0 is stacked."""
     lay = f.layout
-    if 0 not in lay.stack_axes:
-        return None
+    if 0 not in lay.stack_axes or getattr(f.w, "ops", ()):
+        return None  # (a quantized kernel whose axes moved: its moves are not per layer)
     j = lay.stack_axes.index(0)
     a = jnp.moveaxis(f.a, j, 0)
     b = jnp.moveaxis(f.b, j, 0)
@@ -907,7 +907,14 @@ def scan_rule(ctx, eqn, invals):
     for v in xs:
         got = _unstacked(v) if isinstance(v, Factored) else None
         if isinstance(v, Factored) and got is None:
-            xs_in.append(ctx.materialize(v, "scan", "scanned over a non-stack axis"))
+            xs_in.append(
+                ctx.materialize(
+                    v,
+                    "scan",
+                    "scanned over a non-stack axis, or a quantized kernel whose axes "
+                    "moved before the scan",
+                )
+            )
             rebuild.append(None)
         elif got is not None:
             ctx.note(v, "scan")
