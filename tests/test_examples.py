@@ -179,3 +179,29 @@ def test_quant_benchmark_quick_mode_runs_every_base():
         < cands["int8"]["base_bytes"]
         < cands["bfloat16"]["base_bytes"]
     )
+
+
+def test_memory_plan_of_a_small_config_with_a_plot(tmp_path):
+    import json
+
+    spec = importlib.util.spec_from_file_location(
+        "memory_plan", ROOT / "benchmarks" / "memory_plan.py"
+    )
+    plan = importlib.util.module_from_spec(spec)
+    import sys
+
+    sys.modules["memory_plan"] = plan  # (Flax's modules look their module up)
+    spec.loader.exec_module(plan)
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({
+        "hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 512,
+    }))  # fmt: skip
+    svg = tmp_path / "plan.svg"
+    with jax.numpy_dtype_promotion("standard"):  # optax's adam is not strict-clean
+        rows = plan.main(["--config", str(config), "--seq", "128", "--plot", str(svg)])
+    by_base = {base: args for _, base, args, *_ in rows}
+    # The frozen base dominates the arguments: NF4 < int8 < bfloat16 < float32 < full.
+    order = ["nf4", "int8", "bfloat16", "float32", "full fine-tuning"]
+    assert [by_base[b] for b in order] == sorted(by_base[b] for b in order)
+    assert svg.read_text().count("<rect") == 3 * len(rows) + 3
