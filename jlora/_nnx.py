@@ -812,17 +812,6 @@ def merge_and_unload(model: nnx.Module) -> nnx.Module:
     return model
 
 
-__all__ = [
-    "Control",
-    "apply",
-    "explain",
-    "is_adapted",
-    "lora",
-    "merge",
-    "merge_and_unload",
-    "unmerge",
-]
-
 
 # Other entry points that accept a model --------------------------------------------------
 

@@ -10,9 +10,16 @@ from helpers import chain_bound
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-def _load(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "examples" / f"{name}.py")
+def _load(name, folder="examples"):
+    """A script of `examples/` (or `benchmarks/`, whose scripts import each other) as a
+    module, registered under its name (Flax's modules look their module up)."""
+    import sys
+
+    if folder == "benchmarks":
+        sys.path.insert(0, str(ROOT / "benchmarks"))
+    spec = importlib.util.spec_from_file_location(name, ROOT / folder / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
 
@@ -26,14 +33,7 @@ def test_quickstart_lora_fixes_the_shifted_task_and_merge_agrees():
 
 
 def test_benchmark_quick_mode_runs_every_candidate():
-    import sys
-
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    spec = importlib.util.spec_from_file_location(
-        "bench_run", ROOT / "benchmarks" / "run.py"
-    )
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = _load("run", "benchmarks")
     # The larger model runs the same code on other sizes: left out of the smoke run.
     out = bench.main(["--quick", "--no-write", "--no-torch", "--no-large", "--rounds", "2"])
     cands, inf_rows, (sizes, _), merge_row = (
@@ -117,14 +117,7 @@ def test_nnx_finetune_example_learns_the_new_task_and_serves_it_merged():
 
 
 def test_nnx_benchmark_quick_mode_times_every_candidate():
-    import sys
-
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    spec = importlib.util.spec_from_file_location(
-        "bench_nnx", ROOT / "benchmarks" / "nnx.py"
-    )
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = _load("nnx", "benchmarks")
     with jax.numpy_dtype_promotion("standard"):  # optax's adam is not strict-clean
         out = bench.main(["--quick", "--no-write", "--rounds", "2"])
     expected = {
@@ -142,14 +135,7 @@ def test_nnx_benchmark_quick_mode_times_every_candidate():
 
 
 def test_quant_memory_benchmark_plans_the_three_bases():
-    import sys
-
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    spec = importlib.util.spec_from_file_location(
-        "bench_quant", ROOT / "benchmarks" / "quant_memory.py"
-    )
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = _load("quant_memory", "benchmarks")
     rows = {
         (n, base): (b, t) for n, base, b, t in bench.main(["--d", "128", "--layers", "4"])
     }
@@ -160,14 +146,7 @@ def test_quant_memory_benchmark_plans_the_three_bases():
 
 
 def test_quant_benchmark_quick_mode_runs_every_base():
-    import sys
-
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    spec = importlib.util.spec_from_file_location(
-        "bench_q", ROOT / "benchmarks" / "quant.py"
-    )
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = _load("quant", "benchmarks")
     with jax.numpy_dtype_promotion("standard"):  # optax's adam is not strict-clean
         cands = bench.main(["--quick", "--no-write"])
     assert set(cands) == {"float32", "bfloat16", "int8", "nf4"}
@@ -184,14 +163,7 @@ def test_quant_benchmark_quick_mode_runs_every_base():
 def test_memory_plan_of_a_small_config_with_a_plot(tmp_path):
     import json
 
-    spec = importlib.util.spec_from_file_location(
-        "memory_plan", ROOT / "benchmarks" / "memory_plan.py"
-    )
-    plan = importlib.util.module_from_spec(spec)
-    import sys
-
-    sys.modules["memory_plan"] = plan  # (Flax's modules look their module up)
-    spec.loader.exec_module(plan)
+    plan = _load("memory_plan", "benchmarks")
     config = tmp_path / "config.json"
     config.write_text(json.dumps({
         "hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2,
