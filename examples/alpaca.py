@@ -68,6 +68,7 @@ _RESUME_KEYS = (
     "seed",
     "data",
     "template",
+    "quantize",
 )
 
 
@@ -107,6 +108,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--base-docs", type=int, default=base.BaseSettings.n_docs)
     a("--output-dir", default=os.path.join("runs", "alpaca"))
     a("--fresh", action="store_true", help="discard checkpoints in --output-dir")
+    a(
+        "--quantize",
+        choices=("nf4", "int8"),
+        default=None,
+        help="store the frozen base kernels quantized (QLoRA: nf4 with double "
+        "quantization); evaluation and serving use them dequantized, merged",
+    )
     a("--lora-r", type=int, default=8)
     a("--lora-alpha", type=float, default=16.0)
     a("--lora-dropout", type=float, default=0.05)
@@ -317,11 +325,27 @@ def main(argv=None, log=print) -> dict:
     else:
         peft_config = config
         params = jlora.init(jax.random.fold_in(key, 1), base_params, config)
+    if args.quantize:  # QLoRA: the frozen kernels in 4 (or 8) bits, the factors float
+        params = jlora.quantize(params, args.quantize)
     adapters, frozen = jlora.split(params)
     summary = jlora.summary(params)
+
+    def served(adapters):
+        """Plain params for the unmodified model: the adapters merged into the base
+        (into its dequantized kernels when the base is quantized)."""
+        return jlora.merge(jlora.dequantize(jlora.combine(adapters, frozen)))
+
     # What the params hold: under --init-adapter, the PEFT adapter's rank and scale.
     ranks = "/".join(str(r) for r in sorted({p.rank for p in summary.adapted}))
     scales = "/".join(f"{s:g}" for s in sorted({p.scale for p in summary.adapted}))
+    if args.quantize:
+        n_q = sum(
+            isinstance(x, jlora.Quantized)
+            for x in jax.tree.leaves(
+                frozen, is_leaf=lambda x: isinstance(x, jlora.Quantized)
+            )
+        )
+        log(f"base: {n_q} kernels stored as {args.quantize}")
     log(
         f"LoRA: r={ranks}, scale {scales} on {len(summary.adapted)} "
         f"kernels at learning rate {args.learning_rate:g}; "
@@ -387,7 +411,8 @@ def main(argv=None, log=print) -> dict:
         log(f"{pad} exactly right, answer in the input: {share('input')}")
         log(f"{pad} exactly right, answer from what the base knows: {share('world')}")
 
-    val_before, (score_before, _) = eval_loss(base_params), behaviour(base_params)
+    start_params = served(adapters) if args.quantize else base_params  # (b = 0)
+    val_before, (score_before, _) = eval_loss(start_params), behaviour(start_params)
     report("before:", val_before, score_before)
 
     # Resumable training: a checkpoint holds the adapters, the optimizer state and the
@@ -421,7 +446,7 @@ def main(argv=None, log=print) -> dict:
                 rate = tokens / (time.perf_counter() - t0)
                 bar.set_postfix(loss=f"{float(loss):.3f}", tok_s=f"{rate:,.0f}")
             if (step + 1) % args.eval_every == 0 and not last:  # the last: below
-                merged = jlora.merge(jlora.combine(adapters, frozen))
+                merged = served(adapters)
                 history["eval"].append((step + 1, eval_loss(merged)))
                 bar.write(
                     f"step {step + 1}: training loss {float(loss):.3f}, held-out "
@@ -444,7 +469,7 @@ def main(argv=None, log=print) -> dict:
         None if args.init_adapter else config,
         overwrite=True,
     )
-    merged = jlora.merge(params)  # plain params: the unmodified model runs them
+    merged = served(adapters)  # plain params: the unmodified model runs them
     val_after, (score_after, got) = eval_loss(merged), behaviour(merged)
     if not history["eval"] or history["eval"][-1][0] != args.steps:
         history["eval"].append((args.steps, val_after))

@@ -1,6 +1,7 @@
 """jlora: LoRA for JAX as pure functions over parameter pytrees."""
 
 from jlora import nnx
+from jlora._adapters import add_weighted, select, stack_adapters, unstack_adapters
 from jlora._checkpoint import (
     CheckpointManager,
     load_adapter,
@@ -21,7 +22,7 @@ from jlora._peft import (
     save_peft,
 )
 from jlora._quant import Quantized, dequantize
-from jlora._sharding import adapter_specs
+from jlora._sharding import adapter_specs, base_specs
 from jlora._transform import RuleError, explain, lora
 from jlora._version import VERSION as __version__  # noqa: F401
 from jlora._weight import Fused, Layout, LoraWeight, Trainable
@@ -40,6 +41,8 @@ __all__ = [
     "Summary",
     "Trainable",
     "adapter_specs",
+    "add_weighted",
+    "base_specs",
     "combine",
     "default_module_name",
     "dequantize",
@@ -57,7 +60,10 @@ __all__ = [
     "save_adapter",
     "save_merged",
     "save_peft",
+    "select",
     "split",
+    "stack_adapters",
     "summary",
     "unmerge",
+    "unstack_adapters",
 ]

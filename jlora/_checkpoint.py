@@ -32,7 +32,7 @@ from flax import nnx
 from jlora import _atomic, _nnx, _nnx_state
 from jlora._boxes import unbox
 from jlora._config import LoraConfig
-from jlora._merge import merge
+from jlora._merge import merge, refuse_stacked
 from jlora._quant import dequantize
 from jlora._rebuild import (
     Base,
@@ -175,6 +175,7 @@ def save_adapter(
       params = jlora.load_adapter("/tmp/run/adapter", base_params)
     """
     params = _nnx_state.as_params(params, "jlora.save_adapter")
+    refuse_stacked(params, "jlora.save_adapter")
     path = os.path.abspath(os.fspath(path))
     _atomic.prepare(path, overwrite, "save_adapter")  # refused before anything is read
     arrays, entries = _collect(params)

@@ -245,6 +245,16 @@ def adapt(
                 f"{list(value.shape)} ({layout}); lower rank or set rank_pattern."
             )
             continue
+        blocked = getattr(value, "axis", None) if hasattr(value, "block_size") else None
+        if blocked is not None and blocked % value.ndim in layout.stack_axes:
+            errors.append(
+                f"  {path}: this quantized kernel {list(value.shape)} is blocked along "
+                f"axis {blocked % value.ndim}, a stacked axis of its layout ({layout}), "
+                "so a layer would not slice out of it; adapt the float kernel and "
+                "quantize after jlora.init (quantize skips stacked axes), or re-quantize "
+                "with a block_size that divides an input or output axis."
+            )
+            continue
         layouts[path] = layout
 
     trainable = set()

@@ -145,9 +145,13 @@ class Context:
         return jnp.where(keep, kept, jnp.zeros((), x.dtype))
 
     def materialize(self, value, primitive: str, why: str = ""):
-        """The dense kernel for an equation no rule handles; warns once, or raises."""
+        """The dense kernel for an equation no rule handles; warns once, or raises. A
+        quantized kernel without adapters (a `Deferred`, e.g. an output or a loop
+        carry) is dequantized: nothing of an adapter is formed, so nothing warns."""
         if not isinstance(value, Factored):
-            return value
+            from jlora._quant import Deferred
+
+            return value.value() if isinstance(value, Deferred) else value
         self.note(value, f"materialize:{primitive}")
         msg = (
             f"jlora: {value.path} flows into '{primitive}'"

@@ -266,9 +266,7 @@ def passthrough(jaxpr) -> dict[int, int]:
     its inputs unchanged (an NNX transform returns the state it was given)."""
     where = {v: i for i, v in enumerate(jaxpr.invars)}
     return {
-        j: where[v]
-        for j, v in enumerate(jaxpr.outvars)
-        if not is_literal(v) and v in where
+        j: where[v] for j, v in enumerate(jaxpr.outvars) if not is_literal(v) and v in where
     }
 
 

@@ -105,9 +105,7 @@ def unmerge_kernel(merged, a, b, *, layout, scale, sharding=None):
 def no_kernel_paths(tree) -> list[str]:
     """Paths of the `LoraWeight`s in `tree` that hold no frozen kernel (`w` is None):
     the adapters `split` returns, used where adapted params were wanted."""
-    return [
-        n.path for n in walk(tree).nodes if n.kind == LORA and unbox(n.value.w) is None
-    ]
+    return [n.path for n in walk(tree).nodes if n.kind == LORA and unbox(n.value.w) is None]
 
 
 def require_kernels(tree, fn_name: str, argname: str = "params") -> None:
@@ -147,6 +145,24 @@ def refuse_quantized(tree, fn_name: str) -> None:
             "of the kernel, an NF4 step about 0.1). Merge the float kernels instead: "
             "jlora.merge(jlora.dequantize(params)), or jlora.save_merged(path, params), "
             "which writes dequantized kernels in their dtype."
+        )
+
+
+def refuse_stacked(tree, fn_name: str) -> None:
+    """Raises if `tree` holds a stacked set of adapters (`jlora.stack_adapters`): it is
+    many updates, not one, so it cannot be merged, saved or trained as one adapter.
+
+    Raises:
+      ValueError: naming the paths, the set's adapters, and what to do instead.
+    """
+    nodes = [n for n in walk(tree).nodes if n.kind == LORA and n.value.stack is not None]
+    if nodes:
+        paths = [n.path for n in nodes]
+        raise ValueError(
+            f"{fn_name}: {paths[:5]}{' ...' if len(paths) > 5 else ''} hold a stacked set "
+            f"of adapters {list(nodes[0].value.stack.names)}; take one out with "
+            "jlora.select(stacked, name) (or all with jlora.unstack_adapters) first, or "
+            "serve the set with jlora.lora(fn, adapter_ids=ids)."
         )
 
 
@@ -214,6 +230,7 @@ def merge(params: Any, *, safe: bool = False) -> Any:
             "outside jit, or use safe=False under a trace."
         )
     require_kernels(params, "jlora.merge")
+    refuse_stacked(params, "jlora.merge")
     refuse_quantized(params, "jlora.merge")
     tree = walk(params)
     out, bad, rounding = [], [], {}
@@ -340,6 +357,8 @@ def _paired(adapters, base, fn_name: str, base_name: str):
 def _check_factors(path, lw: LoraWeight, w, errors):
     shape = tuple(jnp.shape(unbox(w)))
     a, b = unbox(lw.a), unbox(lw.b)
+    if lw.stack is not None:  # a stacked set: one leading adapter axis
+        a, b = a[0], b[0]
     if lw.layout.ndim != len(shape):
         errors.append(
             f"  {path}: layout {lw.layout} is for {lw.layout.ndim} axes, "

@@ -812,7 +812,6 @@ def merge_and_unload(model: nnx.Module) -> nnx.Module:
     return model
 
 
-
 # Other entry points that accept a model --------------------------------------------------
 
 

@@ -11,6 +11,7 @@ import optax
 from jlora import _nnx_state
 from jlora._boxes import unbox
 from jlora._config import LoraConfig
+from jlora._quant import is_quantized
 from jlora._targets import LORA, TRAINED, map_nodes, walk
 from jlora._weight import Layout, Trainable
 
@@ -131,8 +132,17 @@ class Summary(NamedTuple):
 
 
 def _size_bytes(tree) -> tuple[int, int]:
+    """Parameters and bytes: a quantized kernel counts its kernel's elements as
+    parameters and its codes and scales as bytes."""
     n = nbytes = 0
-    for x in jax.tree.leaves(tree):
+    for x in jax.tree.leaves(tree, is_leaf=is_quantized):
+        if is_quantized(x):
+            n += x.size
+            nbytes += sum(
+                int(np.prod(np.shape(c))) * np.dtype(c.dtype).itemsize
+                for c in jax.tree.leaves(x)
+            )
+            continue
         size = int(np.prod(np.shape(x)))
         n += size
         nbytes += size * np.dtype(x.dtype).itemsize

@@ -38,7 +38,9 @@ from jlora import _atomic, _nnx, _nnx_state, _safetensors
 from jlora._boxes import unbox
 from jlora._config import LoraConfig
 from jlora._init import conventional_layout, orientation_advice
+from jlora._merge import refuse_stacked
 from jlora._probe import infer as infer_layouts
+from jlora._quant import is_quantized, quantize_array
 from jlora._rebuild import (
     OTHER,
     UNCHECKED,
@@ -638,6 +640,7 @@ def save_peft(
     if isinstance(params, nnx.Module):
         probe = _nnx.model_probe(params, probe)
         params = _nnx_state.as_params(params, "jlora.save_peft")
+    refuse_stacked(params, "jlora.save_peft")
     path = os.path.abspath(os.fspath(path))
     _atomic.prepare(path, overwrite, "save_peft")  # refused before anything is computed
     uses = _uses(probe, params) if probe is not None else None
@@ -1221,6 +1224,14 @@ def _whole_leaves(plain, base_keys, tensors, settings, targets, base, errors):
             continue
         p, value = got
         w = unbox(base.nodes[p].value)
+        if is_quantized(w):  # the file's float weights, quantized as the base's kernel
+            value = quantize_array(
+                jnp.asarray(value).astype(w.dtype),
+                w.kind,
+                block_size=w.block_size,
+                double_quant=w.absmax_scale is not None,
+                axis=w.axis,
+            )
         verdict = compare_base(fingerprint(value), cast_checksums(value), w)
         if verdict in (OTHER, UNCHECKED):
             why = (

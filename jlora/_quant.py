@@ -7,9 +7,12 @@ each block is scaled by its absolute maximum and each element stored as a code.
 - `nf4`: the 16-value NormalFloat codebook of the QLoRA paper (Dettmers et al. 2023,
   eq. 4, with the exact zero and the asymmetric halves of bitsandbytes' table), two
   4-bit codes per byte along the blocked axis. With `double_quant`, the float32
-  absmaxes are themselves stored as 8-bit codes, linear in blocks of 256 along the
-  absmax array's last axis, each block with its own float32 scale: 4 + 8/64 +
-  32/16384 = 4.127 bits per weight.
+  absmaxes are themselves stored as 8-bit codes in groups of 256 along the absmax
+  array's last axis: logarithmic between the group's smallest nonzero and largest
+  absmax (two float32 per group), so each absmax is off by a relative
+  (max / min) ** (1/508) - 1 at most and no block is rounded to zero (the paper's
+  8-bit floats are relative too; a linear code zeroes small blocks beside large ones):
+  4 + 8/64 + 64/16384 = 4.129 bits per weight.
 - `int8`: per-block absmax, `round(127 * x / absmax)` as int8; absmaxes in float32.
 Every array of the node keeps the kernel's axes (the blocked one shortened), so a
 kernel's `PartitionSpec` carries over axis for axis, and a scanned `[L, ...]` stack
@@ -58,9 +61,10 @@ class Quantized:
     """A frozen kernel stored quantized (see the module docstring for the format).
 
     Children: `codes` (uint8 packed NF4 or int8), `absmax` (float32 per block, or
-    uint8 codes with `double_quant`), `absmax_scale` (float32 per second-level block,
-    or None). Static: `kind`, `shape`, `dtype` (the float dtype it stands for),
-    `axis` (the blocked axis, negative), `block_size`.
+    uint8 codes with `double_quant`), `absmax_scale` (float32 `[..., groups, 2]`: each
+    group's smallest nonzero and largest absmax, or None). Static: `kind`, `shape`,
+    `dtype` (the float dtype it stands for), `axis` (the blocked axis, negative),
+    `block_size`.
     """
 
     _jlora_leaf = True  # (the walk stops here: one kernel, not three leaves)
@@ -130,6 +134,62 @@ class Quantized:
     def __jax_array__(self):
         return self.dequantize()
 
+    def specs(self, kernel_spec, mesh=None) -> Quantized:
+        """This node with `PartitionSpec` children: the codes and absmaxes take the
+        kernel's spec axis for axis (their axes are the kernel's, the blocked one
+        shorter); the second-level ranges of double quantization take it too, but for
+        their last two axes (the group and its (min, max) pair), which are replicated.
+
+        An axis of an array that its mesh axes do not divide (the absmaxes of a short
+        blocked axis: 128 rows give 2 blocks, which 4 devices cannot split) is left
+        replicated instead. The mesh sizes come from `mesh`, else the codes' sharding,
+        else the mesh of `jax.set_mesh`; without any, the kernel's spec is taken as is.
+        """
+        from jax.sharding import PartitionSpec
+
+        from jlora._jax_compat import spec_entries
+
+        if isinstance(kernel_spec, Quantized):  # already a node of specs: its codes'
+            kernel_spec = kernel_spec.codes
+        entries = tuple(spec_entries(kernel_spec)) + (None,) * self.ndim
+        entries = entries[: self.ndim]
+        sizes = _mesh_sizes(mesh, self.codes)
+
+        def fit(entries, array):
+            shape = getattr(array, "shape", None)
+            if sizes is None or shape is None:
+                return PartitionSpec(*entries)
+            out = []
+            for e, n in zip(entries, shape):
+                names = e if isinstance(e, tuple) else () if e is None else (e,)
+                if not all(isinstance(x, str) for x in names):
+                    out.append(e)  # (UNCONSTRAINED and the like: the compiler's)
+                    continue
+                total = int(np.prod([sizes.get(x, 1) for x in names]))
+                out.append(e if n % total == 0 else None)
+            return PartitionSpec(*out)
+
+        children = [fit(entries, self.codes), fit(entries, self.absmax)]
+        if self.absmax_scale is not None:
+            children.append(fit(entries[:-1] + (None, None), self.absmax_scale))
+        return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(self), children)
+
+
+def _mesh_sizes(mesh, codes):
+    """`{axis name: size}` of `mesh`, else of `codes`' mesh, else of the current one."""
+    if mesh is None:
+        mesh = getattr(getattr(codes, "sharding", None), "mesh", None)
+    if mesh is None:
+        try:
+            mesh = jax.sharding.get_abstract_mesh()
+        except AttributeError:  # (an older JAX)
+            mesh = None
+        if mesh is not None and not getattr(mesh, "axis_names", ()):
+            mesh = None
+    if mesh is None:
+        return None
+    return dict(mesh.shape)
+
 
 def is_quantized(x) -> bool:
     return isinstance(x, Quantized)
@@ -177,9 +237,20 @@ def _quantize(w, *, kind, axis, block, double):
         last = absmax.shape[-1]
         second = SECOND_BLOCK if last % SECOND_BLOCK == 0 else last
         a2 = absmax.reshape(*absmax.shape[:-1], last // second, second)
-        scale = jnp.max(a2, axis=-1)
-        q = jnp.round(a2 / jnp.where(scale > 0, scale, 1.0)[..., None] * 255)
-        absmax = q.astype(jnp.uint8).reshape(absmax.shape)
+        # Logarithmic 8-bit codes between the group's smallest nonzero absmax `lo` and
+        # its largest `hi`: code 0 is an exact zero (an all-zero block), codes 1..255
+        # are lo * (hi / lo) ** ((k - 1) / 254). The error is relative, at most
+        # (hi / lo) ** (1 / 508) - 1 of each absmax, so a block of small weights beside
+        # large ones keeps its scale (a linear code would round it to zero).
+        hi = jnp.max(a2, axis=-1)
+        lo = jnp.min(jnp.where(a2 > 0, a2, jnp.inf), axis=-1)
+        lo = jnp.where(jnp.isfinite(lo), lo, 0.0)
+        span = jnp.log(jnp.where(lo > 0, hi / jnp.where(lo > 0, lo, 1.0), 1.0))
+        t = jnp.log(jnp.where(a2 > 0, a2, 1.0) / jnp.where(lo > 0, lo, 1.0)[..., None])
+        t = t / jnp.where(span > 0, span, 1.0)[..., None]
+        k = jnp.where(a2 > 0, 1 + jnp.round(254 * jnp.clip(t, 0.0, 1.0)), 0)
+        absmax = k.astype(jnp.uint8).reshape(absmax.shape)
+        scale = jnp.stack([lo, hi], axis=-1)
     return codes, absmax, scale
 
 
@@ -187,9 +258,12 @@ def _absmax(q: Quantized):
     if q.absmax_scale is None:
         return q.absmax
     last = q.absmax.shape[-1]
-    n2 = q.absmax_scale.shape[-1]
-    a2 = q.absmax.astype(jnp.float32).reshape(*q.absmax.shape[:-1], n2, last // n2)
-    return (a2 / 255 * q.absmax_scale[..., None]).reshape(q.absmax.shape)
+    n2 = q.absmax_scale.shape[-2]
+    k = q.absmax.astype(jnp.float32).reshape(*q.absmax.shape[:-1], n2, last // n2)
+    lo, hi = q.absmax_scale[..., 0:1], q.absmax_scale[..., 1:2]
+    ratio = hi / jnp.where(lo > 0, lo, 1.0)
+    a2 = jnp.where(k > 0, lo * ratio ** ((k - 1) / 254), 0.0)
+    return a2.reshape(q.absmax.shape)
 
 
 def dequantize_array(q: Quantized):
@@ -384,8 +458,8 @@ def quantize(
       targets: a regex (or several) over leaf paths selecting what to quantize instead
         of the default.
       block_size: elements per absmax block (64 as in QLoRA).
-      double_quant: NF4 only: store the absmaxes as 8-bit codes with a float32 scale per
-        256 of them (about 4.127 bits per weight instead of 4.5).
+      double_quant: NF4 only: store the absmaxes as 8-bit logarithmic codes, with a
+        float32 range per 256 of them (4.129 bits per weight instead of 4.5).
 
     Returns:
       `params` with `jlora.Quantized` nodes at the selected kernels (the NNX model
@@ -406,6 +480,16 @@ def quantize(
 
     if kind not in KINDS:
         raise ValueError(f"jlora.quantize: kind must be one of {KINDS}, got {kind!r}.")
+    if isinstance(block_size, bool) or not isinstance(block_size, (int, np.integer)):
+        raise TypeError(
+            f"jlora.quantize: block_size must be a positive int, got {block_size!r}."
+        )
+    if block_size <= 0 or (kind == "nf4" and block_size % 2):
+        even = " (even for nf4: two codes per byte)" if kind == "nf4" else ""
+        raise ValueError(
+            f"jlora.quantize: block_size must be a positive int{even}, got {block_size}."
+        )
+    block_size = int(block_size)
     if isinstance(params, nnx.Module):
         raise TypeError(
             "jlora._quant.quantize takes params trees; jlora.quantize (jlora._nnx's "
@@ -426,8 +510,15 @@ def quantize(
             out.append(node.leaf)
             continue
         if is_quantized(w):
-            if w.kind != kind:
-                errors.append(f"  {node.path}: already quantized as {w.kind}")
+            had = (w.kind, w.block_size, w.absmax_scale is not None)
+            want = (kind, block_size, bool(double_quant) and kind == "nf4")
+            if had != want:
+                errors.append(
+                    f"  {node.path}: already quantized as {w.kind} (block_size="
+                    f"{w.block_size}, double_quant={had[2]}), not as asked (block_size="
+                    f"{block_size}, double_quant={want[2]}); jlora.dequantize it first "
+                    "to quantize it anew (from the dequantized values: the error adds)"
+                )
             out.append(node.leaf)
             continue
         if not (hasattr(w, "dtype") and jnp.issubdtype(w.dtype, jnp.floating)) or (
@@ -444,6 +535,9 @@ def quantize(
             msg = (
                 f"  {node.path}: no axis of {list(w.shape)} is a multiple of "
                 f"block_size={block_size}"
+                + (f" (stacked axes {list(avoid)} skipped)" if avoid else "")
+                + "; pad the kernel, pass a block_size that divides one of its axes, "
+                "or leave it out of targets="
             )
             (errors if patterns else kept_float).append(msg)
             out.append(node.leaf)
@@ -460,17 +554,15 @@ def quantize(
     if patterns:
         for p in patterns:
             if not any(path_matches((p,), n.path) for n in tree.nodes):
-                errors.append(f"  targets pattern {p.pattern!r} matches no leaf")
+                errors.append(
+                    f"  targets pattern {p.pattern!r} matches no leaf; fix the pattern "
+                    "(a regex searched in '/'-joined paths such as 'layers/0/q/kernel')"
+                )
     if errors:
-        raise ValueError(
-            "jlora.quantize: cannot quantize these leaves (pad such a kernel, pass a "
-            "block_size that divides one of its axes, or leave it out of targets=):\n"
-            + "\n".join(errors)
-        )
+        raise ValueError("jlora.quantize: cannot quantize as asked:\n" + "\n".join(errors))
     if kept_float:
         warnings.warn(
-            "jlora.quantize: these kernels stay in float (pad them, or pass a block_size "
-            "that divides one of their axes, to quantize them):\n" + "\n".join(kept_float),
+            "jlora.quantize: these kernels stay in float:\n" + "\n".join(kept_float),
             stacklevel=3,
         )
     return tree.rebuild(out)

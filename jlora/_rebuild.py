@@ -23,6 +23,7 @@ import numpy as np
 
 from jlora._boxes import box_factors, is_variable, rebox, unbox
 from jlora._merge import combine
+from jlora._quant import is_quantized, quantize_array
 from jlora._sharding import factor_shardings, named_sharding_of
 from jlora._targets import LORA, TRAINED, walk
 from jlora._weight import Layout, LoraWeight, Trainable
@@ -61,13 +62,26 @@ def _sums(w, dtype=None) -> list[int]:
     return [int(plain), int(weighted)]
 
 
-def fingerprint(w) -> dict:
-    """Shape, dtype and checksums of a base kernel, as stored in adapter metadata."""
+def _quant_record(q) -> dict:
     return {
+        "kind": q.kind,
+        "block_size": q.block_size,
+        "axis": q.axis,
+        "double_quant": q.absmax_scale is not None,
+    }
+
+
+def fingerprint(w) -> dict:
+    """Shape, dtype and checksums of a base kernel, as stored in adapter metadata; for
+    a quantized kernel, those of its dequantized values and how it was quantized."""
+    out = {
         "shape": list(np.shape(w)),
         "dtype": str(np.dtype(w.dtype)),
         "checksum": _sums(w),
     }
+    if is_quantized(w):
+        out["quantized"] = _quant_record(w)
+    return out
 
 
 def cast_checksums(w) -> dict[str, list[int]]:
@@ -79,6 +93,7 @@ def cast_checksums(w) -> dict[str, list[int]]:
 
 
 SAME, CAST, OTHER, UNCHECKED = "same", "cast", "other", "unchecked"
+REQUANTIZED = "requantized"  # a quantized kernel met where the record is another's
 
 
 def compare_base(recorded: dict, casts: dict | None, w) -> str:
@@ -95,6 +110,20 @@ def compare_base(recorded: dict, casts: dict | None, w) -> str:
     dtype, was = np.dtype(w.dtype), np.dtype(recorded["dtype"])
     if list(np.shape(w)) != list(recorded["shape"]):
         return OTHER
+    quantized = recorded.get("quantized")
+    if quantized and not is_quantized(w) and jnp.issubdtype(dtype, jnp.floating):
+        # Trained on a quantized base, met with a float one: the same base if it
+        # quantizes to the recorded kernel (quantization is deterministic).
+        q = quantize_array(
+            jnp.asarray(w).astype(was),
+            quantized["kind"],
+            block_size=quantized["block_size"],
+            double_quant=quantized["double_quant"],
+            axis=quantized["axis"],
+        )
+        return CAST if _sums(q) == list(recorded["checksum"]) else OTHER
+    if is_quantized(w) and (not quantized or quantized != _quant_record(w)):
+        return REQUANTIZED  # (quantized since, or otherwise: its float values are gone)
     if dtype == was:
         return SAME if _sums(w) == list(recorded["checksum"]) else OTHER
     floating = jnp.issubdtype(dtype, jnp.floating) and jnp.issubdtype(was, jnp.floating)
@@ -114,6 +143,7 @@ def base_report(verdicts: dict[str, tuple[str, str, str]]) -> tuple[list[str], s
     values could not be compared, each said as such; `([], "")` when all fit."""
     other = [p for p, (v, _, _) in verdicts.items() if v == OTHER]
     unchecked = [p for p, (v, _, _) in verdicts.items() if v == UNCHECKED]
+    requantized = [p for p, (v, _, _) in verdicts.items() if v == REQUANTIZED]
     parts = []
     if other:
         cast = [p for p in other if verdicts[p][1] != verdicts[p][2]]
@@ -132,7 +162,14 @@ def base_report(verdicts: dict[str, tuple[str, str, str]]) -> tuple[list[str], s
             f"meet base kernels of another dtype ({', '.join(changes)}) at {unchecked}, "
             "whose values jlora keeps no record to compare with"
         )
-    return other + unchecked, "; and ".join(parts)
+    if requantized:
+        parts.append(
+            f"meet base kernels quantized otherwise than the ones they were trained on "
+            f"at {requantized}, whose float values cannot be compared with the record "
+            "(an adapter trained on a float base serves on its quantized base with the "
+            "quantization error added)"
+        )
+    return other + unchecked + requantized, "; and ".join(parts)
 
 
 # The base -------------------------------------------------------------------------------

@@ -17,8 +17,13 @@ from jax.sharding import NamedSharding, PartitionSpec
 from jlora import _nnx_state
 from jlora._boxes import unbox
 from jlora._jax_compat import explicit_axes, is_tracer, spec_entries
-from jlora._targets import LORA, TRAINED, walk
+from jlora._targets import LEAF, LORA, TRAINED, walk
 from jlora._weight import Layout, Trainable
+
+
+def is_quantized(x) -> bool:
+    """A `jlora.Quantized` kernel (by its marks: `_quant` imports this module's users)."""
+    return getattr(type(x), "_jlora_leaf", False) and hasattr(x, "specs")
 
 
 def factor_specs(kernel_spec, ndim: int, layout: Layout, unconstrained=()):
@@ -107,6 +112,8 @@ def adapter_specs(params: Any, base_specs: Any = None) -> Any:
         if node.kind == LORA:
             w = unbox(node.value.w)
             kernel_spec = given[node.path] if given is not None else _spec_of(w)
+            if is_quantized(kernel_spec):  # (base_specs' node of specs: its codes')
+                kernel_spec = kernel_spec.codes
             a, b = factor_specs(kernel_spec, len(w.shape), node.value.layout)
             out.append(node.put_back(node.value.replace(w=None, a=a, b=b)))
         else:
@@ -116,6 +123,66 @@ def adapter_specs(params: Any, base_specs: Any = None) -> Any:
     if missing:
         raise ValueError(
             f"jlora.adapter_specs: base_specs has no spec for {missing}; pass the spec "
+            "tree of the base params (same paths)."
+        )
+    return tree.rebuild(out)
+
+
+def base_specs(params: Any, base_specs: Any = None, *, mesh=None) -> Any:
+    """The `PartitionSpec` tree of `jlora.split(params)[1]` (the frozen base): the twin
+    of `adapter_specs`, for a step's `in_shardings` when the base is quantized.
+
+    Each plain leaf takes its spec (from `base_specs` when given, else from its own
+    sharding); a `jlora.Quantized` kernel becomes a `Quantized` node of specs (codes
+    and absmaxes sharded as the kernel, axis for axis; see `Quantized.specs`); a
+    trained leaf (`Trainable`, in the adapters) gives `None`.
+
+    Args:
+      params: adapted and/or quantized params (concrete, or abstract from
+        `jax.eval_shape`), or an NNX model.
+      base_specs: optional `PartitionSpec` tree over the float base params (same paths;
+        a kernel's spec stands for its quantized node).
+      mesh: the mesh the specs are for (default: the arrays' own, else the mesh of
+        `jax.set_mesh`): an axis of a quantized node's array that its mesh axes do not
+        divide (the absmaxes of a short blocked axis) is left replicated.
+
+    Returns:
+      a tree with the structure of `jlora.split(params)[1]`.
+
+    Raises:
+      ValueError: `base_specs` lacks the path of a leaf of the base.
+
+    Example::
+
+      adapters, base = jlora.split(jlora.quantize(params, "nf4"))
+      step = jax.jit(step, in_shardings=(jax.tree.map(named, jlora.adapter_specs(p)),
+                                         jax.tree.map(named, jlora.base_specs(p))))
+    """
+    params = _nnx_state.as_params(params, "jlora.base_specs")
+    given = None
+    if base_specs is not None:
+        given = {n.path: n.value for n in walk(base_specs, keep_none=True).nodes}
+    tree = walk(params)
+    out, missing = [], []
+    for node in tree.nodes:
+        if node.kind == TRAINED:
+            out.append(None)
+            continue
+        if node.kind not in (LORA, LEAF):
+            out.append(None)
+            continue
+        w = unbox(node.value.w) if node.kind == LORA else unbox(node.value)
+        if given is not None and node.path not in given:
+            missing.append(node.path)
+            out.append(None)
+            continue
+        spec = given[node.path] if given is not None else _spec_of(w)
+        if is_quantized(w):
+            spec = w.specs(spec, mesh)
+        out.append(spec or PartitionSpec())
+    if missing:
+        raise ValueError(
+            f"jlora.base_specs: base_specs has no spec for {missing}; pass the spec "
             "tree of the base params (same paths)."
         )
     return tree.rebuild(out)

@@ -16,6 +16,7 @@ import types
 import warnings
 import weakref
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import numpy as np
@@ -57,6 +58,13 @@ def _prepare(args, kwargs):
     for node in nodes.nodes:
         if node.kind == LORA:
             lw = node.value
+            if lw.stack is not None:
+                raise ValueError(
+                    f"jlora.lora: {_node_path(node.keys)} holds a stacked set of "
+                    f"adapters {list(lw.stack.names)}; serve a batch from it with "
+                    "jlora.lora(fn, adapter_ids=ids), or run one adapter with "
+                    "jlora.select(stacked, name)."
+                )
             if unbox(lw.w) is None:
                 raise ValueError(
                     f"jlora.lora: {_node_path(node.keys)} holds adapters without a base "
@@ -150,7 +158,15 @@ def run(fn, args, kwargs, ctx: Context, *, abstract: bool = False):
     return jax.tree_util.tree_unflatten(out_tree, outs)
 
 
-def lora(fn: Callable, *, rng: jax.Array | None = None, strict: bool = False) -> Callable:
+def lora(
+    fn: Callable,
+    *,
+    rng: jax.Array | None = None,
+    strict: bool = False,
+    adapter_ids: Any = None,
+    in_axes: Any = None,
+    out_axes: Any = 0,
+) -> Callable:
     """Transforms `fn` to run on adapted params with factored low-rank compute.
 
     The returned function has `fn`'s signature and accepts `LoraWeight` (and
@@ -185,6 +201,21 @@ def lora(fn: Callable, *, rng: jax.Array | None = None, strict: bool = False) ->
         same for every mapped example unless you `vmap` over keys too.
       strict: raise `jlora.RuleError` instead of materializing a kernel for an
         equation no rule handles (by default that warns once per primitive and path).
+      adapter_ids: serve a mixed batch from a stacked set (`jlora.stack_adapters`,
+        combined with its base in the first argument): row `i` of the batch runs with
+        adapter `adapter_ids[i]`, `-1` (or None in a list of names) with the base
+        alone. An integer array (maybe traced) or a list of names. The factors are
+        gathered per row and `fn` is mapped over the rows with `jax.vmap`, the base
+        unbatched, so the frozen kernels' matmuls run once over the whole batch; `fn`
+        sees one row at a time with a batch axis of size 1. Concrete ids are checked
+        (range, names); traced ids out of range give NaN rows, never another adapter.
+      in_axes: with `adapter_ids`: the batch axis of each positional argument, as
+        `jax.vmap`'s `in_axes` (prefix trees, None for inputs shared by every row).
+        Default: the params (first argument) shared, every other argument batched on
+        axis 0. Keyword arguments are shared by every row. A batched input without
+        `len(adapter_ids)` rows on its axis is an error naming it.
+      out_axes: with `adapter_ids`: the batch axis of each output (`jax.vmap`'s
+        `out_axes`; default 0).
 
     Returns:
       the transformed function.
@@ -197,6 +228,17 @@ def lora(fn: Callable, *, rng: jax.Array | None = None, strict: bool = False) ->
       >>> y.shape
       (1, 3)
     """
+
+    if adapter_ids is not None:
+        from jlora._adapters import mixed
+
+        return functools.wraps(fn)(
+            mixed(fn, adapter_ids, in_axes, out_axes, lora(fn, rng=rng, strict=strict))
+        )
+    if in_axes is not None or out_axes != 0:
+        raise ValueError(
+            "jlora.lora: in_axes and out_axes are for mixed batches; pass adapter_ids too."
+        )
 
     @functools.wraps(fn)
     def wrapped(*args, **kwargs):
@@ -425,10 +467,13 @@ def _eager_call(fn, args, kwargs, strict: bool):
     except (_Uncacheable, TypeError, ValueError):
         return None
     if entry is None:
-        nodes = [n for n in walk((args, kwargs)).nodes if n.kind == LORA]
+        walked = walk((args, kwargs)).nodes
+        nodes = [n for n in walked if n.kind == LORA]
         if any(n.value.scale is ANY or n.value.layout is ANY for n in nodes):
             return None  # spec-tree metadata equals anything: never a key
-        entry = _compiled(fn, treedef, where, static, strict) if nodes else _PLAIN
+        # (a quantized kernel without adapters is interpreted too: dequantized at use)
+        interpreted = nodes or any(is_quantized(unbox(n.value)) for n in walked)
+        entry = _compiled(fn, treedef, where, static, strict) if interpreted else _PLAIN
         _EAGER.put(key, refs, entry)
     if entry is _PLAIN:  # no adapted kernel: `fn` itself, as on the traced path
         return lambda rng: run(fn, args, kwargs, Context(RULES, rng, strict))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import string
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -53,8 +53,10 @@ class Fused(tuple):
             ) from None
         if parts < 2:
             raise ValueError(f"Fused: parts must be at least 2, got {parts}.")
-        if not adapt or sorted(set(adapt)) != list(adapt) or not (
-            0 <= adapt[0] and adapt[-1] < parts
+        if (
+            not adapt
+            or sorted(set(adapt)) != list(adapt)
+            or not (0 <= adapt[0] and adapt[-1] < parts)
         ):
             raise ValueError(
                 f"Fused: adapt must name distinct parts in increasing order, each in "
@@ -266,12 +268,24 @@ def materialize(w, a, b, layout: Layout, scale: float):
     return (w.astype(jnp.float32) + low_rank_product(a, b, layout, scale)).astype(w.dtype)
 
 
+class Stack(NamedTuple):
+    """What a stacked set of adapters holds (`jlora.stack_adapters`): the adapters'
+    names, their own ranks and scales (the factors are padded to the largest rank and
+    each scale is folded into its `b`)."""
+
+    names: tuple[str, ...]
+    ranks: tuple[int, ...]
+    scales: tuple[float, ...]
+
+
 class LoraWeight:
     """A frozen kernel `w` with trainable low-rank factors `a` and `b`.
 
     Represents `w + scale * a @ b` (see `Layout` for the axes). Registered as a pytree
     node with keys, so paths read `.../kernel/w`, `.../kernel/a`, `.../kernel/b`;
-    `scale`, `layout` and `dropout` are static metadata. Children are not validated, so
+    `scale`, `layout`, `dropout` and `stack` are static metadata (`stack`: a `Stack`
+    when `a` and `b` hold a set of adapters on a leading axis, from
+    `jlora.stack_adapters`; None otherwise). Children are not validated, so
     any pytree transform may put what it likes there (None, `optax.MaskedNode`,
     `PartitionSpec`, `ShapeDtypeStruct`, tracers): `jax.tree.map`, `jax.eval_shape`,
     `vmap(in_axes=LoraWeight(None, 0, 0))`, optax and orbax all work on it.
@@ -288,7 +302,7 @@ class LoraWeight:
       Array(1., dtype=float32)
     """
 
-    __slots__ = ("w", "a", "b", "scale", "layout", "dropout")
+    __slots__ = ("w", "a", "b", "scale", "layout", "dropout", "stack")
 
     def __init__(
         self,
@@ -299,6 +313,7 @@ class LoraWeight:
         scale: float | None = None,
         layout: Layout | None = None,
         dropout: float = 0.0,
+        stack: Stack | None = None,
     ):
         self.w = w
         self.a = a
@@ -308,6 +323,7 @@ class LoraWeight:
         self.scale = scale
         self.layout = DEFAULT_LAYOUT if layout is None else layout
         self.dropout = dropout
+        self.stack = ANY if scale is ANY else stack
 
     def replace(self, **changes) -> LoraWeight:
         fields = dict(
@@ -317,6 +333,7 @@ class LoraWeight:
             scale=self.scale,
             layout=self.layout,
             dropout=self.dropout,
+            stack=self.stack,
         )
         fields.update(changes)
         w, a, b = fields.pop("w"), fields.pop("a"), fields.pop("b")
@@ -361,7 +378,9 @@ class LoraWeight:
 
         return (
             f"LoraWeight(w={show(self.w)}, a={show(self.a)}, b={show(self.b)}, "
-            f"scale={self.scale}, layout={self.layout}, dropout={self.dropout})"
+            f"scale={self.scale}, layout={self.layout}, dropout={self.dropout}"
+            + (f", stack={self.stack.names}" if isinstance(self.stack, Stack) else "")
+            + ")"
         )
 
     def __eq__(self, other):  # structural identity only; arrays are not compared
@@ -430,7 +449,9 @@ class _Any:
 ANY = _Any()
 
 jax.tree_util.register_dataclass(
-    LoraWeight, data_fields=["w", "a", "b"], meta_fields=["scale", "layout", "dropout"]
+    LoraWeight,
+    data_fields=["w", "a", "b"],
+    meta_fields=["scale", "layout", "dropout", "stack"],
 )
 
 
@@ -460,7 +481,7 @@ def _register_export_serialization():
     """Lets `jax.export` serialize functions whose inputs or outputs hold these nodes."""
 
     def ser_lw(meta):
-        scale, layout, dropout = meta
+        scale, layout, dropout, stack = meta
         return json.dumps(
             {
                 "scale": scale,
@@ -469,6 +490,7 @@ def _register_export_serialization():
                 "stack": layout.stack_axes,
                 "fused": layout.fused,
                 "dropout": dropout,
+                "adapters": None if stack is None else list(map(list, stack)),
             }
         ).encode()
 
@@ -478,6 +500,7 @@ def _register_export_serialization():
             d["scale"],
             Layout(tuple(d["in"]), tuple(d["out"]), tuple(d["stack"]), d.get("fused")),
             d["dropout"],
+            None if d.get("adapters") is None else Stack(*map(tuple, d["adapters"])),
         )
 
     export.register_pytree_node_serialization(
@@ -486,7 +509,7 @@ def _register_export_serialization():
         serialize_auxdata=ser_lw,
         deserialize_auxdata=de_lw,
         from_children=lambda meta, ch: LoraWeight(
-            *ch, scale=meta[0], layout=meta[1], dropout=meta[2]
+            *ch, scale=meta[0], layout=meta[1], dropout=meta[2], stack=meta[3]
         ),
     )
     export.register_pytree_node_serialization(

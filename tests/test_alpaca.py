@@ -586,6 +586,38 @@ def test_alpaca_main_job_two_steps_end_to_end(tmp_path):
         alpaca.main(argv, log=lines.append)
 
 
+def test_alpaca_main_job_on_an_nf4_base(tmp_path):
+    import importlib.util
+
+    import jlora
+
+    spec = importlib.util.spec_from_file_location("alpaca", ROOT / "examples" / "alpaca.py")
+    alpaca = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(alpaca)
+    lines = []
+    argv = [
+        *("--cache-dir", str(tmp_path / "cache"), "--output-dir", str(tmp_path / "run")),
+        *("--base-steps", "3", "--base-width", "64", "--base-layers", "1"),
+        *("--base-docs", "300", "--steps", "2", "--batch-size", "4"),
+        *("--val-set-size", "4", "--score-records", "2", "--max-new-tokens", "2"),
+        *("--eval-every", "1", "--num-examples", "0", "--quantize", "nf4"),
+    ]
+    with jax.numpy_dtype_promotion("standard"):
+        out = alpaca.main(argv, log=lines.append)
+    # q, k, v, out and the two MLP kernels of the one block (the embedding stays float)
+    assert "base: 6 kernels stored as nf4" in lines
+    assert all(math.isfinite(v) for v in (out["val_loss_before"], out["val_loss_after"]))
+    assert [s for s, _ in out["history"]["eval"]] == [1, 2]
+    # served = merged into the dequantized kernels; the transform dequantizes at each
+    # use: the same function, rounded twice (see the float run's test for the chain)
+    assert out["merge_gap"] <= chain_bound(k=256, depth=18) * out["merge_scale"]
+    is_q = lambda x: isinstance(x, jlora.Quantized)  # noqa: E731
+    leaves = jax.tree.leaves(out["params"], is_leaf=is_q)
+    assert sum(isinstance(x, jlora.Quantized) for x in leaves) == 6
+    with pytest.raises(SystemExit, match="other settings \\(quantize\\)"):
+        alpaca.main([*argv[:-2], "--quantize", "int8"], log=lines.append)
+
+
 def test_embedded_base_settings_are_checked(tmp_path):
     with pytest.raises(ValueError, match="BaseSettings.n_docs must be positive"):
         base.BaseSettings(n_docs=0)

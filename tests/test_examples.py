@@ -140,7 +140,7 @@ def test_quant_memory_benchmark_plans_the_three_bases():
         (n, base): (b, t) for n, base, b, t in bench.main(["--d", "128", "--layers", "4"])
     }
     kernel = 128 * 128 * 4
-    assert rows[(4, "nf4")][0] <= 0.13 * rows[(4, "float32")][0]  # 4.127 bits of 32
+    assert rows[(4, "nf4")][0] <= 0.13 * rows[(4, "float32")][0]  # 4.129 bits of 32
     assert rows[(4, "nf4")][1] <= rows[(4, "float32")][1] + kernel
     assert rows[(4, "nf4, plain")][1] > rows[(4, "nf4")][1] + 2 * kernel
 
