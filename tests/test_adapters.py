@@ -211,3 +211,69 @@ def test_add_weighted_cat_is_exact_and_svd_reports_the_optimal_error():
         jlora.add_weighted([adapters["task0"]], [1.0, 2.0])
     with pytest.raises(ValueError, match="how='svd' needs rank >= 1"):
         jlora.add_weighted([adapters["task0"]], [1.0], how="svd")
+
+
+def test_nnx_models_stack_and_serve_a_mixed_batch_through_their_state():
+    from flax import nnx
+
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.up = nnx.Linear(D, 2 * D, rngs=rngs)
+            self.down = nnx.Linear(2 * D, D, rngs=rngs)
+
+        def __call__(self, x):
+            return self.down(jax.nn.gelu(self.up(x)))
+
+    base = Net(nnx.Rngs(0))
+    models = {}
+    for i in range(3):
+        m = nnx.clone(base)
+        jlora.nnx.apply(m, jlora.LoraConfig(2 + i, 4.0), rngs=nnx.Rngs(10 + i))
+        for layer in (m.up, m.down):
+            v = layer.kernel_lora_b
+            v.set_raw_value(0.1 * jax.random.normal(jax.random.key(i), v.shape))
+        models[f"t{i}"] = m
+    stacked = jlora.stack_adapters(models)  # adapted NNX models give their adapters
+    graphdef, state = nnx.split(base)
+    served = jlora.combine(stacked, state)
+    ids = [0, 1, -1, 2, 1]
+    x = jax.random.normal(jax.random.key(5), (len(ids), D))
+    f = jlora.lora(lambda s, x: nnx.merge(graphdef, s)(x), adapter_ids=jnp.asarray(ids))
+    for y in (f(served, x), jax.jit(f)(served, x)):
+        for r, i in enumerate(ids):
+            one = base if i < 0 else jlora.nnx.merge_and_unload(nnx.clone(models[f"t{i}"]))
+            assert_close(y[r : r + 1], one(x[r : r + 1]), chain_bound(2 * D, 3))
+
+
+def test_one_generate_call_serves_a_batch_mixing_adapters_and_the_base():
+    import pathlib
+    import sys
+
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "examples"))
+    from instruct.model import GPT, GPTConfig, generate, init_params
+
+    cfg = GPTConfig(
+        vocab_size=50, n_positions=32, n_embd=16, n_layer=2, n_head=2, eos_token_id=0
+    )
+    params = init_params(cfg, jax.random.key(3))
+    params = jax.tree.map(lambda x: x * 20 if x.ndim == 2 else x, params)  # sharper
+    model = GPT(cfg)
+    adapters = {}
+    for i in range(3):
+        lp = jlora.init(jax.random.key(10 + i), params, jlora.LoraConfig(2 + i, 8.0))
+        adapters[f"t{i}"] = jlora.split(perturb(lp, jax.random.key(i), 0.3))[0]
+    served = jlora.combine(jlora.stack_adapters(adapters), params)
+    prompts = [[5, 6, 7, 8, 9], [11, 12], [13, 14, 15], [7, 8], [9]]
+    ids = np.array([0, -1, 2, 1, 0])
+    cache = {"k": 1, "v": 1, "index": None}  # the cache's batch axis; its index shared
+    apply = jlora.lora(
+        model.apply, adapter_ids=ids, in_axes=(None, 0, 0, 0, cache), out_axes=(0, cache)
+    )
+    got = generate(apply, served, cfg, prompts, max_new_tokens=6)
+    for prompt, i, new in zip(prompts, ids, got):
+        one = params if i < 0 else jlora.merge(jlora.combine(adapters[f"t{i}"], params))
+        assert new == generate(model.apply, one, cfg, [prompt], max_new_tokens=6)[0]
+    # a batched cache whose batch axis is not declared is named, not broadcast
+    wrong = jlora.lora(model.apply, adapter_ids=ids, in_axes=(None, 0, 0, 0, 0))
+    with pytest.raises(ValueError, match=r"argument 4 at index is \[\], batched on axis 0"):
+        generate(wrong, served, cfg, prompts, max_new_tokens=2)

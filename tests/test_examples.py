@@ -177,3 +177,25 @@ def test_memory_plan_of_a_small_config_with_a_plot(tmp_path):
     order = ["nf4", "int8", "bfloat16", "float32", "full fine-tuning"]
     assert [by_base[b] for b in order] == sorted(by_base[b] for b in order)
     assert svg.read_text().count("<rect") == 3 * len(rows) + 3
+
+
+def test_serve_adapters_answers_a_mixed_batch_as_each_adapter_alone(tmp_path):
+    serve = _load("serve_adapters")
+    lines = []
+    argv = [
+        *("--cache-dir", str(tmp_path / "cache"), "--output-dir", str(tmp_path / "run")),
+        *("--base-steps", "3", "--base-width", "64", "--base-layers", "1"),
+        *("--base-docs", "300", "--steps", "3", "--batch-size", "4", "--records", "40"),
+        *("--prompts", "5", "--max-new-tokens", "3"),
+    ]
+    with jax.numpy_dtype_promotion("standard"):
+        out = serve.main(argv, log=lines.append)
+    # rows cycle through the base and the three adapters; every row's tokens are those
+    # of its adapter alone, merged (greedy decoding of the same function)
+    assert list(out["ids"]) == [-1, 0, 1, 2, -1]
+    assert out["same"] == 5 and all(row[3] for row in out["rows"])
+    assert [row[0] for row in out["rows"]] == ["base", "answer", "is", "think", "base"]
+    # the three adapters were saved, loaded back and stacked in order
+    assert serve.stacked_names(out["stacked"]) == ("answer", "is", "think")
+    assert list(out["loaded"]) == ["answer", "is", "think"]
+    assert any(line.startswith("one generate call, 5 prompts") for line in lines)
