@@ -70,7 +70,7 @@ def _spec_of(x):
     return sharding.spec if sharding is not None else PartitionSpec()
 
 
-def adapter_specs(params: Any, base_specs: Any = None) -> Any:
+def adapter_specs(params: Any, base_specs: Any = None, *, adapter_axis=None) -> Any:
     """The `PartitionSpec` tree of `jlora.split(params)[0]` (the adapters).
 
     For `jax.jit(step, in_shardings=..., out_shardings=...)`. Kernel specs come from
@@ -82,6 +82,9 @@ def adapter_specs(params: Any, base_specs: Any = None) -> Any:
       params: adapted params (concrete, or abstract from `jax.eval_shape`), or an NNX
         model adapted by `jlora.nnx.apply`.
       base_specs: optional `PartitionSpec` tree with the base params' structure.
+      adapter_axis: for a stacked set (`jlora.stack_adapters`, combined with its
+        base): the mesh axis (or axes) its leading adapter axis is sharded over;
+        default None, replicated.
 
     Returns:
       a tree with the adapters' structure: `LoraWeight(None, a_spec, b_spec)`,
@@ -115,6 +118,9 @@ def adapter_specs(params: Any, base_specs: Any = None) -> Any:
             if is_quantized(kernel_spec):  # (base_specs' node of specs: its codes')
                 kernel_spec = kernel_spec.codes
             a, b = factor_specs(kernel_spec, len(w.shape), node.value.layout)
+            if node.value.stack is not None:  # the leading adapter axis
+                a = PartitionSpec(adapter_axis, *spec_entries(a))
+                b = PartitionSpec(adapter_axis, *spec_entries(b))
             out.append(node.put_back(node.value.replace(w=None, a=a, b=b)))
         else:
             value = unbox(node.value.value)

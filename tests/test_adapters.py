@@ -277,3 +277,40 @@ def test_one_generate_call_serves_a_batch_mixing_adapters_and_the_base():
     wrong = jlora.lora(model.apply, adapter_ids=ids, in_axes=(None, 0, 0, 0, 0))
     with pytest.raises(ValueError, match=r"argument 4 at index is \[\], batched on axis 0"):
         generate(wrong, served, cfg, prompts, max_new_tokens=2)
+
+
+def test_a_stacked_set_shards_like_its_kernels_and_takes_the_padded_bytes():
+    if len(jax.devices()) < 8:
+        pytest.skip("needs 8 devices")
+    model, x, base, adapters = make()
+    adapters = {**adapters, "again": adapters["task1"]}  # four: two per "a" device
+    stacked = jlora.stack_adapters(adapters)
+    # Memory: XLA's argument bytes of the set are those of the padded adapters (rank 4
+    # each), nothing more.
+    padded = sum(
+        4 * 4 * (D + D) * len(adapters)  # float32 a [D, 4] and b [4, D], per adapter
+        for _ in ("q", "v", "mlp")
+    )
+    compiled = jax.jit(lambda s: jax.tree.map(jnp.sum, s)).lower(stacked).compile()
+    assert compiled.memory_analysis().argument_size_in_bytes == padded
+    mesh = jax.make_mesh((2, 4), ("a", "m"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+    with jax.set_mesh(mesh):
+        kernel = jax.P(None, "m")
+        sharded = jax.tree.map(
+            lambda t: jax.device_put(t, kernel if t.ndim == 2 else jax.P()), base
+        )
+        served = jlora.combine(stacked, sharded)
+        specs = jlora.adapter_specs(served, adapter_axis="a")
+        lw = specs["q"]["kernel"]
+        assert lw.a == jax.P("a", None, None) and lw.b == jax.P("a", None, "m")
+        assert jlora.adapter_specs(served)["q"]["kernel"].a == jax.P(None, None, None)
+        put = jax.tree.map(lambda s: jax.NamedSharding(mesh, s), specs)
+        placed = jax.device_put(stacked, put)
+        assert placed["q"]["kernel"].b.sharding.spec == jax.P("a", None, "m")
+        ids = jnp.asarray([2, -1, 0, 1, 1, 0])
+        f = jax.jit(jlora.lora(model.apply, adapter_ids=ids, strict=True))
+        y = f({"params": jlora.combine(placed, sharded)}, x)
+    names = list(adapters)
+    for r, i in enumerate(np.asarray(ids)):
+        want = merged_row(model, base, adapters, None if i < 0 else names[i], x[r : r + 1])
+        assert_close(y[r : r + 1], want, chain_bound(D, 8))

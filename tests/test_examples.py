@@ -199,3 +199,12 @@ def test_serve_adapters_answers_a_mixed_batch_as_each_adapter_alone(tmp_path):
     assert serve.stacked_names(out["stacked"]) == ("answer", "is", "think")
     assert list(out["loaded"]) == ["answer", "is", "think"]
     assert any(line.startswith("one generate call, 5 prompts") for line in lines)
+
+
+def test_the_serving_benchmark_runs_every_candidate_and_mixed_rows_match():
+    bench = _load("serve", "benchmarks")
+    out = bench.main(["--quick", "--no-write"])
+    expected = {"merged", "single"} | {f"mixed {n}" for n in out["counts"]}
+    assert set(out["per_token"]) == expected
+    assert all(t > 0 for t in out["per_token"].values())
+    assert out["same_as_single"]  # one adapter stacked: the tokens of that adapter
