@@ -378,3 +378,40 @@ def test_main_job_on_llama_exports_and_imports_peft(tmp_path, torch_llama_dir):
     # Two AdamW steps at lr <= 1e-3 (warming up) move each entry by well under 0.01; a
     # fresh start (b = 0) would be ~0.1 away from the file's b.
     assert 0.0 < moved < 0.01 < float(jnp.max(jnp.abs(q0.b)))
+
+
+@needs_torch
+def test_a_mixed_batch_matches_peft_adapter_names(tmp_path, torch_llama_dir):
+    # Three PEFT adapters of different ranks and targets-in-common on one transformers
+    # Llama; PEFT serves a mixed batch with adapter_names= (its loop over sub-batches),
+    # jlora loads each file, stacks them and serves the same batch in one call.
+    import peft
+
+    path, tm = torch_llama_dir
+    targets = ["q_proj", "v_proj", "down_proj"]
+    pm = peft.get_peft_model(
+        copy.deepcopy(tm), peft.LoraConfig(r=2, lora_alpha=4, target_modules=targets)
+    )
+    pm.add_adapter("two", peft.LoraConfig(r=4, lora_alpha=4, target_modules=targets))
+    pm.add_adapter("three", peft.LoraConfig(r=3, lora_alpha=9, target_modules=targets))
+    randomize_torch(pm, lambda n: "lora_" in n, seed=3)
+    pm.eval()
+    cfg, params, _ = llama.load(path)
+    model = llama.LlamaForCausalLM(cfg)
+    ids = np.random.default_rng(4).integers(0, cfg.vocab_size, (5, 10))
+    loaded = {}
+    for name in ("default", "two", "three"):
+        pm.save_pretrained(str(tmp_path / name), selected_adapters=[name])
+        where = tmp_path / name / (name if name != "default" else "")
+        lp = jlora.load_peft(where, params, probe=lambda p: model.apply({"params": p}, ids))
+        loaded[name] = jlora.split(lp)[0]
+    stacked = jlora.stack_adapters(loaded)
+    rows = ["two", "__base__", "default", "three", "two"]
+    import torch
+
+    with torch.no_grad():
+        theirs = pm(torch.tensor(ids), adapter_names=rows).logits.numpy()
+    names = [None if r == "__base__" else r for r in rows]
+    served = {"params": jlora.combine(stacked, params)}
+    ours = jlora.lora(model.apply, adapter_ids=names)(served, jnp.asarray(ids))
+    assert_close(ours, theirs, chain_bound(48, 2 * 14 + 3))
