@@ -5,7 +5,7 @@
 
 On the embedded base of `examples/alpaca.py`, three LoRA adapters learn three answer
 formats for the same instructions (`The answer is <word>.`, `<word> is the answer.`,
-`It is <word>, I think.`), a few hundred steps each. They are saved with
+`It was <word>, I see.`), a few hundred steps each. They are saved with
 `jlora.save_adapter`, loaded back onto the base with `jlora.load_adapter`, stacked with
 `jlora.stack_adapters`, and one `generate` call with
 `jlora.lora(model.apply, adapter_ids=ids)` answers a batch of held-out prompts in which
@@ -44,7 +44,7 @@ from instruct.model import GPT, generate  # noqa: E402
 FORMATS = {
     "answer": "The answer is {}.",
     "is": "{} is the answer.",
-    "think": "It is {}, I think.",
+    "see": "It was {}, I see.",
 }
 CACHE_AXES = {"k": 1, "v": 1, "index": None}  # the KV cache's batch axis (per layer)
 

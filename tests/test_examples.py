@@ -194,10 +194,10 @@ def test_serve_adapters_answers_a_mixed_batch_as_each_adapter_alone(tmp_path):
     # of its adapter alone, merged (greedy decoding of the same function)
     assert list(out["ids"]) == [-1, 0, 1, 2, -1]
     assert out["same"] == 5 and all(row[3] for row in out["rows"])
-    assert [row[0] for row in out["rows"]] == ["base", "answer", "is", "think", "base"]
+    assert [row[0] for row in out["rows"]] == ["base", "answer", "is", "see", "base"]
     # the three adapters were saved, loaded back and stacked in order
-    assert serve.stacked_names(out["stacked"]) == ("answer", "is", "think")
-    assert list(out["loaded"]) == ["answer", "is", "think"]
+    assert serve.stacked_names(out["stacked"]) == ("answer", "is", "see")
+    assert list(out["loaded"]) == ["answer", "is", "see"]
     assert any(line.startswith("one generate call, 5 prompts") for line in lines)
 
 
