@@ -688,8 +688,9 @@ def _owner_control(owner) -> Control:
 def _fold(model, sign: int, keep: bool = False) -> None:
     """Merges (`sign` > 0) the kernels whose modules are not merged, or unmerges those
     that are; `keep` keeps each frozen kernel as it was, to be put back by unmerge."""
+    where = {id(node): path for path, node in nnx.iter_graph(model)}
     quantized = [
-        f"{type(o).__name__}.{k}"
+        "/".join(str(x) for x in (*where.get(id(o), ()), k))
         for o, k, kernel, _, _ in _adapted_kernels(model)
         if is_quantized(kernel.get_raw_value())
     ]

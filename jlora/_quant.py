@@ -98,6 +98,16 @@ class Quantized:
             block,
         )
         codes = children[0]
+        dt = getattr(codes, "dtype", None)
+        if dt is not None and jnp.issubdtype(dt, jnp.floating):
+            raise TypeError(
+                f"jlora.Quantized({kind}, {list(shape)}): its integer codes came back as "
+                f"{dt}: a tree map over a quantized base reached them (a cast of every "
+                "leaf, say), which would corrupt the kernel. Cast the base before "
+                "jlora.quantize, or leave quantized kernels out of the map: "
+                "jax.tree.map(f, tree, is_leaf=lambda x: isinstance(x, jlora.Quantized)) "
+                "with f returning such nodes unchanged."
+            )
         if hasattr(codes, "shape") and len(codes.shape) != len(shape):
             # sliced by a transform (a scan over a stack): leading axes are gone
             node.shape = tuple(shape[len(shape) - len(codes.shape) :])

@@ -149,7 +149,10 @@ def test_quant_benchmark_quick_mode_runs_every_base():
     bench = _load("quant", "benchmarks")
     with jax.numpy_dtype_promotion("standard"):  # optax's adam is not strict-clean
         cands = bench.main(["--quick", "--no-write"])
-    assert set(cands) == {"float32", "bfloat16", "int8", "nf4"}
+    bases = {"float32", "bfloat16", "int8", "nf4"}
+    if importlib.util.find_spec("qwix") is not None:  # qwix is in the [bench] extra
+        bases.add("qwix nf4")
+    assert set(cands) == bases
     assert all(len(c["times"]) == 2 for c in cands.values())
     nf4, int8 = cands["nf4"]["kernels"], cands["int8"]["kernels"]
     assert nf4[0] <= 0.13 * nf4[1] and int8[0] <= 0.27 * int8[1]  # kernel bytes / float32

@@ -233,7 +233,11 @@ def test_nnx_model_quantized_then_adapted():
         model
     )
     assert np.asarray(grads["up"]["kernel_lora_a"][...]).any()
-    with pytest.raises(ValueError, match="quantized"):
+    with pytest.raises(
+        ValueError,
+        match=r"kernels \['(down|up)/kernel', '(down|up)/kernel'\] "
+        "are quantized",
+    ):
         jlora.nnx.merge(model)
 
 
@@ -435,3 +439,20 @@ def test_quantize_refuses_bad_block_sizes_and_a_silent_requantization():
         jlora.quantize(q, block_size=32)
     with pytest.raises(ValueError, match=r"pattern 'nope' matches no leaf; fix the"):
         jlora.quantize(base, targets="nope")
+
+
+def test_a_tree_map_that_casts_the_codes_is_refused_by_name():
+    q = jlora.quantize({"kernel": normal(0, (128, 64))})
+    with pytest.raises(
+        TypeError,
+        match=r"Quantized\(nf4, \[128, 64\]\): its integer codes "
+        "came back as bfloat16",
+    ):
+        jax.tree.map(lambda x: x.astype(jnp.bfloat16), q)
+    # the map the message advises leaves the node as it is
+    kept = jax.tree.map(
+        lambda x: x if isinstance(x, jlora.Quantized) else x.astype(jnp.bfloat16),
+        {**q, "bias": jnp.zeros(64)},
+        is_leaf=lambda x: isinstance(x, jlora.Quantized),
+    )
+    assert kept["kernel"] is q["kernel"] and kept["bias"].dtype == jnp.bfloat16
