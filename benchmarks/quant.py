@@ -10,6 +10,10 @@ Each base runs the lean LoRA step (adapters differentiated, the base an argument
   bfloat16    the model in bfloat16 (params and compute)
   int8, nf4   the bfloat16 model's kernels quantized by `jlora.quantize` (embedding,
               norms and biases stay bfloat16), dequantized to bfloat16 at each use
+  qwix nf4    qwix's LoRA (`LoraRule` on query and value, `QtRule` on every other
+              kernel, `weight_qtype="nf4"`, tiles of 64) on the same bfloat16 model,
+              when qwix (the [bench] extra) is installed; its int4 arrays are counted
+              at 4 bits (they report a byte per element)
 For each: the frozen base's argument bytes and the step's temporary bytes (both from
 `compiled.memory_analysis()`), the quantized kernels' bytes against the same kernels in
 float32, and the median step time over alternated rounds (ratios to the bfloat16 step).
@@ -27,6 +31,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
@@ -81,7 +86,70 @@ def candidate(cfg: GPTConfig, base: str, rank: int, batch: int):
             state[0], state[1], loss = jitted(state[0], state[1], frozen, ids)
         jax.block_until_ready(loss)
 
-    base_bytes = sum(x.nbytes for x in jax.tree.leaves(frozen))
+    base_bytes = sum(_packed_bytes(x) for x in jax.tree.leaves(frozen))
+    return dict(run=run, base_bytes=base_bytes, arg_bytes=mem.argument_size_in_bytes,
+                temp=mem.temp_size_in_bytes, kernels=kernels, times=[])  # fmt: skip
+
+
+def _packed_bytes(x) -> float:
+    if jnp.issubdtype(x.dtype, jnp.integer):
+        return x.size * jnp.iinfo(x.dtype).bits / 8
+    return x.nbytes
+
+
+def qwix_candidate(cfg: GPTConfig, rank: int, batch: int):
+    """qwix's NF4 LoRA on the bfloat16 model (tiles of 64 along the contraction, no
+    double quantization): LoRA on query and value, every other kernel quantized too;
+    gradients over its lora params only. None if qwix is not installed."""
+    try:
+        import qwix
+    except ImportError:
+        return None
+    from flax import traverse_util
+
+    cfg = GPTConfig(**{**cfg.__dict__, "dtype": jnp.bfloat16})
+    ids = jax.random.randint(jax.random.key(0), (batch, cfg.seq), 0, cfg.vocab)
+    model = GPT(cfg)
+    nf4 = dict(weight_qtype="nf4", tile_size=64)
+    provider = qwix.LoraProvider([
+        qwix.LoraRule(module_path=r".*(query|value)", rank=rank, alpha=2.0 * rank, **nf4),
+        qwix.QtRule(module_path=r".*", **nf4),
+    ])  # fmt: skip
+    lora_model = qwix.apply_lora_to_model(model, provider)
+    flat = traverse_util.flatten_dict(lora_model.init(jax.random.key(1), ids)["params"])
+    train = traverse_util.unflatten_dict({k: v for k, v in flat.items() if "lora" in k[-1]})
+    frozen = traverse_util.unflatten_dict(
+        {k: v for k, v in flat.items() if "lora" not in k[-1]}
+    )
+    quantized = [v for v in flat.values() if type(v).__name__ == "WithAux"]
+    kernels = (  # (an int4 array reports a byte per element: counted at 4 bits)
+        sum(_packed_bytes(x) for q in quantized for x in jax.tree.leaves(q)),
+        sum(4 * int(np.prod(q.shape)) for q in quantized),
+    )
+    tx = optax.adamw(1e-4)
+
+    def step(train, opt_state, frozen, ids):
+        def loss_fn(t):
+            params = traverse_util.unflatten_dict(
+                {**traverse_util.flatten_dict(frozen),
+                 **traverse_util.flatten_dict(t)}
+            )  # fmt: skip
+            return next_token_loss(lora_model.apply({"params": params}, ids), ids)
+
+        value, grads = jax.value_and_grad(loss_fn)(train)
+        updates, opt_state = tx.update(grads, opt_state, train)
+        return optax.apply_updates(train, updates), opt_state, value
+
+    jitted = jax.jit(step, donate_argnums=(0, 1))
+    state = [train, tx.init(train)]
+    mem = jitted.lower(state[0], state[1], frozen, ids).compile().memory_analysis()
+
+    def run(n):
+        for _ in range(n):
+            state[0], state[1], loss = jitted(state[0], state[1], frozen, ids)
+        jax.block_until_ready(loss)
+
+    base_bytes = sum(_packed_bytes(x) for x in jax.tree.leaves(frozen))
     return dict(run=run, base_bytes=base_bytes, arg_bytes=mem.argument_size_in_bytes,
                 temp=mem.temp_size_in_bytes, kernels=kernels, times=[])  # fmt: skip
 
@@ -99,13 +167,17 @@ def main(argv=None):
     else:
         cfg = GPTConfig()
     cands = {b: candidate(cfg, b, 8, args.batch) for b in BASES}
+    qwix_nf4 = qwix_candidate(cfg, 8, args.batch)
+    if qwix_nf4 is not None:
+        cands["qwix nf4"] = qwix_nf4
+    names = list(cands)
     for c in cands.values():
         c["run"](2)
     t0 = time.perf_counter()
     cands["bfloat16"]["run"](1)
     steps = max(1, math.ceil(MIN_ROUND_S / (time.perf_counter() - t0)))
     for r in range(args.rounds):
-        for name in BASES[r % len(BASES) :] + BASES[: r % len(BASES)]:
+        for name in names[r % len(names) :] + names[: r % len(names)]:
             t0 = time.perf_counter()
             cands[name]["run"](steps)
             cands[name]["times"].append((time.perf_counter() - t0) / steps)
