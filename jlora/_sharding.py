@@ -70,6 +70,15 @@ def _spec_of(x):
     return sharding.spec if sharding is not None else PartitionSpec()
 
 
+def _walk_with_specs(params, base_specs, fn_name: str):
+    """`(walk of params, {path: spec} from base_specs or None)`."""
+    params = _nnx_state.as_params(params, fn_name)
+    given = None
+    if base_specs is not None:
+        given = {n.path: n.value for n in walk(base_specs, keep_none=True).nodes}
+    return walk(params), given
+
+
 def adapter_specs(params: Any, base_specs: Any = None, *, adapter_axis=None) -> Any:
     """The `PartitionSpec` tree of `jlora.split(params)[0]` (the adapters).
 
@@ -98,11 +107,7 @@ def adapter_specs(params: Any, base_specs: Any = None, *, adapter_axis=None) -> 
       specs = jlora.adapter_specs(params)
       shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), specs)
     """
-    params = _nnx_state.as_params(params, "jlora.adapter_specs")
-    given = None
-    if base_specs is not None:
-        given = {n.path: n.value for n in walk(base_specs, keep_none=True).nodes}
-    tree = walk(params)
+    tree, given = _walk_with_specs(params, base_specs, "jlora.adapter_specs")
     out, missing = [], []
     for node in tree.nodes:
         if node.kind not in (LORA, TRAINED):
@@ -164,11 +169,7 @@ def base_specs(params: Any, base_specs: Any = None, *, mesh=None) -> Any:
       step = jax.jit(step, in_shardings=(jax.tree.map(named, jlora.adapter_specs(p)),
                                          jax.tree.map(named, jlora.base_specs(p))))
     """
-    params = _nnx_state.as_params(params, "jlora.base_specs")
-    given = None
-    if base_specs is not None:
-        given = {n.path: n.value for n in walk(base_specs, keep_none=True).nodes}
-    tree = walk(params)
+    tree, given = _walk_with_specs(params, base_specs, "jlora.base_specs")
     out, missing = [], []
     for node in tree.nodes:
         if node.kind == TRAINED:
