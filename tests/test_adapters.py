@@ -314,3 +314,18 @@ def test_a_stacked_set_shards_like_its_kernels_and_takes_the_padded_bytes():
     for r, i in enumerate(np.asarray(ids)):
         want = merged_row(model, base, adapters, None if i < 0 else names[i], x[r : r + 1])
         assert_close(y[r : r + 1], want, chain_bound(D, 8))
+
+
+def test_a_mixed_batch_serves_on_a_quantized_base():
+    model, x, base, adapters = make()
+    qbase = jlora.quantize(base, block_size=16)  # the [16, 16] kernels: one block a column
+    served = jlora.combine(jlora.stack_adapters(adapters), qbase)
+    ids = jnp.asarray([1, -1, 0, 2, 2, 0])
+    y = jax.jit(jlora.lora(model.apply, adapter_ids=ids, strict=True))(
+        {"params": served}, x
+    )
+    plain = jlora.dequantize(qbase)  # the oracle: the dequantized base, merged per row
+    names = list(adapters)
+    for r, i in enumerate(np.asarray(ids)):
+        want = merged_row(model, plain, adapters, None if i < 0 else names[i], x[r : r + 1])
+        assert_close(y[r : r + 1], want, chain_bound(D, 8))
