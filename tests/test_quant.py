@@ -346,7 +346,9 @@ def test_a_quantized_kernel_handed_back_by_the_function_comes_out_dequantized():
     want = np.asarray(base["down"]["kernel"].dequantize())
     for _, down in (f(lp, x), jax.jit(f)(lp, x)):
         assert isinstance(down, jax.Array) and down.shape == (64, 64)
-        np.testing.assert_array_equal(down, want)
+        # the same codes; each absmax is lo * (hi / lo) ** t, a pow (log and exp, a
+        # few ulps each) that XLA may evaluate another way when it fuses differently
+        np.testing.assert_allclose(down, want, rtol=16 * 2.0**-24, atol=0)
 
 
 def test_eager_calls_on_a_quantized_base_without_adapters_compile_once():
@@ -383,7 +385,8 @@ def test_quantized_specs_leave_an_axis_the_mesh_cannot_split_replicated():
     assert specs["kernel"].absmax == jax.P(None, "data")
     assert specs["kernel"].absmax_scale == jax.P(None, None, None)
     named = jax.tree.map(lambda s: jax.NamedSharding(mesh, s), specs)
-    placed = jax.jit(lambda b: b, in_shardings=(named,))(jlora.split(lp)[1])
+    placed = jax.device_put(jlora.split(lp)[1], named)  # (each spec fits its array)
+    placed = jax.jit(lambda b: b, in_shardings=(named,))(placed)
     np.testing.assert_array_equal(placed["kernel"].codes, lp["kernel"].w.codes)
     # the adapters' specs from the base's (a node of specs stands for the kernel's)
     from_base = jlora.adapter_specs(lp, {"kernel": specs["kernel"]})
