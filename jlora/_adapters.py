@@ -220,28 +220,27 @@ def unstack_adapters(stacked: Any) -> dict[str, Any]:
     two, else within one rounding of `b`'s dtype). Kernels in `stacked` (a set
     combined with its base) are left out."""
     w, stack = _stacked_nodes(stacked, "unstack_adapters", "stacked")
-    out = {}
-    for k, name in enumerate(stack.names):
-        leaves = []
-        for n in w.nodes:
-            if n.kind != LORA or n.value.stack is None:
-                leaves.append(n.leaf)
-                continue
-            lw = n.value
-            r, s = lw.stack.ranks[k], lw.stack.scales[k]
-            a = unbox(lw.a)[k][..., :r]
-            b = unbox(lw.b)[k]
-            b = jax.lax.slice_in_dim(b, 0, r, axis=_rank_axis(lw))
-            b = b / jnp.asarray(s, b.dtype)
-            leaves.append(
-                n.put_back(
-                    lw.replace(
-                        w=None, a=rebox(lw.a, a), b=rebox(lw.b, b), scale=s, stack=None
-                    )
-                )
-            )
-        out[name] = w.rebuild(leaves)
-    return out
+
+    def one(lw: LoraWeight, k: int) -> LoraWeight:
+        r, s = lw.stack.ranks[k], lw.stack.scales[k]
+        a = unbox(lw.a)[k][..., :r]
+        b = jax.lax.slice_in_dim(unbox(lw.b)[k], 0, r, axis=_rank_axis(lw))
+        b = b / jnp.asarray(s, b.dtype)
+        return lw.replace(w=None, a=rebox(lw.a, a), b=rebox(lw.b, b), scale=s, stack=None)
+
+    return {
+        name: _map_stacked(w, lambda lw, k=k: one(lw, k))
+        for k, name in enumerate(stack.names)
+    }
+
+
+def _map_stacked(w, fn: Callable[[LoraWeight], LoraWeight]):
+    """The tree of walk `w` with `fn(lw)` at every stacked `LoraWeight`, every other
+    leaf as it is."""
+    return w.rebuild(
+        n.put_back(fn(n.value)) if n.kind == LORA and n.value.stack is not None else n.leaf
+        for n in w.nodes
+    )
 
 
 def _index(which, stack: Stack, fn_name: str):
@@ -300,17 +299,12 @@ def select(stacked: Any, which) -> Any:
     """
     w, stack = _stacked_nodes(stacked, "select", "stacked")
     idx = _index(which, stack, "select")
-    leaves = []
-    for n in w.nodes:
-        if n.kind != LORA or n.value.stack is None:
-            leaves.append(n.leaf)
-            continue
-        lw = n.value
+
+    def one(lw: LoraWeight) -> LoraWeight:
         a, b = _gather(lw, idx)
-        leaves.append(
-            n.put_back(lw.replace(a=rebox(lw.a, a), b=rebox(lw.b, b), stack=None))
-        )
-    return w.rebuild(leaves)
+        return lw.replace(a=rebox(lw.a, a), b=rebox(lw.b, b), stack=None)
+
+    return _map_stacked(w, one)
 
 
 # Weighted combination ---------------------------------------------------------------------
