@@ -23,14 +23,19 @@ def device_for(jax_platform: str) -> str:
 
 
 def make_candidate(
-    cfg, rank: int, ids_np, dtype_name: str = "float32", device: str = "cpu"
+    cfg,
+    rank: int,
+    ids_np,
+    dtype_name: str = "float32",
+    device: str = "cpu",
+    use_dora: bool = False,
 ) -> dict:
     """A candidate for `run.bench_train`: `run(n)` takes n optimizer steps.
 
     `device` is "cpu" or "cuda" (where JAX runs on a GPU, the benchmark passes "cuda"
     when PyTorch sees one too). Returns a dict with `run`, `n_train` (trainable
     parameters), `opt_bytes` (AdamW state bytes after a step), `threads` (PyTorch's
-    intra-op thread count) and `device`.
+    intra-op thread count) and `device`. `use_dora`: PEFT's DoRA instead of LoRA.
     """
     import torch
     from peft import LoraConfig, get_peft_model
@@ -82,6 +87,7 @@ def make_candidate(
         lora_dropout=0.0,
         target_modules=["query", "value"],
         bias="none",
+        use_dora=use_dora,
     )
     model = get_peft_model(GPT().to(device=device, dtype=dtype), lora)
     trainable = [p for p in model.parameters() if p.requires_grad]

@@ -57,6 +57,12 @@ def _adapters_of(tree, fn_name: str, what: str):
                 f"  {n.path}: already a stacked set {list(n.value.stack.names)} (take "
                 "its adapters out with jlora.unstack_adapters first)"
             )
+        elif n.kind == LORA and n.value.m is not None:
+            errors.append(
+                f"  {n.path}: a DoRA adapter (it rescales the kernel per output by its "
+                "magnitude m); stacking, selecting and combining DoRA adapters are not "
+                "supported yet: serve each merged (jlora.merge), one at a time"
+            )
         elif n.kind not in (LORA, EMPTY):
             errors.append(
                 f"  {n.path}: a plain leaf; adapters are what jlora.split returns first"

@@ -88,3 +88,15 @@ def box_factors(box, a, b, layout):
         dataclasses.replace(box, value=a, names=a_names),
         dataclasses.replace(box, value=b, names=b_names),
     )
+
+
+def box_out(box, x, layout):
+    """`x` laid out `[*stack, *out]` (a DoRA magnitude or norm) boxed the way the
+    kernel's Linen `box` is: the kernel's names for its stacked and output axes."""
+    if isinstance(box, nnx.Variable) or not is_box(box):
+        return x
+    names = partition_names(box, layout.ndim)
+    if names is None:
+        return rebox(box, x)
+    out_names = tuple(names[i] for i in layout.stack_axes + layout.out_axes)
+    return dataclasses.replace(box, value=x, names=out_names)

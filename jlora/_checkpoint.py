@@ -32,6 +32,7 @@ from flax import nnx
 from jlora import _atomic, _nnx, _nnx_state
 from jlora._boxes import unbox
 from jlora._config import LoraConfig
+from jlora._merge import _norm_of as split_norm
 from jlora._merge import merge, refuse_stacked
 from jlora._quant import dequantize
 from jlora._rebuild import (
@@ -44,7 +45,7 @@ from jlora._rebuild import (
     fingerprint,
     rebuild,
 )
-from jlora._sharding import factor_shardings, named_sharding_of
+from jlora._sharding import factor_shardings, named_sharding_of, out_sharding
 from jlora._targets import EMPTY, LORA, TRAINED, path_string, walk
 from jlora._version import VERSION
 from jlora._weight import Layout
@@ -132,6 +133,11 @@ def _collect(params):
                 }
             )
             arrays += [a, b]
+            if inner.m is not None:  # DoRA: the magnitude and the norm merge divides by
+                norm = unbox(split_norm(inner)) if w is not None else unbox(inner.norm)
+                m = unbox(inner.m)
+                entries[-1].update(m=_spec(m), norm=_spec(norm))
+                arrays += [m, norm]
         elif node.kind == TRAINED:
             value = unbox(inner.value)
             entries.append({"path": path, "kind": "full", "value": _spec(value)})
@@ -349,6 +355,14 @@ def _fit(leaves: list, base: Base, path: str) -> list[dict]:
                     f"{list(got[1])}"
                 )
                 continue
+            if "m" in entry:
+                want_m = [shape[i] for i in layout.stack_axes + layout.out_axes]
+                if list(entry["m"]["shape"]) != want_m:
+                    errors.append(
+                        f"  {p}: base kernel {list(shape)} needs a DoRA magnitude "
+                        f"{want_m}; the checkpoint has {entry['m']['shape']}"
+                    )
+                    continue
             entries.append(entry)
         else:
             errors.append(f"  {p}: unknown leaf kind {kind!r}")
@@ -393,6 +407,9 @@ def _restore(path: str, entries: list, base: Base, sharding) -> dict:
         if entry["kind"] == "lora":
             a_sh, b_sh = factor_shardings(leaf, Layout(*entry["layout"]))
             targets += [(entry["a"], sharding or a_sh), (entry["b"], sharding or b_sh)]
+            if "m" in entry:
+                m_sh = sharding or out_sharding(leaf, Layout(*entry["layout"]))
+                targets += [(entry["m"], m_sh), (entry["norm"], m_sh)]
         else:
             sh = None if leaf is None else named_sharding_of(leaf)
             targets.append((entry["value"], sharding or sh))
@@ -407,14 +424,17 @@ def _restore(path: str, entries: list, base: Base, sharding) -> dict:
     found, i = {}, 0
     for entry in entries:
         if entry["kind"] == "lora":
+            dora = "m" in entry
             found[entry["path"]] = Factors(
                 arrays[_key(i)],
                 arrays[_key(i + 1)],
                 entry["scale"],
                 Layout(*entry["layout"]),
                 entry["dropout"],
+                arrays[_key(i + 2)] if dora else None,
+                arrays[_key(i + 3)] if dora else None,
             )
-            i += 2
+            i += 4 if dora else 2
         else:
             found[entry["path"]] = Whole(arrays[_key(i)])
             i += 1

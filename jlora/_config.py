@@ -52,6 +52,13 @@ class LoraConfig:
         with its own rank-`rank` factors (e.g. q and v of GPT-2's `c_attn`:
         `{"c_attn/kernel$": jlora.Fused(axis=1, parts=3, adapt=(0, 2))}`); the layout
         of the other axes is decided as usual.
+      use_dora: DoRA (weight-decomposed LoRA): each adapted kernel also trains a
+        magnitude `m`, one value per output element, initialised to the kernel's norm
+        over its input axes, and computes `m / ||w + scale * a @ b|| * (w + scale *
+        a @ b)` with that norm a constant of the backward pass (as PEFT's
+        `use_dora=True`), never forming `w + scale * a @ b`. With dropout > 0 (and an
+        `rng`), as PEFT: `x @ w + (g - 1) * (d(x) @ w) + g * scale * d(x) @ a @ b`,
+        `g = m / norm`, `d` the dropout; the magnitude term sees the dropped input.
       train_bias: `"none"`, `"all"` (every leaf named `bias`) or `"lora_only"` (the
         biases beside adapted kernels) are trained fully.
       also_train: regex(es) of leaves trained fully (e.g. a classifier head).
@@ -79,6 +86,7 @@ class LoraConfig:
     alpha_pattern: Mapping[str, float] | None = None
     layout: Mapping[str, Layout] | None = None
     fused: Mapping[str, Fused] | None = None
+    use_dora: bool = False
     train_bias: str = "none"
     also_train: str | Sequence[str] | None = None
 
@@ -96,10 +104,11 @@ class LoraConfig:
                 f"LoraConfig: train_bias must be one of {TRAIN_BIAS}, "
                 f"got {self.train_bias!r}."
             )
-        if not isinstance(self.use_rslora, bool):
-            raise TypeError(
-                f"LoraConfig: use_rslora must be a bool, got {self.use_rslora!r}."
-            )
+        for flag in ("use_rslora", "use_dora"):
+            if not isinstance(getattr(self, flag), bool):
+                raise TypeError(
+                    f"LoraConfig: {flag} must be a bool, got {getattr(self, flag)!r}."
+                )
         if self.dtype is not None:
             try:
                 dt = jnp.dtype(self.dtype)

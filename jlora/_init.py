@@ -10,10 +10,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jlora._boxes import box_factors, is_box, is_variable, rebox, unbox
+from jlora._boxes import box_factors, box_out, is_box, is_variable, rebox, unbox
 from jlora._config import LoraConfig
 from jlora._probe import infer as infer_layouts
-from jlora._sharding import factor_shardings
+from jlora._sharding import factor_shardings, out_sharding
 from jlora._targets import (
     LORA,
     TRAINED,
@@ -366,14 +366,38 @@ def _factors(key, path, w, layout: Layout, config: LoraConfig):
     return jax.jit(make, out_shardings=shardings)(path_key(key, path))
 
 
+def _magnitude(w, layout: Layout):
+    """DoRA's starting magnitude: the kernel's norm over its input axes (`[*stack,
+    *out]`, float32, placed as the kernel's stacked and output axes), and a copy of
+    it as the cached norm (at init `b` is zero, so the norm of `w + scale * a @ b` is
+    the kernel's own)."""
+    from jlora._quant import dequantize_array, is_quantized
+
+    def norms(w):
+        w = dequantize_array(w) if is_quantized(w) else w
+        return jnp.sqrt(jnp.sum(jnp.square(w.astype(jnp.float32)), axis=layout.in_axes))
+
+    sharding = out_sharding(w.codes if hasattr(w, "codes") else w, layout)
+    m = jax.jit(norms, out_shardings=sharding)(w)
+    # (in kernel order; reorder to [*stack, *out] in layout order)
+    kept = sorted(layout.stack_axes + layout.out_axes)
+    m = jnp.transpose(m, [kept.index(k) for k in layout.stack_axes + layout.out_axes])
+    return m, jnp.array(m, copy=True)
+
+
 def _wrap(key, path, leaf, layout, config):
     w = unbox(leaf)
     a, b = _factors(key, path, w, layout, config)
+    m = norm = None
+    if config.use_dora:
+        m, norm = _magnitude(w, layout)
     meta_kw = dict(
         scale=config.scale_for(path), layout=layout, dropout=float(config.dropout)
     )
     if is_variable(leaf):
-        return rebox(leaf, LoraWeight(w, a, b, **meta_kw))
+        return rebox(leaf, LoraWeight(w, a, b, m, norm, **meta_kw))
     if is_box(leaf):
-        return LoraWeight(leaf, *box_factors(leaf, a, b, layout), **meta_kw)
-    return LoraWeight(w, a, b, **meta_kw)
+        if m is not None:
+            m, norm = box_out(leaf, m, layout), box_out(leaf, norm, layout)
+        return LoraWeight(leaf, *box_factors(leaf, a, b, layout), m, norm, **meta_kw)
+    return LoraWeight(w, a, b, m, norm, **meta_kw)

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 
 from jlora import _jax_compat as compat
 from jlora._targets import path_key
-from jlora._weight import Layout, materialize
+from jlora._weight import Layout, dora_factor, materialize
 
 
 class RuleError(RuntimeError):
@@ -52,6 +52,24 @@ class Factored:
     layout: Layout
     path: str
     dropout: float
+    m: Any = None  # DoRA's magnitude laid out as `b` with a rank axis of size 1
+
+    @property
+    def dense_w(self):
+        """The frozen kernel as an array (a quantized one dequantized)."""
+        w = self.w
+        return w.value() if hasattr(w, "value") and hasattr(w, "q") else w
+
+    def magnitude_factor(self):
+        """DoRA's `m / ||w + scale * a @ b||` laid out as `b` (rank axis of size 1),
+        the norm under `stop_gradient`; None without DoRA."""
+        if self.m is None:
+            return None
+        ns = len(self.layout.stack_axes)
+        g = dora_factor(
+            self.dense_w, self.a, self.b, self.layout, self.scale, jnp.squeeze(self.m, ns)
+        )
+        return jnp.expand_dims(g, ns)
 
     @property
     def shape(self):
@@ -65,13 +83,14 @@ class Factored:
         return dataclasses.replace(self, **kw)
 
     def materialize(self):
-        return materialize(self.w, self.a, self.b, self.layout, self.scale)
+        m = None if self.m is None else jnp.squeeze(self.m, len(self.layout.stack_axes))
+        return materialize(self.dense_w, self.a, self.b, self.layout, self.scale, m)
 
 
 jax.tree_util.register_pytree_node(
     Factored,
-    lambda f: ((f.w, f.a, f.b), (f.scale, f.layout, f.path, f.dropout)),
-    lambda aux, ch: Factored(*ch, *aux),
+    lambda f: ((f.w, f.a, f.b, f.m), (f.scale, f.layout, f.path, f.dropout)),
+    lambda aux, ch: Factored(*ch[:3], *aux, m=ch[3]),
 )
 
 

@@ -14,11 +14,18 @@ from jlora._boxes import is_box, is_variable, rebox, unbox
 from jlora._jax_compat import is_tracer
 from jlora._sharding import constrain, named_sharding_of
 from jlora._targets import EMPTY, LEAF, LORA, TRAINED, walk
-from jlora._weight import LoraWeight, low_rank_product, materialize
+from jlora._weight import (
+    LoraWeight,
+    column_norm,
+    dora_factor,
+    low_rank_product,
+    materialize,
+    out_to_kernel,
+)
 
 
 @functools.partial(jax.jit, static_argnames=("layout", "scale", "sharding", "check"))
-def merge_kernel(w, a, b, *, layout, scale, sharding=None, check=False):
+def merge_kernel(w, a, b, m=None, *, layout, scale, sharding=None, check=False):
     """`w + scale * a @ b` for one kernel, compiled: what every merge runs.
 
     One computation per kernel, whether the caller is eager or traced, so an eager
@@ -29,9 +36,12 @@ def merge_kernel(w, a, b, *, layout, scale, sharding=None, check=False):
     kernel's dtype did to the update), computed from the same product.
     """
     if not check:
-        return constrain(materialize(w, a, b, layout, scale), sharding)
+        return constrain(materialize(w, a, b, layout, scale, m), sharding)
     w32 = w.astype(jnp.float32)
     delta = low_rank_product(a, b, layout, scale)
+    if m is not None:  # DoRA: the update is all that the merged kernel changes in w
+        factor = out_to_kernel(dora_factor(w, a, b, layout, scale, m), layout)
+        delta = (w32 + delta) * factor - w32
     out = constrain((w32 + delta).astype(w.dtype), sharding)
     applied = out.astype(jnp.float32) - w32
     moved = delta != 0
@@ -95,11 +105,39 @@ ROUNDING_TOLERANCE = 0.01  # relative update error above which merge(safe=True) 
 
 
 @functools.partial(jax.jit, static_argnames=("layout", "scale", "sharding"))
-def unmerge_kernel(merged, a, b, *, layout, scale, sharding=None):
-    """`merged - scale * a @ b` for one kernel, compiled (see `merge_kernel`)."""
+def unmerge_kernel(merged, a, b, m=None, norm=None, *, layout, scale, sharding=None):
+    """`merged - scale * a @ b` for one kernel, compiled (see `merge_kernel`); with
+    DoRA, `merged * norm / m - scale * a @ b`."""
     delta = low_rank_product(a, b, layout, scale)
-    out = (merged.astype(jnp.float32) - delta).astype(merged.dtype)
-    return constrain(out, sharding)
+    v = merged.astype(jnp.float32)
+    if m is not None:
+        m32 = jnp.asarray(m, jnp.float32)
+        ratio = jnp.asarray(norm, jnp.float32) / jnp.where(m32 != 0, m32, 1.0)
+        v = v * out_to_kernel(ratio, layout)
+    return constrain((v - delta).astype(merged.dtype), sharding)
+
+
+def _norm_of(lw: LoraWeight):
+    """DoRA's norm `||w + scale * a @ b||` for `lw`'s current factors, placed as its
+    `norm` child was (None without DoRA)."""
+    if lw.m is None:
+        return lw.norm
+    w = unbox(lw.w)
+    if getattr(type(w), "_jlora_leaf", False):  # a quantized kernel: its float values
+        from jlora._quant import dequantize_array
+
+        w = dequantize_array(w)
+    norm = _column_norm(w, unbox(lw.a), unbox(lw.b), layout=lw.layout, scale=lw.scale)
+    old = unbox(lw.norm)
+    sharding = named_sharding_of(old) if old is not None else None
+    if sharding is not None and not is_tracer(norm):
+        norm = jax.device_put(norm, sharding)
+    return norm if old is None else rebox(lw.norm, norm)
+
+
+@functools.partial(jax.jit, static_argnames=("layout", "scale"))
+def _column_norm(w, a, b, *, layout, scale):
+    return column_norm(w, a, b, layout, scale)
 
 
 def no_kernel_paths(tree) -> list[str]:
@@ -172,6 +210,7 @@ def _merged_kernel(lw: LoraWeight, check: bool = False):
         w,
         unbox(lw.a),
         unbox(lw.b),
+        unbox(lw.m),
         layout=lw.layout,
         scale=lw.scale,
         sharding=named_sharding_of(w),
@@ -307,8 +346,9 @@ def split(params: Any) -> tuple[Any, Any]:
     adapters, base = [], []
     for node in tree.nodes:
         if node.kind == LORA:
-            adapters.append(node.put_back(node.value.replace(w=None)))
-            base.append(node.put_back(node.value.w))
+            lw = node.value
+            adapters.append(node.put_back(lw.replace(w=None, norm=_norm_of(lw))))
+            base.append(node.put_back(lw.w))
         elif node.kind == TRAINED:
             adapters.append(node.leaf)
             base.append(_emptied(node))
@@ -456,10 +496,17 @@ def unmerge(merged: Any, adapters: Any) -> Any:
 
     def kernel(w, lw):
         value = unbox(w)
+        if lw.m is not None and unbox(lw.norm) is None:
+            raise ValueError(
+                "jlora.unmerge: DoRA adapters need the norm merge divided by (their "
+                "`norm`, which jlora.split and load_adapter give); these have none."
+            )
         restored = unmerge_kernel(
             value,
             unbox(lw.a),
             unbox(lw.b),
+            unbox(lw.m),
+            unbox(lw.norm),
             layout=lw.layout,
             scale=lw.scale,
             sharding=named_sharding_of(value),

@@ -39,7 +39,7 @@ from jlora import _jax_compat as compat
 from jlora import _quant
 from jlora._config import LoraConfig
 from jlora._init import adapt
-from jlora._merge import merge_kernel, unmerge_kernel
+from jlora._merge import _norm_of, merge_kernel, unmerge_kernel
 from jlora._nnx_state import (
     A_SUFFIX,
     B_SUFFIX,
@@ -48,11 +48,14 @@ from jlora._nnx_state import (
     KEPT_SUFFIX,
     KERNEL,
     LAYOUT,
+    M_SUFFIX,
+    NORM_SUFFIX,
     ROLE,
     SCALE,
     SHARDING_KEYS,
     TRAINED_MARK,
     Control,
+    DoraNorm,
     Kept,
     base_class,
     base_of,
@@ -465,6 +468,8 @@ def _factor_metadata(kernel: nnx.Variable, lw: LoraWeight, role: str) -> dict:
         stack = tuple(names[i] for i in lay.stack_axes)
         if role == "a":
             meta["out_sharding"] = stack + tuple(names[i] for i in lay.in_axes) + (None,)
+        elif role in ("m", "norm"):
+            meta["out_sharding"] = stack + tuple(names[i] for i in lay.out_axes)
         else:
             meta["out_sharding"] = stack + (None,) + tuple(names[i] for i in lay.out_axes)
     return meta
@@ -508,6 +513,12 @@ def _plan(model, tree, fn_name: str):
             a = nnx.LoRAParam(lw.a, **{KERNEL: name}, **_factor_metadata(kernel, lw, "a"))
             b = nnx.LoRAParam(lw.b, **{KERNEL: name}, **_factor_metadata(kernel, lw, "b"))
             plan += [(owner, name + A_SUFFIX, a), (owner, name + B_SUFFIX, b)]
+            if lw.m is not None:  # DoRA: the magnitude trains, the cached norm does not
+                m_meta = _factor_metadata(kernel, lw, "m")
+                n_meta = _factor_metadata(kernel, lw, "norm")
+                m = nnx.LoRAParam(lw.m, **{KERNEL: name}, **m_meta)
+                norm = DoraNorm(lw.norm, **{KERNEL: name}, **n_meta)
+                plan += [(owner, name + M_SUFFIX, m), (owner, name + NORM_SUFFIX, norm)]
         else:
             meta = dict(kernel.get_metadata())
             meta[TRAINED_MARK] = True
@@ -667,7 +678,8 @@ def install(model, tree, fn_name: str, *, strict: bool = False, rngs=None) -> nn
 
 
 def _adapted_kernels(model):
-    """`[(owner, kernel name, kernel var, a var, b var)]` for every adapted kernel."""
+    """`[(owner, kernel name, kernel var, a var, b var, m var, norm var)]` for every
+    adapted kernel (m and norm: DoRA's, None without)."""
     out = []
     for _, node in nnx.iter_graph(model):
         if not isinstance(node, nnx.Module):
@@ -676,7 +688,15 @@ def _adapted_kernels(model):
             if isinstance(v, nnx.Variable) and v.get_metadata(ROLE, None) == "a":
                 kname = v.get_metadata(KERNEL)
                 out.append(
-                    (node, kname, getattr(node, kname), v, getattr(node, kname + B_SUFFIX))
+                    (
+                        node,
+                        kname,
+                        getattr(node, kname),
+                        v,
+                        getattr(node, kname + B_SUFFIX),
+                        vars(node).get(kname + M_SUFFIX),
+                        vars(node).get(kname + NORM_SUFFIX),
+                    )
                 )
     return out
 
@@ -691,7 +711,7 @@ def _fold(model, sign: int, keep: bool = False) -> None:
     where = {id(node): path for path, node in nnx.iter_graph(model)}
     quantized = [
         "/".join(str(x) for x in (*where.get(id(o), ()), k))
-        for o, k, kernel, _, _ in _adapted_kernels(model)
+        for o, k, kernel, *_ in _adapted_kernels(model)
         if is_quantized(kernel.get_raw_value())
     ]
     if quantized:
@@ -700,7 +720,7 @@ def _fold(model, sign: int, keep: bool = False) -> None:
             "update into their codes would round most of it away. jlora.dequantize(model) "
             "first (then merge), or jlora.save_merged(path, model) to write float kernels."
         )
-    for owner, kname, kernel, a, b in _adapted_kernels(model):
+    for owner, kname, kernel, a, b, m, norm in _adapted_kernels(model):
         ctl = _owner_control(owner)
         if ctl.merged == (sign > 0):
             continue  # (already so, e.g. a model merged on its own and attached)
@@ -710,13 +730,26 @@ def _fold(model, sign: int, keep: bool = False) -> None:
             kernel.set_raw_value(kept.get_raw_value())  # bit for bit
             delattr(owner, kname + KEPT_SUFFIX)
             continue
+        lay, scale = a.get_metadata(LAYOUT), a.get_metadata(SCALE)
+        dora = () if m is None else (m.get_raw_value(),)
+        if m is not None and sign > 0:  # DoRA: the norm merge divides by, for unmerge
+            norm.set_raw_value(
+                _norm_of(
+                    LoraWeight(w, a.get_raw_value(), b.get_raw_value(), *dora).replace(
+                        scale=scale, layout=lay, norm=norm.get_raw_value()
+                    )
+                )
+            )
+        if m is not None and sign < 0:
+            dora += (norm.get_raw_value(),)
         op = merge_kernel if sign > 0 else unmerge_kernel
         new = op(
             w,
             a.get_raw_value(),
             b.get_raw_value(),
-            layout=a.get_metadata(LAYOUT),
-            scale=a.get_metadata(SCALE),
+            *dora,
+            layout=lay,
+            scale=scale,
             sharding=named_sharding_of(w),
         )
         if keep:
@@ -780,9 +813,12 @@ def _set_merged(model, merged: bool) -> None:
 
 def _unload(model) -> None:
     """Removes factors, trained marks, factored classes and the control, in place."""
-    for owner, kname, _, _, _ in _adapted_kernels(model):
+    for owner, kname, _, _, _, m, _ in _adapted_kernels(model):
         delattr(owner, kname + A_SUFFIX)
         delattr(owner, kname + B_SUFFIX)
+        if m is not None:
+            delattr(owner, kname + M_SUFFIX)
+            delattr(owner, kname + NORM_SUFFIX)
         if isinstance(vars(owner).get(kname + KEPT_SUFFIX), Kept):
             delattr(owner, kname + KEPT_SUFFIX)
     for _, node in list(nnx.iter_graph(model)):

@@ -19,6 +19,7 @@ from flax import nnx
 from jlora._weight import Layout, LoraWeight, Trainable
 
 A_SUFFIX, B_SUFFIX = "_lora_a", "_lora_b"
+M_SUFFIX, NORM_SUFFIX = "_lora_m", "_lora_norm"  # DoRA's magnitude and cached norm
 KERNEL, SCALE, LAYOUT, DROPOUT, ROLE = (
     "lora_kernel",
     "lora_scale",
@@ -30,6 +31,12 @@ TRAINED_MARK = "lora_trained"
 KEPT_SUFFIX = "_lora_kept"  # the frozen kernel kept while merged (`Kept`)
 CONTROL = "jlora"  # the attribute that holds the shared `Control`
 SHARDING_KEYS = ("out_sharding", "mesh", "sharding_rules")
+
+
+class DoraNorm(nnx.Param):
+    """DoRA's cached norm of an adapted kernel (`LoraWeight.norm`): an `nnx.Param`
+    (so it is in the model's params and saved with the adapters) that is not an
+    `nnx.LoRAParam`, so an optimizer over `nnx.LoRAParam` leaves it alone."""
 
 
 class Kept(nnx.Variable):
@@ -94,13 +101,21 @@ def is_factored(module) -> bool:
     return "_jlora_base" in type(module).__dict__
 
 
-def factor_pairs(flat) -> dict[tuple, tuple[tuple, tuple]]:
-    """`{kernel path: (a path, b path)}` from the factor variables' metadata."""
+def factor_pairs(flat) -> dict[tuple, tuple]:
+    """`{kernel path: (a path, b path, m path, norm path)}` from the factor variables'
+    metadata (m and norm: None without DoRA)."""
     pairs = {}
+    present = {path for path, _ in flat}
     for path, v in flat:
         if isinstance(v, nnx.Variable) and v.get_metadata(ROLE, None) == "a":
             name = v.get_metadata(KERNEL)
-            pairs[path[:-1] + (name,)] = (path, path[:-1] + (name + B_SUFFIX,))
+            pm, pn = (path[:-1] + (name + sfx,) for sfx in (M_SUFFIX, NORM_SUFFIX))
+            pairs[path[:-1] + (name,)] = (
+                path,
+                path[:-1] + (name + B_SUFFIX,),
+                pm if pm in present else None,
+                pn if pn in present else None,
+            )
     return pairs
 
 
@@ -128,13 +143,20 @@ def peeled(layout: Layout, ndim: int) -> Layout:
 
 
 def lora_weight(
-    kernel: nnx.Variable, a: nnx.Variable, b: nnx.Variable, deterministic: bool = False
+    kernel: nnx.Variable,
+    a: nnx.Variable,
+    b: nnx.Variable,
+    deterministic: bool = False,
+    m: nnx.Variable | None = None,
+    norm: nnx.Variable | None = None,
 ) -> LoraWeight:
     w = kernel.get_raw_value()
     return LoraWeight(
         w,
         a.get_raw_value(),
         b.get_raw_value(),
+        None if m is None else m.get_raw_value(),
+        None if norm is None else norm.get_raw_value(),
         scale=a.get_metadata(SCALE),
         layout=peeled(a.get_metadata(LAYOUT), len(np.shape(w))),
         dropout=0.0 if deterministic else a.get_metadata(DROPOUT),
@@ -163,9 +185,10 @@ def with_lora_weights(flat, controls: dict | None = None) -> list:
     for path, v in flat:
         ctl = controls.get(path[:-1])
         if path in pairs and not (ctl is not None and ctl.merged):
-            pa, pb = pairs[path]
+            pa, pb, pm, pn = pairs[path]
             quiet = ctl is not None and ctl.deterministic
-            v = v.replace(value=lora_weight(v, by_path[pa], by_path[pb], quiet))
+            m, norm = (None if p is None else by_path[p] for p in (pm, pn))
+            v = v.replace(value=lora_weight(v, by_path[pa], by_path[pb], quiet, m, norm))
         out.append((path, v))
     return out
 

@@ -13,7 +13,7 @@ from jlora._boxes import unbox
 from jlora._config import LoraConfig
 from jlora._quant import is_quantized
 from jlora._targets import LORA, TRAINED, map_nodes, walk
-from jlora._weight import Layout, Trainable
+from jlora._weight import CHILDREN, Layout, Trainable
 
 TRAIN, FROZEN, B_FACTOR, OTHER = "train", "frozen", "b", "other"
 
@@ -21,7 +21,18 @@ TRAIN, FROZEN, B_FACTOR, OTHER = "train", "frozen", "b", "other"
 def _labels(params, *, b_label: str, train: str, frozen: str):
     def label(node):
         if node.kind == LORA:
-            return node.put_back(node.value.replace(w=frozen, a=train, b=b_label))
+            lw = node.value
+            labels = {
+                c.name: None
+                if getattr(lw, c.name) is None
+                else b_label
+                if c.name == "b"
+                else train
+                if c.trained
+                else frozen
+                for c in CHILDREN
+            }
+            return node.put_back(lw.replace(**labels))
         if node.kind == TRAINED:
             return node.put_back(Trainable(train))
         # A label for every leaf under this position (a box may hold several).
@@ -149,6 +160,12 @@ def _size_bytes(tree) -> tuple[int, int]:
     return n, nbytes
 
 
+def _without_norm(node):
+    if node.kind == LORA and node.value.norm is not None:
+        return node.put_back(node.value.replace(norm=None))
+    return node.leaf
+
+
 def summary(params: Any) -> Summary:
     """Trainable vs total parameter counts and bytes, and what is adapted.
 
@@ -170,7 +187,8 @@ def summary(params: Any) -> Summary:
         params,
     )
     t_n, t_b = _size_bytes(train)
-    n, b = _size_bytes(params)
+    # (DoRA's cached norm is a copy of what the kernel and factors give, not a param)
+    n, b = _size_bytes(map_nodes(_without_norm, params))
     adapted, trained = [], []
     for node in walk(params).nodes:
         if node.kind == LORA:

@@ -40,7 +40,7 @@ from jlora._config import LoraConfig
 from jlora._init import conventional_layout, orientation_advice
 from jlora._merge import refuse_stacked
 from jlora._probe import infer as infer_layouts
-from jlora._quant import is_quantized, quantize_array
+from jlora._quant import dequantize_array, is_quantized, quantize_array
 from jlora._rebuild import (
     OTHER,
     UNCHECKED,
@@ -66,8 +66,41 @@ _PARAM_OF_LEAF = {
     "scale": "weight",
     "bias": "bias",
 }
-_LORA_KEY = re.compile(r"^(?P<module>.+)\.(?P<which>lora_A|lora_B)\.weight$")
-_EMBED_KEY = re.compile(r"^(?P<module>.+)\.(?P<which>lora_embedding_A|lora_embedding_B)$")
+
+
+class TensorKind(NamedTuple):
+    """One kind of tensor a PEFT LoRA module carries: its slot in jlora's reading of
+    the module, its key suffix on a linear layer and on an embedding, and its shape."""
+
+    slot: str
+    linear: str
+    embedding: str
+    shape: str
+
+
+# Every tensor kind save_peft writes and load_peft reads; a new kind is one entry here
+# (and where its slot maps to a leaf: `_Part` on save, `_factors` on load).
+TENSOR_KINDS = (
+    TensorKind("A", "lora_A.weight", "lora_embedding_A", "[r, in]"),
+    TensorKind("B", "lora_B.weight", "lora_embedding_B", "[out, r]"),
+    TensorKind("M", "lora_magnitude_vector", "lora_magnitude_vector", "[out]"),
+)
+_KIND_OF = {
+    suffix: (kind, suffix == kind.embedding and kind.embedding != kind.linear)
+    for kind in TENSOR_KINDS
+    for suffix in (kind.linear, kind.embedding)
+}
+_TENSOR_KEY = re.compile(
+    r"^(?P<module>.+)\.(?P<which>"
+    + "|".join(re.escape(k) for k in sorted(_KIND_OF, key=len, reverse=True))
+    + ")$"
+)
+
+
+def _tensor_key(name: str, slot: str, embedding: bool) -> str:
+    kind = next(k for k in TENSOR_KINDS if k.slot == slot)
+    return f"{PREFIX}{name}.{kind.embedding if embedding else kind.linear}"
+
 _LIST_ITEM = re.compile(r"^(?P<name>.+)_(?P<index>\d+)$")
 
 
@@ -389,6 +422,7 @@ _FIELDS = {
         "a dict {module pattern: positive integer}",
     ),
     "alpha_pattern": ({}, _patterns(_is_number), "a dict {module pattern: number}"),
+    "use_dora": (False, lambda v: isinstance(v, bool), "true or false"),
 }
 
 
@@ -441,7 +475,6 @@ def _global_settings(config) -> dict:
 
 # What load_peft refuses: field -> (is it set?, why it can't be loaded).
 _REFUSED = {
-    "use_dora": (bool, "DoRA adapters need a magnitude vector jlora does not have yet"),
     "lora_bias": (bool, "a LoRA bias on lora_B is not supported"),
     "trainable_token_indices": (bool, "trainable token embeddings are not supported"),
     "target_parameters": (bool, "adapters on bare parameters are not supported"),
@@ -518,6 +551,7 @@ class _Part(NamedTuple):
     b: np.ndarray
     scale: float
     embedding: bool
+    m: np.ndarray | None = None  # DoRA's magnitude, `[out]` in the module's order
 
 
 class _Leaf(NamedTuple):
@@ -676,15 +710,16 @@ def save_peft(
                     f"{pm.name!r} has no '{{layer}}' to fill with each layer's index"
                 )
                 continue
+            m = None if lw.m is None else _host(unbox(lw.m))
             for i in range(layers):
                 name = pm.name.format(layer=i) if axis is not None else pm.name
-                big_a, big_b = _to_peft(
-                    _layer(a, 0 if axis is not None else None, i),
-                    _layer(b, 0 if axis is not None else None, i),
-                    mapping,
-                )
+                at = 0 if axis is not None else None
+                big_a, big_b = _to_peft(_layer(a, at, i), _layer(b, at, i), mapping)
+                big_m = None
+                if m is not None:  # DoRA's magnitude: one per output, the module's order
+                    big_m = _layer(m, at, i).reshape(-1)[mapping.out_perm]
                 modules.setdefault(name, []).append(
-                    _Part(node.path, pm.rows, big_a, big_b, float(lw.scale), embed)
+                    _Part(node.path, pm.rows, big_a, big_b, float(lw.scale), embed, big_m)
                 )
         elif node.kind == TRAINED:
             pm = _module_for(module_names, node.path, "save_peft")
@@ -734,23 +769,30 @@ def save_peft(
             "call jlora.init on the base params first."
         )
 
-    tensors, ranks, scales, embeds = {}, {}, {}, {}
+    tensors, ranks, scales, embeds, dora = {}, {}, {}, {}, set()
     for name, parts in modules.items():
         try:
             if len({p.embedding for p in parts}) > 1:
                 raise ValueError("some parts are embeddings and some linear layers")
             big_a, big_b, scale = _fuse(parts)
+            big_m = _fuse_magnitude(parts, big_b.shape[0])
         except ValueError as e:
             errors.append(f"  {name} (from {[p.path for p in parts]}): {e}")
             continue
-        kind = ("lora_embedding_A", "lora_embedding_B") if parts[0].embedding else None
-        if kind:
-            tensors[f"{PREFIX}{name}.{kind[0]}"] = big_a
-            tensors[f"{PREFIX}{name}.{kind[1]}"] = big_b
-        else:
-            tensors[f"{PREFIX}{name}.lora_A.weight"] = big_a
-            tensors[f"{PREFIX}{name}.lora_B.weight"] = big_b
-        ranks[name], scales[name], embeds[name] = big_a.shape[0], scale, bool(kind)
+        embed = parts[0].embedding
+        slots = {"A": big_a, "B": big_b, "M": big_m}
+        for slot, value in slots.items():
+            if value is not None:
+                tensors[_tensor_key(name, slot, embed)] = value
+        if big_m is not None:
+            dora.add(name)
+        ranks[name], scales[name], embeds[name] = big_a.shape[0], scale, embed
+    if dora and dora != set(ranks):
+        errors.append(
+            f"  DoRA adapters on {sorted(dora)[:4]} but plain LoRA on "
+            f"{sorted(set(ranks) - dora)[:4]}; PEFT's use_dora is one setting for all "
+            "modules: adapt every kernel with use_dora=True, or none"
+        )
     if errors:
         raise ValueError(
             "jlora.save_peft: cannot write these adapters as PEFT modules:\n"
@@ -790,7 +832,7 @@ def save_peft(
         "bias": bias,
         "modules_to_save": to_save or None,
         "init_lora_weights": True,
-        "use_dora": False,
+        "use_dora": bool(dora),
         "inference_mode": True,
     }
     tensors.update(plain)
@@ -806,6 +848,29 @@ def save_peft(
 
     _atomic.write_atomically(path, overwrite, "save_peft", write)
     return path
+
+
+def _fuse_magnitude(parts: list[_Part], total: int) -> np.ndarray | None:
+    """A module's DoRA magnitude from its parts' (rows side by side, as `_fuse` puts
+    `B`), None without DoRA; every row must be some part's (the others' norm is the
+    base's, which the adapters do not hold)."""
+    if all(p.m is None for p in parts):
+        return None
+    if any(p.m is None for p in parts):
+        raise ValueError("some parts carry a DoRA magnitude and some do not")
+    if len(parts) == 1 and parts[0].rows is None:
+        return np.ascontiguousarray(parts[0].m)
+    big_m = np.zeros((total,), np.result_type(*[p.m.dtype for p in parts]))
+    covered = np.zeros((total,), bool)
+    for p in parts:
+        big_m[p.rows[0] : p.rows[0] + p.m.shape[0]] = p.m
+        covered[p.rows[0] : p.rows[0] + p.m.shape[0]] = True
+    if not covered.all():
+        raise ValueError(
+            "a DoRA magnitude must cover every row of the module, but rows "
+            f"{np.flatnonzero(~covered)[:8].tolist()} belong to no adapted part"
+        )
+    return big_m
 
 
 def _fuse(parts: list[_Part]) -> tuple[np.ndarray, np.ndarray, float]:
@@ -862,16 +927,14 @@ def _classify(keys, where) -> tuple[dict, dict, dict, list[str]]:
             errors.append(f"  {key}: does not start with {PREFIX!r}; not a PEFT LoRA key")
             continue
         rest = key[len(PREFIX) :]
-        m = _LORA_KEY.match(rest) or _EMBED_KEY.match(rest)
+        m = _TENSOR_KEY.match(rest)
         if m:
-            which = m["which"]
-            slot = "A" if which.endswith("A") else "B"
-            entry = lora.setdefault(m["module"], {"embed": "embedding" in which})
-            entry[slot] = key
+            kind, embedding = _KIND_OF[m["which"]]
+            entry = lora.setdefault(m["module"], {"embed": False})
+            entry["embed"] = entry["embed"] or embedding
+            entry[kind.slot] = key
         elif ".base_layer." in rest:
             base[key] = rest.replace(".base_layer.", ".")
-        elif "lora_magnitude_vector" in rest:
-            errors.append(f"  {key}: a DoRA magnitude vector; jlora has no DoRA yet")
         elif ".lora_" in rest:
             errors.append(f"  {key}: a LoRA tensor of a kind jlora does not know")
         else:
@@ -1068,6 +1131,25 @@ def _factors(lora, tensors, settings, targets: _Targets, base: Base, probed, err
                 "[r, in] and [out, r]"
             )
             continue
+        big_m = tensors[entry["M"]] if "M" in entry else None
+        if (big_m is not None) != settings["use_dora"]:
+            errors.append(
+                f"  {module}: "
+                + (
+                    "has a DoRA magnitude (lora_magnitude_vector) but the config's "
+                    "use_dora is false"
+                    if big_m is not None
+                    else "the config sets use_dora but the file has no "
+                    "lora_magnitude_vector for it"
+                )
+            )
+            continue
+        if big_m is not None and (big_m.ndim != 1 or big_m.shape[0] != big_b.shape[0]):
+            errors.append(
+                f"  {module}: lora_magnitude_vector {list(big_m.shape)} is not [out] = "
+                f"[{big_b.shape[0]}] (one value per row of lora_B)"
+            )
+            continue
         r = big_a.shape[0]
         want_r = _pattern_value(settings["rank_pattern"], module, settings["r"])
         if r != want_r:
@@ -1109,11 +1191,17 @@ def _factors(lora, tensors, settings, targets: _Targets, base: Base, probed, err
             a, b = _from_peft(
                 big_a, big_b[start : start + n_part], mapping, a_shape, b_shape
             )
+            m = None
+            if big_m is not None:  # DoRA: [out] in the module's order -> [*out]
+                m = np.empty((n_part,), big_m.dtype)
+                m[mapping.out_perm] = big_m[start : start + n_part]
+                ns = len(layer_layout.stack_axes)
+                m = m.reshape(b_shape[:ns] + b_shape[ns + 1 :])
             if path_ in layouts and layouts[path_] != layout:
                 errors.append(f"  {path_}: layouts disagree across layers")
                 continue
             layouts[path_] = layout
-            layers.setdefault(path_, {})[layer] = (a, b, scale)
+            layers.setdefault(path_, {})[layer] = (a, b, scale, m)
         uncovered = ~covered & np.any(big_b != 0, axis=1)
         if uncovered.any() and all(t.module.rows for t in parts):
             errors.append(
@@ -1125,11 +1213,12 @@ def _factors(lora, tensors, settings, targets: _Targets, base: Base, probed, err
     for path_, by_layer in layers.items():
         shape = np.shape(unbox(base.nodes[path_].value))
         try:
-            a, b, scale = _stack(by_layer, layouts[path_], shape)
+            a, b, scale, m = _stack(by_layer, layouts[path_], shape, base.nodes[path_])
         except ValueError as e:
             errors.append(f"  {path_}: {e}")
             continue
-        found[path_] = Factors(a, b, scale, layouts[path_], settings["lora_dropout"])
+        dropout = settings["lora_dropout"]
+        found[path_] = Factors(a, b, scale, layouts[path_], dropout, m)
     return found
 
 
@@ -1248,16 +1337,24 @@ def _whole_leaves(plain, base_keys, tensors, settings, targets, base, errors):
     return found
 
 
-def _stack(layers: dict, layout: Layout, shape) -> tuple[np.ndarray, np.ndarray, float]:
-    """One kernel's factors from its layers' (a stacked kernel: layers the file leaves
-    out get zero factors, which add nothing)."""
+def _stack(layers: dict, layout: Layout, shape, node=None):
+    """One kernel's `(a, b, scale, m)` from its layers' (a stacked kernel: layers the
+    file leaves out get zero factors, which add nothing, and, with DoRA, the
+    magnitude that leaves them as they are: the layer's own norm)."""
     if None in layers:
         return layers[None]
-    (a0, b0, scale) = next(iter(layers.values()))
+    (a0, b0, scale, m0) = next(iter(layers.values()))
     (axis,) = layout.stack_axes
     a = np.zeros((shape[axis], *a0.shape), a0.dtype)
     b = np.zeros((shape[axis], *b0.shape), b0.dtype)
-    for i, (ai, bi, si) in layers.items():
+    m = None
+    if m0 is not None:
+        w = unbox(node.value)
+        w = np.asarray(dequantize_array(w) if is_quantized(w) else w, np.float32)
+        m = np.sqrt(np.sum(np.square(w), axis=layout.in_axes)).astype(m0.dtype)
+        kept = sorted(layout.stack_axes + layout.out_axes)
+        m = m.transpose([kept.index(k) for k in layout.stack_axes + layout.out_axes])
+    for i, (ai, bi, si, mi) in layers.items():
         if ai.shape != a0.shape or si != scale:
             raise ValueError(
                 f"layer {i} has rank {ai.shape[-1]} and scale {si}, layer "
@@ -1265,4 +1362,6 @@ def _stack(layers: dict, layout: Layout, shape) -> tuple[np.ndarray, np.ndarray,
                 "kernel takes one rank and one scale for all its layers"
             )
         a[i], b[i] = ai, bi
-    return a, b, scale
+        if m is not None:
+            m[i] = mi
+    return a, b, scale, m

@@ -65,7 +65,8 @@ def _sharding_kw(sharding):
 
 
 def _contract_low_rank(ctx, opts, x, f: Factored, x_use, k_use, out_axis_of):
-    """`x . (scale * a @ b)` with the kernel's free axes after x's (kernel as rhs).
+    """`x . (scale * a @ b)` with the kernel's free axes after x's (kernel as rhs);
+    `x` as the LoRA branch sees it (dropout already applied).
 
     `x_use`/`k_use` are the dot's contracted and batch axes of `x` and of the kernel;
     `out_axis_of[i]` is the dot output axis that axis `i` of this result becomes, so
@@ -90,7 +91,7 @@ def _contract_low_rank(ctx, opts, x, f: Factored, x_use, k_use, out_axis_of):
         opts.out_sharding, n_out, [*out_axis_of[:n_x_kept], None]
     )
     h = lax.dot_general(
-        ctx.dropout(x, f),
+        x,
         near.astype(dtype),
         (
             (x_use.contract, tuple(pos[k] for k in k_use.contract)),
@@ -139,7 +140,10 @@ def dot_general_rule(ctx, eqn, invals):
             f"layout {lay}",
         )
     ctx.note(f, "dot_general")
-    base = compat.bind(eqn, [x, f.w] if side == 1 else [f.w, x])[0]
+
+    def dense(x):
+        return compat.bind(eqn, [x, f.w] if side == 1 else [f.w, x])[0]
+
     nb = len(k_use.batch)
     n_k_free, n_x_free = len(k_use.free), len(x_use.free)
     if side == 1:
@@ -147,10 +151,58 @@ def dot_general_rule(ctx, eqn, invals):
     else:  # dot_general(kernel, x) puts the kernel's free axes before x's
         out_axis_of = list(range(nb)) + [nb + n_k_free + i for i in range(n_x_free)]
         out_axis_of += [nb + i for i in range(n_k_free)]
-    y = _contract_low_rank(ctx, compat.dot_options(eqn), x, f, x_use, k_use, out_axis_of)
-    if side == 0:
-        y = jnp.transpose(y, [out_axis_of.index(i) for i in range(len(out_axis_of))])
-    return [base + y.astype(base.dtype)]
+    opts = compat.dot_options(eqn)
+
+    def low_rank(x):
+        y = _contract_low_rank(ctx, opts, x, f, x_use, k_use, out_axis_of)
+        if side == 0:
+            y = jnp.transpose(y, [out_axis_of.index(i) for i in range(len(out_axis_of))])
+        return y
+
+    xd = ctx.dropout(x, f)
+    g = f.magnitude_factor()
+    if g is None:
+        base = dense(x)
+        return [base + low_rank(xd).astype(base.dtype)]
+    # DoRA: the kernel is g * (w + scale * a @ b), g per output element of the kernel.
+    dropped = xd is not x
+    if contracts == set(lay.out_axes):  # used transposed: g scales x's contracted axes
+        on_x = [None] * x.ndim
+        for i, k in zip(x_use.contract + x_use.batch, k_use.contract + k_use.batch):
+            on_x[i] = k
+        gx = _on_axes(g, f.layout, on_x).astype(x.dtype)
+        if not dropped:
+            xs = x * gx
+            base = dense(xs)
+            return [base + low_rank(xs).astype(base.dtype)]
+        base = dense(x)
+        one = jnp.ones((), x.dtype)
+        y = dense(xd * (gx - one)) + low_rank(xd * gx).astype(base.dtype)
+        return [base + y]
+    out_shape = compat.var_shape(eqn.outvars[0])
+    on_out = [None] * len(out_shape)
+    kernel_first = side == 0
+    for j, k in enumerate(k_use.batch):
+        on_out[j] = k
+    for j, k in enumerate(sorted(k_use.free)):
+        on_out[nb + j if kernel_first else nb + n_x_free + j] = k
+    base = dense(x)
+    go = _on_axes(g, f.layout, on_out).astype(base.dtype)
+    if not dropped:  # PEFT's form at dropout 0: g * (x @ w + scale * x @ a @ b)
+        return [go * (base + low_rank(x).astype(base.dtype))]
+    one = jnp.ones((), base.dtype)  # PEFT's: the magnitude term sees the dropped input
+    return [base + (go - one) * dense(xd) + go * low_rank(xd).astype(base.dtype)]
+
+
+def _on_axes(g, lay: Layout, want):
+    """A `b`-like value `g` (`[*stack, 1, *out]`) arranged on the axes of another
+    array: `want[i]` is the kernel axis that array's axis `i` holds (None: size 1)."""
+    ns = len(lay.stack_axes)
+    g = jnp.squeeze(g, ns)
+    have = list(lay.stack_axes + lay.out_axes)
+    order = [k for k in want if k is not None]
+    g = jnp.transpose(g, [have.index(k) for k in order])
+    return g.reshape([1 if k is None else g.shape[order.index(k)] for k in want])
 
 
 # Primitives that move a kernel's axes ---------------------------------------------------
@@ -224,9 +276,14 @@ def move_rule(ctx, eqn, invals):
         return compat.bind(eqn, [f.materialize(), *rest])
     out_shape = compat.var_shape(eqn.outvars[0])
     resized = [i for i in where if out_shape[where[i]] != f.shape[i]]
+    if f.m is not None and set(lay.in_axes) & set(resized):
+        # DoRA's norm runs over the input axes: a slice (or broadcast) of them is one
+        # of the rescaled kernel, not a kernel of its own to rescale.
+        ctx.note(f, name)
+        return compat.bind(eqn, [f.materialize(), *rest])
     w = compat.bind(eqn, [f.w, *rest])[0]
     a_axes, b_axes = _factor_axes(lay)
-    a, b = f.a, f.b
+    a, b, m = f.a, f.b, f.m
     if resized and name == "broadcast_in_dim":  # size-1 axes grown
 
         def grow(x, axes):
@@ -235,11 +292,12 @@ def move_rule(ctx, eqn, invals):
             ]
             return jnp.broadcast_to(x, shape)
 
-        a, b = grow(a, a_axes), grow(b, b_axes)
+        a, b, m = grow(a, a_axes), grow(b, b_axes), _maybe(grow, m, b_axes)
     elif resized:
         window = _window(eqn, rest, f.shape)
         dynamic = name == "dynamic_slice"
         a, b = _narrow(a, a_axes, *window, dynamic), _narrow(b, b_axes, *window, dynamic)
+        m = _maybe(_narrow, m, b_axes, *window, dynamic)
         if set(_axes.looked_up(eqn, f.shape)) & set(lay.in_axes):
             # Rows read at a traced offset (a position table while decoding): a lookup,
             # whose value, `w[rows] + scale * a[rows] @ b`, is the size of the result.
@@ -247,11 +305,14 @@ def move_rule(ctx, eqn, invals):
             return [f.replace(w=w, a=a, b=b).materialize()]
     if dropped:
         a = jnp.squeeze(a, tuple(i for i, k in enumerate(a_axes) if k in dropped))
-        b = jnp.squeeze(b, tuple(i for i, k in enumerate(b_axes) if k in dropped))
+        b_dropped = tuple(i for i, k in enumerate(b_axes) if k in dropped)
+        b, m = jnp.squeeze(b, b_dropped), _maybe(jnp.squeeze, m, b_dropped)
     new = [i for i, src in enumerate(moves) if src is None]
     if new:  # new leading stacked axes
         lead = tuple(w.shape[i] for i in new)
         a, b = jnp.broadcast_to(a, lead + a.shape), jnp.broadcast_to(b, lead + b.shape)
+        if m is not None:
+            m = jnp.broadcast_to(m, lead + m.shape)
 
     def kept(axes):
         return tuple(where[i] for i in axes if i in where)
@@ -260,7 +321,12 @@ def move_rule(ctx, eqn, invals):
         kept(lay.in_axes), kept(lay.out_axes), tuple(new) + kept(lay.stack_axes)
     )
     ctx.note(f, name)
-    return [f.replace(w=w, a=a, b=b, layout=layout)]
+    return [f.replace(w=w, a=a, b=b, m=m, layout=layout)]
+
+
+def _maybe(fn, x, *args):
+    """`fn(x, *args)`, or None where `x` is (DoRA's magnitude, when off)."""
+    return None if x is None else fn(x, *args)
 
 
 @rule("split")
@@ -268,6 +334,9 @@ def split_rule(ctx, eqn, invals):
     """`jnp.split` (a fused kernel into its parts): each part a slice, factors sliced."""
     (f,) = invals
     sizes, axis = compat.split_params(eqn)
+    if f.m is not None and axis in f.layout.in_axes:  # (DoRA: see move_rule)
+        ctx.note(f, "split")
+        return compat.bind(eqn, [f.materialize()])
     a_axes, b_axes = _factor_axes(f.layout)
     ndim = len(f.shape)
     outs, start = [], 0
@@ -276,7 +345,8 @@ def split_rule(ctx, eqn, invals):
         starts[axis], shape[axis] = start, n
         window = (starts, shape, [1] * ndim)
         a, b = _narrow(f.a, a_axes, *window, False), _narrow(f.b, b_axes, *window, False)
-        outs.append(f.replace(w=w, a=a, b=b))
+        m = _maybe(_narrow, f.m, b_axes, *window, False)
+        outs.append(f.replace(w=w, a=a, b=b, m=m))
         start += n
     ctx.note(f, "split")
     return outs
@@ -317,9 +387,13 @@ def _regroup(ctx, eqn, f: Factored):
         f.b, [b_axes.index(k) for k in stack] + [ns] + [b_axes.index(k) for k in outs]
     )
     b = b.reshape(sizes(new_stack) + [rank] + sizes(new_out))
+    m = f.m
+    if m is not None:  # DoRA's magnitude, as `b` with a rank of 1
+        order = [b_axes.index(k) for k in stack] + [ns] + [b_axes.index(k) for k in outs]
+        m = jnp.transpose(m, order).reshape(sizes(new_stack) + [1] + sizes(new_out))
     w = compat.bind(eqn, [f.w])[0]
     ctx.note(f, "reshape")
-    return [f.replace(w=w, a=a, b=b, layout=Layout(new_in, new_out, new_stack))]
+    return [f.replace(w=w, a=a, b=b, m=m, layout=Layout(new_in, new_out, new_stack))]
 
 
 # Joins and scalings ---------------------------------------------------------------------
@@ -360,6 +434,8 @@ def concatenate_rule(ctx, eqn, invals):
         return _fallback(ctx, eqn, invals, f"joins kernels of different layouts {layouts}")
     if len({p.dropout for p in parts}) > 1:
         return _fallback(ctx, eqn, invals, "joins kernels of different dropout rates")
+    if any(p.m is not None for p in parts):
+        return _fallback(ctx, eqn, invals, "joins DoRA kernels, each with its own norm")
     w = compat.bind(eqn, [v.w if isinstance(v, Factored) else v for v in invals])[0]
     scale = parts[0].scale if len({p.scale for p in parts}) == 1 else 1.0
     a_dtype, b_dtype = _wide([p.a.dtype for p in parts]), _wide([p.b.dtype for p in parts])
@@ -436,17 +512,26 @@ def scale_rule(ctx, eqn, invals):
     if len(shape) not in (0, len(f.shape)):
         return _fallback(ctx, eqn, invals, f"a multiplier of shape {shape}")
     varying = {k for k, n in enumerate(shape) if n != 1}
+    if f.m is not None and not varying <= set(lay.out_axes + lay.stack_axes):
+        return _fallback(
+            ctx, eqn, invals, f"a DoRA kernel scaled along its input axes, {lay}"
+        )
     w = compat.bind(eqn, [f.w if v is f else v for v in invals])[0]
-    a, b, scale = f.a, f.b, f.scale
+    a, b, scale, mag = f.a, f.b, f.scale, f.m
     concrete = not varying and not compat.is_tracer(m)
     value = float(np.asarray(m).reshape(())) if concrete else None
     if concrete and (name == "mul" or value != 0.0):
         scale = scale * value if name == "mul" else scale / value
+        if mag is not None:  # DoRA: the norm scales by |c|, the magnitude alike
+            mag = mag * abs(value) if name == "mul" else mag / abs(value)
     elif varying <= set(lay.out_axes + lay.stack_axes):
         _, b_axes = _factor_axes(lay)
         mb = jnp.reshape(m, (1,) * len(f.shape)) if not shape else m
-        mb = _as_factor(mb, b_axes).astype(b.dtype)
-        b = b * mb if name == "mul" else b / mb
+        mb = _as_factor(mb, b_axes)
+        b = b * mb.astype(b.dtype) if name == "mul" else b / mb.astype(b.dtype)
+        if mag is not None:
+            c = jnp.abs(mb).astype(mag.dtype)
+            mag = mag * c if name == "mul" else mag / c
     elif varying <= set(lay.in_axes + lay.stack_axes):
         a_axes, _ = _factor_axes(lay)
         ma = _as_factor(m, a_axes).astype(a.dtype)
@@ -456,7 +541,7 @@ def scale_rule(ctx, eqn, invals):
             ctx, eqn, invals, f"a multiplier varying along inputs and outputs, {lay}"
         )
     ctx.note(f, name)
-    return [f.replace(w=w, a=a, b=b, scale=scale)]
+    return [f.replace(w=w, a=a, b=b, scale=scale, m=mag)]
 
 
 @rule("neg")
@@ -524,7 +609,12 @@ def gather_rule(ctx, eqn, invals):
     # y's axes: the result's non-output axes in order, then the outputs in layout order.
     src = [p for p in range(base.ndim) if p not in pos.values()]
     src += [pos[k] for k in lay.out_axes]
-    return [base + jnp.transpose(y, [src.index(p) for p in range(base.ndim)])]
+    y = base + jnp.transpose(y, [src.index(p) for p in range(base.ndim)])
+    g = f.magnitude_factor()
+    if g is not None:  # DoRA: each row of g * (w + scale * a @ b)
+        where = {p: k for k, p in pos.items()}
+        y = y * _on_axes(g, lay, [where.get(p) for p in range(base.ndim)]).astype(y.dtype)
+    return [y]
 
 
 @rule("conv_general_dilated")
@@ -561,7 +651,8 @@ def conv_rule(ctx, eqn, invals):
     a_kernel = jnp.transpose(f.a, perm).astype(x.dtype)
     if groups > 1:
         a_kernel = jnp.concatenate([a_kernel] * groups, axis=out_feature)
-    h = compat.bind(eqn, [ctx.dropout(x, f), a_kernel])[0]
+    xd = ctx.dropout(x, f)
+    h = compat.bind(eqn, [xd, a_kernel])[0]
     h = checkpoint_name(h * jnp.asarray(f.scale, h.dtype), XA_NAME)
     feat = c.dimension_numbers.out_spec[1]
     h = jnp.moveaxis(h, feat, -1)
@@ -573,7 +664,18 @@ def conv_rule(ctx, eqn, invals):
         h = h.reshape(h.shape[:-1] + (groups, rank))
         b = b.reshape(rank, groups, -1)
         y = jnp.einsum("...gr,rgo->...go", h, b).reshape(h.shape[:-2] + (-1,))
-    return [base + jnp.moveaxis(y, -1, feat).astype(base.dtype)]
+    y = jnp.moveaxis(y, -1, feat).astype(base.dtype)
+    g = f.magnitude_factor()
+    if g is None:
+        return [base + y]
+    # DoRA: g per output feature; with dropout the magnitude term sees the dropped x.
+    want = [None] * base.ndim
+    want[feat] = out_feature
+    go = _on_axes(g, lay, want).astype(base.dtype)
+    if xd is x:
+        return [go * (base + y)]
+    dropped = compat.bind(eqn, [xd, f.w])[0]
+    return [base + (go - jnp.ones((), base.dtype)) * dropped + go * y]
 
 
 # Sharding -------------------------------------------------------------------------------
@@ -604,7 +706,7 @@ def sharding_constraint_rule(ctx, eqn, invals):
     ctx.note(f, "sharding_constraint")
     w = compat.bind(eqn, [f.w])[0]
     a, b = constrain(f.a, shardings[0]), constrain(f.b, shardings[1])
-    return [f.replace(w=w, a=a, b=b)]
+    return [f.replace(w=w, a=a, b=b, m=_maybe(constrain, f.m, shardings[1]))]
 
 
 @rule("reshard")
@@ -616,7 +718,8 @@ def reshard_rule(ctx, eqn, invals):
     ctx.note(f, "reshard")
     w = compat.bind(eqn, [f.w])[0]
     a, b = (jax.sharding.reshard(x, s) for x, s in zip((f.a, f.b), shardings))
-    return [f.replace(w=w, a=a, b=b)]
+    m = _maybe(jax.sharding.reshard, f.m, shardings[1])
+    return [f.replace(w=w, a=a, b=b, m=m)]
 
 
 @rule("pvary", "pcast")
@@ -626,7 +729,8 @@ def varying_rule(ctx, eqn, invals):
     (f,) = invals
     ctx.note(f, compat.primitive_name(eqn))
     w, a, b = (compat.bind(eqn, [x])[0] for x in (f.w, f.a, f.b))
-    return [f.replace(w=w, a=a, b=b)]
+    m = _maybe(lambda x: compat.bind(eqn, [x])[0], f.m)
+    return [f.replace(w=w, a=a, b=b, m=m)]
 
 
 @rule("optimization_barrier")
@@ -656,8 +760,9 @@ def shard_map_rule(ctx, eqn, invals):
             a_spec, b_spec = factor_specs(spec, val.w.ndim, val.layout)
             a = constrain(val.a, NamedSharding(mesh, a_spec))
             b = constrain(val.b, NamedSharding(mesh, b_spec))
-            operands.append(val.replace(a=a, b=b))
-            specs += [spec, a_spec, b_spec]
+            m = _maybe(constrain, val.m, NamedSharding(mesh, b_spec))
+            operands.append(val.replace(a=a, b=b, m=m))
+            specs += [spec, a_spec, b_spec] + ([] if m is None else [b_spec])
         else:
             operands.append(val)
             specs.append(spec)
@@ -683,12 +788,13 @@ def shard_map_rule(ctx, eqn, invals):
 
 
 def _flatten_factored(values):
-    """`values` with each `Factored` as its `w`, `a`, `b`, and the inverse."""
+    """`values` with each `Factored` as its `w`, `a`, `b` (and DoRA's `m`), and the
+    inverse."""
     flat, slots = [], []
     for v in values:
         if isinstance(v, Factored):
             slots.append(v)
-            flat += [v.w, v.a, v.b]
+            flat += [v.w, v.a, v.b] + ([] if v.m is None else [v.m])
         else:
             slots.append(None)
             flat.append(v)
@@ -704,10 +810,20 @@ def _refill(slots, flat) -> list:
         if src is None:
             out.append(flat[i])
             i += 1
-        else:
+        elif src.m is None:
             out.append(src.replace(w=flat[i], a=flat[i + 1], b=flat[i + 2]))
             i += 3
+        else:  # (DoRA's magnitude after the factors)
+            w, a, b, m = flat[i : i + 4]
+            out.append(src.replace(w=w, a=a, b=b, m=m))
+            i += 4
     return out
+
+
+def _flat_shardings(f: Factored, sh) -> list:
+    """The shardings of `_flatten_factored`'s arrays for `f` from the kernel's `sh`."""
+    a_sh, b_sh = _factor_shardings(f, sh) or (None, None)
+    return [sh, a_sh, b_sh] + ([] if f.m is None else [b_sh])
 
 
 def _only_named(opts) -> bool:
@@ -737,8 +853,8 @@ def jit_rule(ctx, eqn, invals):
     in_sh, donate = [], []
     for val, sh, don in zip(invals, opts.in_shardings, opts.donated):
         if isinstance(val, Factored):
-            in_sh += [sh, *(_factor_shardings(val, sh) or (None, None))]
-            donate += [don, False, False]
+            in_sh += _flat_shardings(val, sh)
+            donate += [don] + [False] * (len(_flat_shardings(val, sh)) - 1)
         else:
             in_sh.append(sh)
             donate.append(don)
@@ -761,7 +877,7 @@ def jit_rule(ctx, eqn, invals):
             if kind is None:
                 out_sh.append(sh)
             else:
-                out_sh += [sh, *(_factor_shardings(kind, sh) or (None, None))]
+                out_sh += _flat_shardings(kind, sh)
         out_sh = tuple(out_sh)
     kwargs = {"compiler_options": opts.compiler_options} if opts.compiler_options else {}
     fn = jax.jit(
@@ -866,19 +982,20 @@ def while_rule(ctx, eqn, invals):
 
 
 def _unstacked(f: Factored):
-    """`(w, a, b)` to scan over and the layout of one slice, if axis 0 is stacked."""
+    """`(w, a, b, m)` to scan over and the layout of one slice, if axis 0 is stacked."""
     lay = f.layout
     if 0 not in lay.stack_axes or getattr(f.w, "ops", ()):
         return None  # (a quantized kernel whose axes moved: its moves are not per layer)
     j = lay.stack_axes.index(0)
     a = jnp.moveaxis(f.a, j, 0)
     b = jnp.moveaxis(f.b, j, 0)
+    m = _maybe(jnp.moveaxis, f.m, j, 0)
 
     def shift(axes):
         return tuple(x - 1 for x in axes)
 
     stack = tuple(s for s in lay.stack_axes if s != 0)
-    return (f.w, a, b), Layout(shift(lay.in_axes), shift(lay.out_axes), shift(stack))
+    return (f.w, a, b, m), Layout(shift(lay.in_axes), shift(lay.out_axes), shift(stack))
 
 
 @rule("scan")
@@ -936,8 +1053,8 @@ def scan_rule(ctx, eqn, invals):
                 vals.append(val)
             else:
                 src, layout = rb
-                w, a, b = val
-                vals.append(src.replace(w=w, a=a, b=b, layout=layout))
+                w, a, b, m = val
+                vals.append(src.replace(w=w, a=a, b=b, m=m, layout=layout))
         full_carry = _put_back(carry, carry_kept, s.num_carry)
         outs = interpret(inner_ctx, jaxpr, jconsts, [*consts, *full_carry, *vals])
         carry_out = [o for j, o in enumerate(outs[: s.num_carry]) if j not in carry_kept]

@@ -46,6 +46,22 @@ def factor_specs(kernel_spec, ndim: int, layout: Layout, unconstrained=()):
     return a, b
 
 
+def out_spec(kernel_spec, ndim: int, layout: Layout):
+    """The `PartitionSpec` of a `[*stack, *out]` child (DoRA's `m` and `norm`): the
+    kernel's entries for its stacked and output axes."""
+    spec = spec_entries(kernel_spec)
+    spec = spec + (None,) * (ndim - len(spec))
+    return PartitionSpec(*(spec[i] for i in layout.stack_axes + layout.out_axes))
+
+
+def out_sharding(w, layout: Layout):
+    """The `NamedSharding` of a `[*stack, *out]` child of kernel `w`, or None."""
+    sharding = named_sharding_of(w)
+    if sharding is None:
+        return None
+    return NamedSharding(sharding.mesh, out_spec(sharding.spec, len(w.shape), layout))
+
+
 def named_sharding_of(x):
     """`x`'s `NamedSharding`, if it is a concrete (or abstract) array that has one."""
     if is_tracer(x):
@@ -96,7 +112,8 @@ def adapter_specs(params: Any, base_specs: Any = None, *, adapter_axis=None) -> 
         default None, replicated.
 
     Returns:
-      a tree with the adapters' structure: `LoraWeight(None, a_spec, b_spec)`,
+      a tree with the adapters' structure: `LoraWeight(None, a_spec, b_spec)`
+        (with DoRA, `m` and `norm` specs from the kernel's stacked and output axes),
       `Trainable(spec)`, and `None` elsewhere.
 
     Raises:
@@ -123,10 +140,16 @@ def adapter_specs(params: Any, base_specs: Any = None, *, adapter_axis=None) -> 
             if is_quantized(kernel_spec):  # (base_specs' node of specs: its codes')
                 kernel_spec = kernel_spec.codes
             a, b = factor_specs(kernel_spec, len(w.shape), node.value.layout)
+            m = norm = None
+            if node.value.m is not None:  # DoRA: as the kernel's stacked and outputs
+                m = norm = out_spec(kernel_spec, len(w.shape), node.value.layout)
             if node.value.stack is not None:  # the leading adapter axis
                 a = PartitionSpec(adapter_axis, *spec_entries(a))
                 b = PartitionSpec(adapter_axis, *spec_entries(b))
-            out.append(node.put_back(node.value.replace(w=None, a=a, b=b)))
+                if m is not None:
+                    m = norm = PartitionSpec(adapter_axis, *spec_entries(m))
+            new = node.value.replace(w=None, a=a, b=b, m=m, norm=norm)
+            out.append(node.put_back(new))
         else:
             value = unbox(node.value.value)
             spec = given[node.path] if given is not None else _spec_of(value)

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jlora import _jax_compat as compat
@@ -74,20 +75,12 @@ def _prepare(args, kwargs):
             # Frozen by construction: no gradient ever flows into the kernel, so none
             # is formed (no `dW = x^T g`), whoever differentiates the whole tree.
             w = jax.lax.stop_gradient(unbox(lw.w))
-            if is_quantized(w):  # dequantized at each use (see _quant.Deferred)
+            quantized = is_quantized(w)
+            if quantized:  # dequantized at each use (see _quant.Deferred)
                 w = Deferred(w)
-                lowrank_at[len(flat)] = Factored(
-                    w,
-                    unbox(lw.a),
-                    lw.layout.expand_b(unbox(lw.b)),
-                    lw.scale,
-                    lw.layout.plain(),
-                    _node_path(node.keys),
-                    lw.dropout,
-                )
-                stand_ins.append(node.put_back(stand_in(w.q)))
-                flat.append(None)
-                continue
+            m = unbox(lw.m)  # DoRA's magnitude, laid out as b with a rank of 1
+            if m is not None:
+                m = jnp.expand_dims(m, len(lw.layout.stack_axes))
             lowrank_at[len(flat)] = Factored(
                 w,
                 unbox(lw.a),
@@ -96,7 +89,12 @@ def _prepare(args, kwargs):
                 lw.layout.plain(),
                 _node_path(node.keys),
                 lw.dropout,
+                m,
             )
+            if quantized:
+                stand_ins.append(node.put_back(stand_in(w.q)))
+                flat.append(None)
+                continue
             stand_ins.append(node.put_back(lw.w))
             flat.extend(jax.tree.leaves(lw.w))
         elif node.kind == TRAINED:

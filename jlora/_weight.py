@@ -263,9 +263,72 @@ def low_rank_product(a, b, layout: Layout, scale: float, dtype=jnp.float32):
     return jnp.sum(a_k * b_k, axis=-1) * jnp.asarray(scale, dtype)
 
 
-def materialize(w, a, b, layout: Layout, scale: float):
-    """`w + scale * a @ b` in `w`'s dtype, the sum accumulated in float32."""
-    return (w.astype(jnp.float32) + low_rank_product(a, b, layout, scale)).astype(w.dtype)
+def materialize(w, a, b, layout: Layout, scale: float, m=None):
+    """`w + scale * a @ b` in `w`'s dtype, the sum accumulated in float32; with a DoRA
+    magnitude `m` (`[*stack, *out]`), that sum times `m / ||w + scale * a @ b||` per
+    output element, the norm a constant of the backward pass (`dora_factor`)."""
+    v = w.astype(jnp.float32) + low_rank_product(a, b, layout, scale)
+    if m is not None:
+        v = v * out_to_kernel(dora_factor(w, a, b, layout, scale, m), layout)
+    return v.astype(w.dtype)
+
+
+def _letters(layout: Layout):
+    """Einsum letters of a layout's stacked, input and output axes, and of the kernel."""
+    ls = string.ascii_letters
+    return (
+        "".join(ls[i] for i in layout.stack_axes),
+        "".join(ls[i] for i in layout.in_axes),
+        "".join(ls[i] for i in layout.out_axes),
+        "".join(ls[i] for i in range(layout.ndim)),
+    )
+
+
+def column_norm(w, a, b, layout: Layout, scale: float):
+    """`||w + scale * a @ b||` over the input axes, per stacked and output element.
+
+    Returns `[*stack, *out]` (layout order, as `b` without its rank axis) in float32.
+    The sum is never formed: `||w_j + s (ab)_j||^2 = ||w_j||^2 + 2 s (a^T w)_j . b_j +
+    s^2 b_j^T (a^T a) b_j` needs the kernel's own column norms, an `[r, out]` product
+    and an `[r, r]` one (DoRA's weight norm, at the cost of `r` extra rows of input).
+    `a` enters the `a^T w` product in `w`'s dtype, accumulated in float32.
+    """
+    b, layout = layout.expand_b(b), layout.plain()
+    st, ins, out, wk = _letters(layout)
+    f32 = jnp.float32
+    ws = jnp.sum(jnp.square(w.astype(f32)), axis=layout.in_axes)  # kernel order
+    ws = jnp.transpose(ws, [sorted(layout.stack_axes + layout.out_axes).index(k)
+                            for k in layout.stack_axes + layout.out_axes])
+    if scale == 0:
+        return jnp.sqrt(ws)
+    a32, b32 = jnp.asarray(a, f32), jnp.asarray(b, f32)
+    aw = jnp.einsum(
+        f"{st}{ins}Z,{wk}->{st}Z{out}",
+        jnp.asarray(a, w.dtype),
+        w,
+        preferred_element_type=f32,
+    )
+    cross = jnp.sum(aw * b32, axis=len(st))
+    ata = jnp.einsum(f"{st}{ins}Z,{st}{ins}Y->{st}ZY", a32, a32)
+    quad = jnp.sum(b32 * jnp.einsum(f"{st}ZY,{st}Y{out}->{st}Z{out}", ata, b32), len(st))
+    s = jnp.asarray(scale, f32)
+    return jnp.sqrt(jnp.maximum(ws + 2 * s * cross + s * s * quad, 0.0))
+
+
+def dora_factor(w, a, b, layout: Layout, scale: float, m):
+    """DoRA's `m / ||w + scale * a @ b||` per output element (`[*stack, *out]`,
+    float32), the norm under `stop_gradient` (the paper's section 4.3; PEFT's
+    default). Where the norm is zero the column is zero too, and the factor is `m`."""
+    norm = jax.lax.stop_gradient(column_norm(w, a, b, layout, scale))
+    return jnp.asarray(m, jnp.float32) / jnp.where(norm > 0, norm, 1.0)
+
+
+def out_to_kernel(x, layout: Layout):
+    """`x` laid out `[*stack, *out]` (as `b` without its rank) arranged on the kernel's
+    axes, size 1 at the input axes, so that it broadcasts against the kernel."""
+    return _to_kernel_axes(x[..., None], layout.stack_axes + layout.out_axes, layout.ndim)[
+        ..., 0
+    ]
 
 
 class Stack(NamedTuple):
@@ -290,6 +353,13 @@ class LoraWeight:
     `PartitionSpec`, `ShapeDtypeStruct`, tracers): `jax.tree.map`, `jax.eval_shape`,
     `vmap(in_axes=LoraWeight(None, 0, 0))`, optax and orbax all work on it.
 
+    DoRA (`LoraConfig(use_dora=True)`): `m` is the trained magnitude, one value per
+    stacked and output element (`[*stack, *out]`, float32), and the kernel stands for
+    `m / ||w + scale * a @ b|| * (w + scale * a @ b)`, the norm taken over the input
+    axes. `norm` is that norm as of `init` or `split` (float32, not trained): what
+    `unmerge` divides by to recover `w` from a merged kernel. Both are None without
+    DoRA (and then no leaves). `CHILDREN` describes every child once.
+
     A `LoraWeight` built without `scale` (e.g. `LoraWeight(None, 0, 0)`) carries no
     metadata and matches any `LoraWeight` as a tree prefix, so it serves directly as a
     spec tree: `jax.vmap(f, in_axes=({"kernel": LoraWeight(None, 0, 0)}, None))`.
@@ -302,13 +372,15 @@ class LoraWeight:
       Array(1., dtype=float32)
     """
 
-    __slots__ = ("w", "a", "b", "scale", "layout", "dropout", "stack")
+    __slots__ = ("w", "a", "b", "m", "norm", "scale", "layout", "dropout", "stack")
 
     def __init__(
         self,
         w: Any,
         a: Any,
         b: Any,
+        m: Any = None,
+        norm: Any = None,
         *,
         scale: float | None = None,
         layout: Layout | None = None,
@@ -318,6 +390,8 @@ class LoraWeight:
         self.w = w
         self.a = a
         self.b = b
+        self.m = m
+        self.norm = norm
         if scale is None:  # a spec tree: metadata that matches any LoraWeight's
             scale, layout = ANY, ANY
         self.scale = scale
@@ -330,14 +404,21 @@ class LoraWeight:
             w=self.w,
             a=self.a,
             b=self.b,
+            m=self.m,
+            norm=self.norm,
             scale=self.scale,
             layout=self.layout,
             dropout=self.dropout,
             stack=self.stack,
         )
         fields.update(changes)
-        w, a, b = fields.pop("w"), fields.pop("a"), fields.pop("b")
-        return LoraWeight(w, a, b, **fields)
+        children = [fields.pop(c.name) for c in CHILDREN]
+        return LoraWeight(*children, **fields)
+
+    @property
+    def dora(self) -> bool:
+        """Whether this kernel carries a DoRA magnitude."""
+        return self.m is not None
 
     @property
     def rank(self) -> int:
@@ -359,15 +440,22 @@ class LoraWeight:
             )
 
     def delta(self):
-        """`scale * a @ b` in float32, arranged like the kernel."""
+        """`scale * a @ b` in float32, arranged like the kernel (the low-rank update;
+        with DoRA the kernel is also rescaled, see `materialize`)."""
         self._require_meta()
         return low_rank_product(unbox(self.a), unbox(self.b), self.layout, self.scale)
 
     def materialize(self):
-        """`w + scale * a @ b` in `w`'s dtype, the sum accumulated in float32."""
+        """`w + scale * a @ b` in `w`'s dtype, the sum accumulated in float32 (with
+        DoRA, rescaled per output element to the magnitude `m`)."""
         self._require_meta()
         return materialize(
-            unbox(self.w), unbox(self.a), unbox(self.b), self.layout, self.scale
+            unbox(self.w),
+            unbox(self.a),
+            unbox(self.b),
+            self.layout,
+            self.scale,
+            None if self.m is None else unbox(self.m),
         )
 
     def __repr__(self):
@@ -376,8 +464,9 @@ class LoraWeight:
                 return f"{x.dtype}{list(x.shape)}"
             return repr(x)
 
+        dora = "" if self.m is None else f", m={show(self.m)}, norm={show(self.norm)}"
         return (
-            f"LoraWeight(w={show(self.w)}, a={show(self.a)}, b={show(self.b)}, "
+            f"LoraWeight(w={show(self.w)}, a={show(self.a)}, b={show(self.b)}{dora}, "
             f"scale={self.scale}, layout={self.layout}, dropout={self.dropout}"
             + (f", stack={self.stack.names}" if isinstance(self.stack, Stack) else "")
             + ")"
@@ -448,9 +537,32 @@ class _Any:
 
 ANY = _Any()
 
+class Child(NamedTuple):
+    """One child of `LoraWeight`: its name, whether it trains, whether the adapters
+    (`split`, `save_adapter`) hold it, and how its axes read the kernel's: `"kernel"`
+    (the kernel's own), `"a"` (`[*stack, *in, r]`), `"b"` (`[*stack, r, *out]`) or
+    `"out"` (`[*stack, *out]`, one value per output element)."""
+
+    name: str
+    trained: bool
+    adapter: bool
+    axes: str
+
+
+CHILDREN = (
+    Child("w", trained=False, adapter=False, axes="kernel"),
+    Child("a", trained=True, adapter=True, axes="a"),
+    Child("b", trained=True, adapter=True, axes="b"),
+    Child("m", trained=True, adapter=True, axes="out"),
+    Child("norm", trained=False, adapter=True, axes="out"),
+)
+TRAINED_CHILDREN = tuple(c.name for c in CHILDREN if c.trained)
+ADAPTER_CHILDREN = tuple(c.name for c in CHILDREN if c.adapter)
+
+
 jax.tree_util.register_dataclass(
     LoraWeight,
-    data_fields=["w", "a", "b"],
+    data_fields=[c.name for c in CHILDREN],
     meta_fields=["scale", "layout", "dropout", "stack"],
 )
 

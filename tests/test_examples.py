@@ -163,6 +163,23 @@ def test_quant_benchmark_quick_mode_runs_every_base():
     )
 
 
+def test_dora_benchmark_quick_mode_times_lora_and_dora_of_each_library():
+    bench = _load("dora", "benchmarks")
+    with jax.numpy_dtype_promotion("standard"):  # optax's adam is not strict-clean
+        cands, med = bench.main(["--quick", "--no-write"])
+    names = {"jlora lora", "jlora dora"}
+    if importlib.util.find_spec("peft") is not None:  # PEFT is in the [torch] extra
+        names |= {"peft lora", "peft dora"}
+    assert set(cands) == names
+    assert all(len(c["times"]) == 2 and med[n] > 0 for n, c in cands.items())
+    # What DoRA adds to the step's temporaries: per adapted kernel (q and v of one
+    # layer) the [tokens, out] activation its magnitude's gradient reads (batch 8 x seq
+    # 16 tokens, d = 64, float32), and per-output vectors and [r, out] products.
+    saved = 2 * (8 * 16) * 64 * 4
+    extra = cands["jlora dora"]["temp"] - cands["jlora lora"]["temp"]
+    assert 0 <= extra <= 1.5 * saved
+
+
 def test_memory_plan_of_a_small_config_with_a_plot(tmp_path):
     import json
 
