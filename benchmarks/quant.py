@@ -162,7 +162,7 @@ def main(argv=None):
     p.add_argument("--no-write", action="store_true")
     args = p.parse_args(argv)
     if args.quick:
-        cfg = GPTConfig(vocab=256, d=128, heads=4, layers=2, seq=32)
+        cfg = GPTConfig(vocab=256, d=128, heads=4, layers=1, seq=32)
         args.rounds = min(args.rounds, 2)
     else:
         cfg = GPTConfig()

@@ -584,7 +584,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     dtype = jnp.dtype(args.dtype)
     if args.quick:
-        cfg = GPTConfig(vocab=512, d=64, heads=4, layers=2, seq=32, dtype=dtype)
+        cfg = GPTConfig(vocab=512, d=64, heads=4, layers=1, seq=32, dtype=dtype)
         large_cfg = GPTConfig(vocab=512, d=96, heads=4, layers=3, seq=32, dtype=dtype)
         args.rounds, args.steps = min(args.rounds, 3), 1
     else:
@@ -607,9 +607,9 @@ def main(argv=None):
             )
         inf_rows = bench_inference(cfg, args.rank, (1, args.batch), args.rounds)
         ckpt = bench_checkpoint(cfg, args.rank, 3)
-        # >= 1 GiB of kernels in the full run; 64 MiB in --quick.
+        # >= 1 GiB of kernels in the full run; 16 MiB in --quick.
         merge_row = (
-            bench_merge(4, 2048, args.rank, 3)
+            bench_merge(4, 1024, args.rank, 3)
             if args.quick
             else bench_merge(16, 4096, args.rank, 3)
         )

@@ -11,7 +11,15 @@ from jlora._checkpoint import (
 )
 from jlora._config import LoraConfig
 from jlora._init import init
-from jlora._merge import Rounding, RoundingWarning, combine, merge, split, unmerge
+from jlora._merge import (
+    Rounding,
+    RoundingWarning,
+    combine,
+    merge,
+    plain_lora,
+    split,
+    unmerge,
+)
 from jlora._nnx import quantize
 from jlora._optim import Summary, optimizer, summary
 from jlora._peft import (
@@ -54,6 +62,7 @@ __all__ = [
     "merge",
     "nnx",
     "optimizer",
+    "plain_lora",
     "quantize",
     "read_adapter_metadata",
     "read_peft_config",

@@ -57,6 +57,12 @@ def _adapters_of(tree, fn_name: str, what: str):
                 f"  {n.path}: already a stacked set {list(n.value.stack.names)} (take "
                 "its adapters out with jlora.unstack_adapters first)"
             )
+        elif n.kind == LORA and n.value.a0 is not None:
+            errors.append(
+                f"  {n.path}: a PiSSA/OLoRA adapter, trained on a base it changed; "
+                "convert it to plain LoRA for the original base first "
+                "(jlora.plain_lora)"
+            )
         elif n.kind == LORA and n.value.m is not None:
             errors.append(
                 f"  {n.path}: a DoRA adapter (it rescales the kernel per output by its "

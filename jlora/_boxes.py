@@ -90,13 +90,20 @@ def box_factors(box, a, b, layout):
     )
 
 
-def box_out(box, x, layout):
-    """`x` laid out `[*stack, *out]` (a DoRA magnitude or norm) boxed the way the
-    kernel's Linen `box` is: the kernel's names for its stacked and output axes."""
+def box_child(box, x, layout, axes: str):
+    """A `LoraWeight` child `x` of kind `axes` (`"a"`, `"b"`, `"out"`; see
+    `jlora._weight.CHILDREN`) boxed the way the kernel's Linen `box` is: the kernel's
+    names for the kernel axes it holds, the rank as in `box_factors`."""
     if isinstance(box, nnx.Variable) or not is_box(box):
         return x
     names = partition_names(box, layout.ndim)
     if names is None:
         return rebox(box, x)
-    out_names = tuple(names[i] for i in layout.stack_axes + layout.out_axes)
-    return dataclasses.replace(box, value=x, names=out_names)
+    rank = RANK_AXIS if is_logical(box) else None
+    child_names = tuple(rank if k is None else names[k] for k in layout.child_axes(axes))
+    return dataclasses.replace(box, value=x, names=child_names)
+
+
+def box_out(box, x, layout):
+    """`x` laid out `[*stack, *out]` (a DoRA magnitude or norm), boxed as the kernel."""
+    return box_child(box, x, layout, "out")

@@ -45,10 +45,10 @@ from jlora._rebuild import (
     fingerprint,
     rebuild,
 )
-from jlora._sharding import factor_shardings, named_sharding_of, out_sharding
+from jlora._sharding import child_sharding, factor_shardings, named_sharding_of
 from jlora._targets import EMPTY, LORA, TRAINED, path_string, walk
 from jlora._version import VERSION
-from jlora._weight import Layout
+from jlora._weight import EXTRA_CHILDREN, Layout, child_shape, extra_children
 
 FORMAT = "jlora-adapter"
 FORMAT_VERSION = 2  # 2: a fingerprint of each adapted base kernel
@@ -133,11 +133,11 @@ def _collect(params):
                 }
             )
             arrays += [a, b]
-            if inner.m is not None:  # DoRA: the magnitude and the norm merge divides by
-                norm = unbox(split_norm(inner)) if w is not None else unbox(inner.norm)
-                m = unbox(inner.m)
-                entries[-1].update(m=_spec(m), norm=_spec(norm))
-                arrays += [m, norm]
+            # The other adapter children (DoRA's m and norm), as split gives them.
+            view = inner.replace(norm=split_norm(inner)) if w is not None else inner
+            for name, value in extra_children(view).items():
+                entries[-1][name] = _spec(unbox(value))
+                arrays.append(unbox(value))
         elif node.kind == TRAINED:
             value = unbox(inner.value)
             entries.append({"path": path, "kind": "full", "value": _spec(value)})
@@ -355,14 +355,20 @@ def _fit(leaves: list, base: Base, path: str) -> list[dict]:
                     f"{list(got[1])}"
                 )
                 continue
-            if "m" in entry:
-                want_m = [shape[i] for i in layout.stack_axes + layout.out_axes]
-                if list(entry["m"]["shape"]) != want_m:
-                    errors.append(
-                        f"  {p}: base kernel {list(shape)} needs a DoRA magnitude "
-                        f"{want_m}; the checkpoint has {entry['m']['shape']}"
-                    )
-                    continue
+            rank = entry["a"]["shape"][-1]
+            bad = [
+                f"{c.name} {entry[c.name]['shape']} (needs {want})"
+                for c in EXTRA_CHILDREN
+                if c.name in entry
+                and list(entry[c.name]["shape"])
+                != (want := child_shape(layout, shape, c.axes, rank))
+            ]
+            if bad:
+                errors.append(
+                    f"  {p}: base kernel {list(shape)} does not fit the checkpoint's "
+                    + ", ".join(bad)
+                )
+                continue
             entries.append(entry)
         else:
             errors.append(f"  {p}: unknown leaf kind {kind!r}")
@@ -391,6 +397,14 @@ def _check_bases(entries: list, base: Base, path: str, base_mismatch: str) -> No
         f"jlora.load_adapter: the adapters at {path} {report}; check that base_params "
         "are the model they were trained on."
     )
+    started = [e["path"] for e in entries if e["kind"] == "lora" and "a0" in e]
+    if set(started) & set(paths):
+        msg += (
+            " These adapters started from their kernels (PiSSA/OLoRA), so they trained "
+            "on the kernels less that start: load them onto that residual base "
+            "(jlora.split(params)[1] of the run), or, for the original base, save "
+            "jlora.plain_lora(params) instead (the same model as plain LoRA)."
+        )
     if base_mismatch == "error":
         raise ValueError(msg)
     warnings.warn(
@@ -407,9 +421,10 @@ def _restore(path: str, entries: list, base: Base, sharding) -> dict:
         if entry["kind"] == "lora":
             a_sh, b_sh = factor_shardings(leaf, Layout(*entry["layout"]))
             targets += [(entry["a"], sharding or a_sh), (entry["b"], sharding or b_sh)]
-            if "m" in entry:
-                m_sh = sharding or out_sharding(leaf, Layout(*entry["layout"]))
-                targets += [(entry["m"], m_sh), (entry["norm"], m_sh)]
+            for c in EXTRA_CHILDREN:
+                if c.name in entry:
+                    sh = sharding or child_sharding(leaf, Layout(*entry["layout"]), c.axes)
+                    targets.append((entry[c.name], sh))
         else:
             sh = None if leaf is None else named_sharding_of(leaf)
             targets.append((entry["value"], sharding or sh))
@@ -424,17 +439,17 @@ def _restore(path: str, entries: list, base: Base, sharding) -> dict:
     found, i = {}, 0
     for entry in entries:
         if entry["kind"] == "lora":
-            dora = "m" in entry
+            a, b = arrays[_key(i)], arrays[_key(i + 1)]
+            i += 2
+            extra = {}
+            for c in EXTRA_CHILDREN:
+                if c.name in entry:
+                    extra[c.name] = arrays[_key(i)]
+                    i += 1
+            layout = Layout(*entry["layout"])
             found[entry["path"]] = Factors(
-                arrays[_key(i)],
-                arrays[_key(i + 1)],
-                entry["scale"],
-                Layout(*entry["layout"]),
-                entry["dropout"],
-                arrays[_key(i + 2)] if dora else None,
-                arrays[_key(i + 3)] if dora else None,
+                a, b, entry["scale"], layout, entry["dropout"], extra
             )
-            i += 4 if dora else 2
         else:
             found[entry["path"]] = Whole(arrays[_key(i)])
             i += 1

@@ -14,7 +14,17 @@ import numpy as np
 from jlora._targets import compile_patterns
 from jlora._weight import Fused, Layout
 
-INITS = ("lora", "gaussian")
+INITS = ("lora", "gaussian", "pissa", "olora")  # and "pissa_niter_<n>"
+_PISSA_NITER = re.compile(r"^pissa_niter_(\d+)$")
+
+
+def start_kind(init: str) -> tuple[str, int | None]:
+    """`(kind, niter)`: `init` without its `_niter_<n>` (`"pissa"`, `"olora"`,
+    `"lora"`, `"gaussian"`) and the subspace iterations of a randomized SVD (None:
+    the exact one)."""
+    m = _PISSA_NITER.match(init)
+    return ("pissa", int(m.group(1))) if m else (init, None)
+
 TRAIN_BIAS = ("none", "all", "lora_only")
 
 
@@ -43,7 +53,15 @@ class LoraConfig:
       init: `"lora"` (`a` Kaiming-uniform with a=sqrt(5), bound `1/sqrt(fan_in)`; `b`
         zeros) or `"gaussian"` (`a` normal with std `1/rank`; `b` zeros). Either way the
         adapted model starts equal to the base. Embedding tables (leaves named
-        `embedding`) get `a` zeros and `b` standard normal.
+        `embedding`) get `a` zeros and `b` standard normal. Starts that change the
+        frozen kernel (PEFT's names): `"pissa"` (with `W = U S V^T` over the kernel's
+        input and output axes, `a = U_r sqrt(S_r / scale)`, `b = sqrt(S_r / scale)
+        V_r^T`), `"pissa_niter_<n>"` (the same from a randomized SVD with `n` subspace
+        iterations, for big kernels), `"olora"` (the QR of the `[out, in]` matrix,
+        `b = Q_r^T`, `a = R_r^T`); the kernel becomes `W - scale * a @ b`, so the model
+        still starts equal to the base, and the starting factors are kept (`a0`,
+        `b0`) for `save_peft`, which writes the equivalent plain LoRA of rank `2r` for
+        the original base. Stacked kernels are decomposed per layer.
       dtype: dtype of the factors; default float32 (also for a bfloat16 base).
       rank_pattern / alpha_pattern: `{regex: value}` overrides per path (first match).
       layout: `{regex: Layout}` declaring input/output/stacked axes of kernels with more
@@ -97,8 +115,13 @@ class LoraConfig:
             raise ValueError(
                 f"LoraConfig: dropout must be a number in [0, 1), got {self.dropout!r}."
             )
-        if self.init not in INITS:
-            raise ValueError(f"LoraConfig: init must be one of {INITS}, got {self.init!r}.")
+        if not isinstance(self.init, str) or (
+            self.init not in INITS and not _PISSA_NITER.match(self.init)
+        ):
+            raise ValueError(
+                f"LoraConfig: init must be one of {INITS} or 'pissa_niter_<n>' (a "
+                f"randomized SVD with n subspace iterations), got {self.init!r}."
+            )
         if self.train_bias not in TRAIN_BIAS:
             raise ValueError(
                 f"LoraConfig: train_bias must be one of {TRAIN_BIAS}, "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -9,11 +10,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
-from jlora._boxes import box_factors, box_out, is_box, is_variable, rebox, unbox
-from jlora._config import LoraConfig
+from jlora._boxes import box_child, box_factors, is_box, is_variable, rebox, unbox
+from jlora._config import LoraConfig, start_kind
 from jlora._probe import infer as infer_layouts
-from jlora._sharding import factor_shardings, out_sharding
+from jlora._sharding import factor_shardings, named_sharding_of, out_sharding
 from jlora._targets import (
     LORA,
     TRAINED,
@@ -23,7 +25,14 @@ from jlora._targets import (
     path_matches,
     walk,
 )
-from jlora._weight import DEFAULT_LAYOUT, Layout, LoraWeight, Trainable
+from jlora._weight import (
+    CHILD,
+    DEFAULT_LAYOUT,
+    Layout,
+    LoraWeight,
+    Trainable,
+    low_rank_product,
+)
 
 
 def _leaf_name(path: str) -> str:
@@ -245,6 +254,19 @@ def adapt(
                 f"{list(value.shape)} ({layout}); lower rank or set rank_pattern."
             )
             continue
+        if start_kind(config.init)[0] in ("pissa", "olora"):
+            why = (
+                "it is quantized: decompose the float kernel, then quantize the "
+                "residual (jlora.init before jlora.quantize)"
+                if hasattr(value, "block_size")
+                else f"its layout adapts parts of a fused axis ({layout.fused}); adapt "
+                "the whole kernel, or split it into one kernel per part"
+                if layout.fused is not None
+                else None
+            )
+            if why:
+                errors.append(f"  {path}: init={config.init!r} can't start here: {why}")
+                continue
         blocked = getattr(value, "axis", None) if hasattr(value, "block_size") else None
         if blocked is not None and blocked % value.ndim in layout.stack_axes:
             errors.append(
@@ -371,10 +393,8 @@ def _magnitude(w, layout: Layout):
     *out]`, float32, placed as the kernel's stacked and output axes), and a copy of
     it as the cached norm (at init `b` is zero, so the norm of `w + scale * a @ b` is
     the kernel's own)."""
-    from jlora._quant import dequantize_array, is_quantized
-
     def norms(w):
-        w = dequantize_array(w) if is_quantized(w) else w
+        w = w.dequantize() if getattr(type(w), "_jlora_leaf", False) else w
         return jnp.sqrt(jnp.sum(jnp.square(w.astype(jnp.float32)), axis=layout.in_axes))
 
     sharding = out_sharding(w.codes if hasattr(w, "codes") else w, layout)
@@ -385,19 +405,102 @@ def _magnitude(w, layout: Layout):
     return m, jnp.array(m, copy=True)
 
 
+def _matrices(w, layout: Layout):
+    """`w` as `[*stack, fan_in, fan_out]` float32 matrices (inputs and outputs in
+    layout order), and the inverse."""
+    order = layout.stack_axes + layout.in_axes + layout.out_axes
+    stack = [w.shape[i] for i in layout.stack_axes]
+    ins = [w.shape[i] for i in layout.in_axes]
+    outs = [w.shape[i] for i in layout.out_axes]
+    mats = jnp.transpose(w.astype(jnp.float32), order).reshape(
+        stack + [int(np.prod(ins)), int(np.prod(outs))]
+    )
+
+    def factors(u, v):  # [*stack, fan_in, r], [*stack, r, fan_out] -> a, b
+        r = u.shape[-1]
+        return u.reshape(stack + ins + [r]), v.reshape(stack + [r] + outs)
+
+    return mats, factors
+
+
+def _randomized_svd(key, x, rank: int, niter: int):
+    """`(u, s, vh)` of rank `rank` of `x` (`[p, q]`) by subspace iteration (Halko,
+    Martinsson and Tropp 2011, Algorithm 4.4) with `niter` iterations."""
+    omega = jax.random.normal(key, (x.shape[1], rank), x.dtype)
+    q = jnp.linalg.qr(x @ omega)[0]
+    for _ in range(niter):
+        q = jnp.linalg.qr(x @ jnp.linalg.qr(x.T @ q)[0])[0]
+    u, s, vh = jnp.linalg.svd(q.T @ x, full_matrices=False)
+    return q @ u, s, vh
+
+
+def _decomposed(key, path, w, layout: Layout, config: LoraConfig):
+    """PiSSA's or OLoRA's `(a, b, residual kernel)` for kernel `w` (see
+    `LoraConfig.init`), per layer of a stacked kernel, computed in float32."""
+    kind, niter = start_kind(config.init)
+    rank = config.rank_for(path)
+    scale = config.scale_for(path)
+    dtype = config.factor_dtype
+    mats, factors = _matrices(w, layout)
+    lead = mats.shape[:-2]
+    flat = mats.reshape((-1,) + mats.shape[-2:])
+    if kind == "olora":  # PEFT's: the QR of the [out, in] matrix, b = Q_r^T, a = R_r^T
+        q, r = jax.vmap(jnp.linalg.qr)(jnp.swapaxes(flat, -1, -2))
+        u, v = jnp.swapaxes(r[:, :rank], -1, -2), jnp.swapaxes(q[:, :, :rank], -1, -2)
+    else:
+        if niter is None:
+            u, s, vh = jax.vmap(lambda m: jnp.linalg.svd(m, full_matrices=False))(flat)
+        else:
+            keys = jax.random.split(path_key(key, path), flat.shape[0])
+            u, s, vh = jax.vmap(lambda k, m: _randomized_svd(k, m, rank, niter))(keys, flat)
+        root = jnp.sqrt(s[:, :rank] / scale)
+        u, v = u[:, :, :rank] * root[:, None, :], root[:, :, None] * vh[:, :rank]
+    u = u.reshape(lead + u.shape[1:])
+    v = v.reshape(lead + v.shape[1:])
+    a, b = factors(u, v)
+    a, b = a.astype(dtype), b.astype(dtype)
+    residual = w.astype(jnp.float32) - low_rank_product(a, b, layout, scale)
+    return a, b, residual.astype(w.dtype)
+
+
 def _wrap(key, path, leaf, layout, config):
     w = unbox(leaf)
-    a, b = _factors(key, path, w, layout, config)
-    m = norm = None
-    if config.use_dora:
-        m, norm = _magnitude(w, layout)
+    a0 = b0 = None
+    kind, _ = start_kind(config.init)
+    if kind in ("pissa", "olora"):
+        sharding = named_sharding_of(w)
+        shardings = factor_shardings(w, layout)
+        fn = functools.partial(_decomposed, path=path, layout=layout, config=config)
+        w_in = w
+        if sharding is not None:
+            # The decomposition runs on a replicated copy of the kernel (an SVD or QR
+            # needs its matrix whole); each result is placed as its kernel implies.
+            replicated = NamedSharding(sharding.mesh, PartitionSpec())
+            w_in = jax.device_put(w, replicated)
+            fn = jax.jit(fn, out_shardings=(*shardings, sharding))
+        a, b, residual = fn(key, w=w_in)
+        a0, b0 = jnp.array(a, copy=True), jnp.array(b, copy=True)
+        m = norm = None
+        if config.use_dora:
+            m, norm = _magnitude(w, layout)  # (the norm of the original kernel)
+        w = residual
+        if is_box(leaf) and not is_variable(leaf):
+            leaf = rebox(leaf, residual)
+    else:
+        a, b = _factors(key, path, w, layout, config)
+        m = norm = None
+        if config.use_dora:
+            m, norm = _magnitude(w, layout)
     meta_kw = dict(
         scale=config.scale_for(path), layout=layout, dropout=float(config.dropout)
     )
+    extra = dict(m=m, norm=norm, a0=a0, b0=b0)
     if is_variable(leaf):
-        return rebox(leaf, LoraWeight(w, a, b, m, norm, **meta_kw))
+        return rebox(leaf, LoraWeight(w, a, b, **extra, **meta_kw))
     if is_box(leaf):
-        if m is not None:
-            m, norm = box_out(leaf, m, layout), box_out(leaf, norm, layout)
-        return LoraWeight(leaf, *box_factors(leaf, a, b, layout), m, norm, **meta_kw)
-    return LoraWeight(w, a, b, m, norm, **meta_kw)
+        extra = {
+            k: None if v is None else box_child(leaf, v, layout, CHILD[k].axes)
+            for k, v in extra.items()
+        }
+        return LoraWeight(leaf, *box_factors(leaf, a, b, layout), **extra, **meta_kw)
+    return LoraWeight(w, a, b, **extra, **meta_kw)

@@ -124,9 +124,7 @@ def _norm_of(lw: LoraWeight):
         return lw.norm
     w = unbox(lw.w)
     if getattr(type(w), "_jlora_leaf", False):  # a quantized kernel: its float values
-        from jlora._quant import dequantize_array
-
-        w = dequantize_array(w)
+        w = w.dequantize()
     norm = _column_norm(w, unbox(lw.a), unbox(lw.b), layout=lw.layout, scale=lw.scale)
     old = unbox(lw.norm)
     sharding = named_sharding_of(old) if old is not None else None
@@ -514,3 +512,48 @@ def unmerge(merged: Any, adapters: Any) -> Any:
         return rebox(w, restored)
 
     return _join(adapters, merged, "unmerge", "merged", kernel, adapted_base=False)
+
+
+def plain_lora(params: Any) -> Any:
+    """PiSSA / OLoRA adapters as the equivalent plain LoRA for the original base.
+
+    A start that changed the frozen kernel (`LoraConfig(init="pissa" | "olora")`)
+    trains `w_res + scale * a @ b` with `w_res = W - scale * a0 @ b0`. The same model
+    is `W + scale * a' @ b'` with `a' = [a, a0]` and `b' = [b; -b0]` (rank `2r`, the
+    scale kept: `save_peft` then writes `lora_alpha` doubled, or times sqrt(2) with
+    rsLoRA, as PEFT's own conversion does). Kernels present are turned back into the
+    original `W` (in the kernel's dtype); `split`'s adapters (no kernels) are converted
+    alone. Other kernels are returned as they are.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, jlora
+      >>> p = {"kernel": jax.random.normal(jax.random.key(0), (6, 4))}
+      >>> lp = jlora.init(jax.random.key(1), p, jlora.LoraConfig(2, 2, init="pissa"))
+      >>> plain = jlora.plain_lora(lp)
+      >>> back = plain["kernel"].w
+      >>> plain["kernel"].rank, bool(jnp.allclose(back, p["kernel"], atol=1e-5))
+      (4, True)
+    """
+
+    def convert(node):
+        if node.kind != LORA or node.value.a0 is None:
+            return node.leaf
+        lw = node.value
+        a, b, a0, b0 = (unbox(x) for x in (lw.a, lw.b, lw.a0, lw.b0))
+        ns = len(lw.layout.stack_axes)
+        new_a = jnp.concatenate([a, a0.astype(a.dtype)], axis=-1)
+        new_b = jnp.concatenate([b, -b0.astype(b.dtype)], axis=ns)
+        w = lw.w
+        if unbox(w) is not None:
+            delta = low_rank_product(a0, b0, lw.layout, lw.scale)
+            value = unbox(w)
+            w = rebox(w, (value.astype(jnp.float32) + delta).astype(value.dtype))
+        new = lw.replace(
+            w=w, a=rebox(lw.a, new_a), b=rebox(lw.b, new_b), a0=None, b0=None
+        )
+        return node.put_back(new)
+
+    from jlora._nnx_state import as_params
+    from jlora._targets import map_nodes
+
+    return map_nodes(convert, as_params(params, "jlora.plain_lora"))

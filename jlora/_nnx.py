@@ -29,7 +29,7 @@ from __future__ import annotations
 import functools
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
@@ -48,14 +48,12 @@ from jlora._nnx_state import (
     KEPT_SUFFIX,
     KERNEL,
     LAYOUT,
-    M_SUFFIX,
-    NORM_SUFFIX,
     ROLE,
     SCALE,
     SHARDING_KEYS,
     TRAINED_MARK,
+    AdapterState,
     Control,
-    DoraNorm,
     Kept,
     base_class,
     base_of,
@@ -65,6 +63,7 @@ from jlora._nnx_state import (
     owner_controls,
     require_adapted,
     require_module,
+    suffix,
     with_lora_weights,
 )
 from jlora._quant import is_quantized
@@ -72,7 +71,7 @@ from jlora._sharding import named_sharding_of
 from jlora._targets import LORA, TRAINED, walk
 from jlora._transform import explain as _explain
 from jlora._transform import lora as _lora
-from jlora._weight import Layout, LoraWeight
+from jlora._weight import CHILD, CHILDREN, Layout, LoraWeight, child_axes, extra_children
 
 # Factored classes -----------------------------------------------------------------------
 
@@ -465,13 +464,8 @@ def _factor_metadata(kernel: nnx.Variable, lw: LoraWeight, role: str) -> dict:
     if names:
         names = tuple(names) + (None,) * (lw.layout.ndim - len(names))
         lay = lw.layout
-        stack = tuple(names[i] for i in lay.stack_axes)
-        if role == "a":
-            meta["out_sharding"] = stack + tuple(names[i] for i in lay.in_axes) + (None,)
-        elif role in ("m", "norm"):
-            meta["out_sharding"] = stack + tuple(names[i] for i in lay.out_axes)
-        else:
-            meta["out_sharding"] = stack + (None,) + tuple(names[i] for i in lay.out_axes)
+        axes = child_axes(lay, CHILD[role].axes)
+        meta["out_sharding"] = tuple(None if k is None else names[k] for k in axes)
     return meta
 
 
@@ -483,6 +477,12 @@ def _is_layer(node) -> bool:
     """A module jlora may give attributes to: not a container (`nnx.Dict` and
     `nnx.List` are modules whose attributes are their items)."""
     return isinstance(node, nnx.Module) and not isinstance(node, (nnx.Dict, nnx.List))
+
+
+class _NewValue(NamedTuple):
+    """A new value for an existing variable (a kernel a PiSSA/OLoRA start changed)."""
+
+    value: Any
 
 
 def _plan(model, tree, fn_name: str):
@@ -513,12 +513,14 @@ def _plan(model, tree, fn_name: str):
             a = nnx.LoRAParam(lw.a, **{KERNEL: name}, **_factor_metadata(kernel, lw, "a"))
             b = nnx.LoRAParam(lw.b, **{KERNEL: name}, **_factor_metadata(kernel, lw, "b"))
             plan += [(owner, name + A_SUFFIX, a), (owner, name + B_SUFFIX, b)]
-            if lw.m is not None:  # DoRA: the magnitude trains, the cached norm does not
-                m_meta = _factor_metadata(kernel, lw, "m")
-                n_meta = _factor_metadata(kernel, lw, "norm")
-                m = nnx.LoRAParam(lw.m, **{KERNEL: name}, **m_meta)
-                norm = DoraNorm(lw.norm, **{KERNEL: name}, **n_meta)
-                plan += [(owner, name + M_SUFFIX, m), (owner, name + NORM_SUFFIX, norm)]
+            if lw.w is not kernel.get_raw_value():  # (a PiSSA/OLoRA start: the residual)
+                plan.append((owner, name, _NewValue(lw.w)))
+            for child, value in extra_children(lw).items():  # (DoRA's m and norm)
+                kind = nnx.LoRAParam if CHILD[child].trained else AdapterState
+                meta = _factor_metadata(kernel, lw, child)
+                plan.append(
+                    (owner, name + suffix(child), kind(value, **{KERNEL: name}, **meta))
+                )
         else:
             meta = dict(kernel.get_metadata())
             meta[TRAINED_MARK] = True
@@ -535,7 +537,10 @@ def _install(model, planned, control: Control) -> None:
     plan, owners = planned
     nodes = _nodes(model)
     for owner, name, var in plan:
-        setattr(owner, name, var)
+        if isinstance(var, _NewValue):
+            getattr(owner, name).set_raw_value(var.value)
+        else:
+            setattr(owner, name, var)
     wrapped = set()
     for keys in owners:
         for i in range(len(keys) + 1):
@@ -687,17 +692,8 @@ def _adapted_kernels(model):
         for v in list(vars(node).values()):
             if isinstance(v, nnx.Variable) and v.get_metadata(ROLE, None) == "a":
                 kname = v.get_metadata(KERNEL)
-                out.append(
-                    (
-                        node,
-                        kname,
-                        getattr(node, kname),
-                        v,
-                        getattr(node, kname + B_SUFFIX),
-                        vars(node).get(kname + M_SUFFIX),
-                        vars(node).get(kname + NORM_SUFFIX),
-                    )
-                )
+                kids = [vars(node).get(kname + suffix(c)) for c in ("b", "m", "norm")]
+                out.append((node, kname, getattr(node, kname), v, *kids))
     return out
 
 
@@ -813,12 +809,10 @@ def _set_merged(model, merged: bool) -> None:
 
 def _unload(model) -> None:
     """Removes factors, trained marks, factored classes and the control, in place."""
-    for owner, kname, _, _, _, m, _ in _adapted_kernels(model):
-        delattr(owner, kname + A_SUFFIX)
-        delattr(owner, kname + B_SUFFIX)
-        if m is not None:
-            delattr(owner, kname + M_SUFFIX)
-            delattr(owner, kname + NORM_SUFFIX)
+    for owner, kname, *_ in _adapted_kernels(model):
+        for c in CHILDREN[1:]:
+            if kname + suffix(c.name) in vars(owner):
+                delattr(owner, kname + suffix(c.name))
         if isinstance(vars(owner).get(kname + KEPT_SUFFIX), Kept):
             delattr(owner, kname + KEPT_SUFFIX)
     for _, node in list(nnx.iter_graph(model)):

@@ -16,10 +16,17 @@ from __future__ import annotations
 import numpy as np
 from flax import nnx
 
-from jlora._weight import Layout, LoraWeight, Trainable
+from jlora._weight import CHILDREN, Layout, LoraWeight, Trainable
 
 A_SUFFIX, B_SUFFIX = "_lora_a", "_lora_b"
-M_SUFFIX, NORM_SUFFIX = "_lora_m", "_lora_norm"  # DoRA's magnitude and cached norm
+
+
+def suffix(child: str) -> str:
+    """The attribute suffix of a `LoraWeight` child's variable beside its kernel
+    (`kernel_lora_a`, `kernel_lora_b`, DoRA's `kernel_lora_m`, `kernel_lora_norm`)."""
+    return f"_lora_{child}"
+
+
 KERNEL, SCALE, LAYOUT, DROPOUT, ROLE = (
     "lora_kernel",
     "lora_scale",
@@ -33,10 +40,10 @@ CONTROL = "jlora"  # the attribute that holds the shared `Control`
 SHARDING_KEYS = ("out_sharding", "mesh", "sharding_rules")
 
 
-class DoraNorm(nnx.Param):
-    """DoRA's cached norm of an adapted kernel (`LoraWeight.norm`): an `nnx.Param`
-    (so it is in the model's params and saved with the adapters) that is not an
-    `nnx.LoRAParam`, so an optimizer over `nnx.LoRAParam` leaves it alone."""
+class AdapterState(nnx.Param):
+    """An adapter child that does not train (DoRA's cached norm, `LoraWeight.norm`): an
+    `nnx.Param` (so it is in the model's params and saved with the adapters) that is
+    not an `nnx.LoRAParam`, so an optimizer over `nnx.LoRAParam` leaves it alone."""
 
 
 class Kept(nnx.Variable):
@@ -101,21 +108,20 @@ def is_factored(module) -> bool:
     return "_jlora_base" in type(module).__dict__
 
 
-def factor_pairs(flat) -> dict[tuple, tuple]:
-    """`{kernel path: (a path, b path, m path, norm path)}` from the factor variables'
-    metadata (m and norm: None without DoRA)."""
+def factor_pairs(flat) -> dict[tuple, dict[str, tuple]]:
+    """`{kernel path: {child name: variable path}}` for every adapter child present
+    (`a`, `b`, and DoRA's `m`, `norm`), from the factor variables' metadata."""
     pairs = {}
     present = {path for path, _ in flat}
     for path, v in flat:
         if isinstance(v, nnx.Variable) and v.get_metadata(ROLE, None) == "a":
             name = v.get_metadata(KERNEL)
-            pm, pn = (path[:-1] + (name + sfx,) for sfx in (M_SUFFIX, NORM_SUFFIX))
-            pairs[path[:-1] + (name,)] = (
-                path,
-                path[:-1] + (name + B_SUFFIX,),
-                pm if pm in present else None,
-                pn if pn in present else None,
-            )
+            children = {}
+            for c in CHILDREN[1:]:
+                p = path[:-1] + (name + suffix(c.name),)
+                if p in present:
+                    children[c.name] = p
+            pairs[path[:-1] + (name,)] = children
     return pairs
 
 
@@ -143,23 +149,20 @@ def peeled(layout: Layout, ndim: int) -> Layout:
 
 
 def lora_weight(
-    kernel: nnx.Variable,
-    a: nnx.Variable,
-    b: nnx.Variable,
-    deterministic: bool = False,
-    m: nnx.Variable | None = None,
-    norm: nnx.Variable | None = None,
+    kernel: nnx.Variable, children: dict, deterministic: bool = False
 ) -> LoraWeight:
+    """The `LoraWeight` of a kernel variable and its children's variables by name."""
     w = kernel.get_raw_value()
+    a = children["a"]
     return LoraWeight(
         w,
         a.get_raw_value(),
-        b.get_raw_value(),
-        None if m is None else m.get_raw_value(),
-        None if norm is None else norm.get_raw_value(),
+        children["b"].get_raw_value(),
         scale=a.get_metadata(SCALE),
         layout=peeled(a.get_metadata(LAYOUT), len(np.shape(w))),
         dropout=0.0 if deterministic else a.get_metadata(DROPOUT),
+    ).replace(
+        **{k: v.get_raw_value() for k, v in children.items() if k not in ("a", "b")}
     )
 
 
@@ -185,10 +188,9 @@ def with_lora_weights(flat, controls: dict | None = None) -> list:
     for path, v in flat:
         ctl = controls.get(path[:-1])
         if path in pairs and not (ctl is not None and ctl.merged):
-            pa, pb, pm, pn = pairs[path]
             quiet = ctl is not None and ctl.deterministic
-            m, norm = (None if p is None else by_path[p] for p in (pm, pn))
-            v = v.replace(value=lora_weight(v, by_path[pa], by_path[pb], quiet, m, norm))
+            children = {k: by_path[p] for k, p in pairs[path].items()}
+            v = v.replace(value=lora_weight(v, children, quiet))
         out.append((path, v))
     return out
 

@@ -13,7 +13,7 @@ from jlora._boxes import unbox
 from jlora._config import LoraConfig
 from jlora._quant import is_quantized
 from jlora._targets import LORA, TRAINED, map_nodes, walk
-from jlora._weight import CHILDREN, Layout, Trainable
+from jlora._weight import CHILDREN, EXTRA_CHILDREN, Layout, Trainable
 
 TRAIN, FROZEN, B_FACTOR, OTHER = "train", "frozen", "b", "other"
 
@@ -160,9 +160,12 @@ def _size_bytes(tree) -> tuple[int, int]:
     return n, nbytes
 
 
-def _without_norm(node):
-    if node.kind == LORA and node.value.norm is not None:
-        return node.put_back(node.value.replace(norm=None))
+def _without_state(node):
+    """The node without the adapter children that are copies, not params (DoRA's
+    cached norm, PiSSA's starting factors)."""
+    if node.kind == LORA:
+        held = {c.name: None for c in EXTRA_CHILDREN if not c.trained}
+        return node.put_back(node.value.replace(**held))
     return node.leaf
 
 
@@ -187,8 +190,7 @@ def summary(params: Any) -> Summary:
         params,
     )
     t_n, t_b = _size_bytes(train)
-    # (DoRA's cached norm is a copy of what the kernel and factors give, not a param)
-    n, b = _size_bytes(map_nodes(_without_norm, params))
+    n, b = _size_bytes(map_nodes(_without_state, params))
     adapted, trained = [], []
     for node in walk(params).nodes:
         if node.kind == LORA:

@@ -25,6 +25,7 @@ import json
 import math
 import os
 import re
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
@@ -38,7 +39,7 @@ from jlora import _atomic, _nnx, _nnx_state, _safetensors
 from jlora._boxes import unbox
 from jlora._config import LoraConfig
 from jlora._init import conventional_layout, orientation_advice
-from jlora._merge import refuse_stacked
+from jlora._merge import plain_lora, refuse_stacked
 from jlora._probe import infer as infer_layouts
 from jlora._quant import dequantize_array, is_quantized, quantize_array
 from jlora._rebuild import (
@@ -675,6 +676,20 @@ def save_peft(
         probe = _nnx.model_probe(params, probe)
         params = _nnx_state.as_params(params, "jlora.save_peft")
     refuse_stacked(params, "jlora.save_peft")
+    started = [
+        n.path for n in walk(params).nodes if n.kind == LORA and n.value.a0 is not None
+    ]
+    if started:  # PiSSA / OLoRA: PEFT's own conversion, for the original base
+        more = " ..." if len(started) > 3 else ""
+        warnings.warn(
+            f"jlora.save_peft: the adapters at {started[:3]}{more} "
+            "started from the kernels (PiSSA/OLoRA) and trained on the changed base; "
+            "they are written as the equivalent plain LoRA of twice the rank for the "
+            "original base (jlora.plain_lora), as PEFT's "
+            "path_initial_model_for_weight_conversion does.",
+            stacklevel=2,
+        )
+        params = plain_lora(params)
     path = os.path.abspath(os.fspath(path))
     _atomic.prepare(path, overwrite, "save_peft")  # refused before anything is computed
     uses = _uses(probe, params) if probe is not None else None
@@ -1218,7 +1233,8 @@ def _factors(lora, tensors, settings, targets: _Targets, base: Base, probed, err
             errors.append(f"  {path_}: {e}")
             continue
         dropout = settings["lora_dropout"]
-        found[path_] = Factors(a, b, scale, layouts[path_], dropout, m)
+        extra = None if m is None else {"m": m}
+        found[path_] = Factors(a, b, scale, layouts[path_], dropout, extra)
     return found
 
 

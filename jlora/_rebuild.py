@@ -21,12 +21,12 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
-from jlora._boxes import box_factors, box_out, is_variable, rebox, unbox
+from jlora._boxes import box_child, box_factors, is_variable, rebox, unbox
 from jlora._merge import _norm_of, combine
 from jlora._quant import is_quantized, quantize_array
-from jlora._sharding import factor_shardings, named_sharding_of, out_sharding
+from jlora._sharding import child_sharding, factor_shardings, named_sharding_of
 from jlora._targets import LORA, TRAINED, walk
-from jlora._weight import Layout, LoraWeight, Trainable
+from jlora._weight import CHILD, Layout, LoraWeight, Trainable
 
 # The narrower float dtypes a base kernel is commonly served in: a fingerprint records
 # the kernel's checksums after a cast to each, so a load onto that cast can compare.
@@ -183,8 +183,8 @@ class Factors(NamedTuple):
     scale: float
     layout: Layout
     dropout: float
-    m: Any = None  # DoRA's magnitude `[*stack, *out]`
-    norm: Any = None  # and the norm merge divides by (computed from the base if None)
+    extra: dict | None = None  # the other adapter children by name (DoRA's m, norm);
+    # a DoRA `m` without its `norm` (a PEFT file keeps none) gets it from the base.
 
 
 class Whole(NamedTuple):
@@ -239,20 +239,20 @@ def rebuild(base: Base, found: dict[str, Factors | Whole], fn_name: str, shardin
             a = _place(got.a, sharding or a_sh, node.path, float64)
             b = _place(got.b, sharding or b_sh, node.path, float64)
             a, b = box_factors(node.leaf, a, b, got.layout)
-            m = norm = None
-            if got.m is not None:
-                m_sh = sharding or out_sharding(unbox(node.value), got.layout)
-                m = box_out(node.leaf, _place(got.m, m_sh, node.path, float64), got.layout)
-                if got.norm is not None:
-                    norm = _place(got.norm, m_sh, node.path, float64)
-                    norm = box_out(node.leaf, norm, got.layout)
+            extra = {}
+            for name, x in (got.extra or {}).items():
+                axes = CHILD[name].axes
+                sh = sharding or child_sharding(unbox(node.value), got.layout, axes)
+                x = _place(x, sh, node.path, float64)
+                extra[name] = box_child(node.leaf, x, got.layout, axes)
             new = LoraWeight(
-                None, a, b, m, norm, scale=got.scale, layout=got.layout, dropout=got.dropout
-            )
-            if got.m is not None and got.norm is None:  # (a PEFT file keeps no norm)
-                kernel = LoraWeight(unbox(node.value), unbox(a), unbox(b), unbox(m))
-                kernel = kernel.replace(scale=got.scale, layout=got.layout)
-                new = new.replace(norm=box_out(node.leaf, _norm_of(kernel), got.layout))
+                None, a, b, scale=got.scale, layout=got.layout, dropout=got.dropout
+            ).replace(**extra)
+            if new.m is not None and new.norm is None:  # (a PEFT file keeps no norm)
+                kernel = new.replace(w=unbox(node.value), a=unbox(a), b=unbox(b))
+                kernel = kernel.replace(m=unbox(new.m))
+                norm = _norm_of(kernel)
+                new = new.replace(norm=box_child(node.leaf, norm, got.layout, "out"))
         else:
             sh = sharding or named_sharding_of(unbox(node.value))
             value = _place(got.value, sh, node.path, float64)

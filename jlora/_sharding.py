@@ -18,7 +18,7 @@ from jlora import _nnx_state
 from jlora._boxes import unbox
 from jlora._jax_compat import explicit_axes, is_tracer, spec_entries
 from jlora._targets import LEAF, LORA, TRAINED, walk
-from jlora._weight import Layout, Trainable
+from jlora._weight import CHILD, Layout, Trainable, child_axes, extra_children
 
 
 def is_quantized(x) -> bool:
@@ -46,20 +46,34 @@ def factor_specs(kernel_spec, ndim: int, layout: Layout, unconstrained=()):
     return a, b
 
 
-def out_spec(kernel_spec, ndim: int, layout: Layout):
-    """The `PartitionSpec` of a `[*stack, *out]` child (DoRA's `m` and `norm`): the
-    kernel's entries for its stacked and output axes."""
+def child_spec(kernel_spec, ndim: int, layout: Layout, axes: str):
+    """The `PartitionSpec` of a `LoraWeight` child whose axes are of kind `axes` (see
+    `jlora._weight.CHILDREN`): the kernel's entries for the kernel axes it holds, the
+    rank replicated."""
     spec = spec_entries(kernel_spec)
     spec = spec + (None,) * (ndim - len(spec))
-    return PartitionSpec(*(spec[i] for i in layout.stack_axes + layout.out_axes))
+    return PartitionSpec(
+        *(None if k is None else spec[k] for k in child_axes(layout, axes))
+    )
+
+
+def child_sharding(w, layout: Layout, axes: str):
+    """The `NamedSharding` of a child of kind `axes` of kernel `w`, or None."""
+    sharding = named_sharding_of(w)
+    if sharding is None:
+        return None
+    spec = child_spec(sharding.spec, len(w.shape), layout, axes)
+    return NamedSharding(sharding.mesh, spec)
+
+
+def out_spec(kernel_spec, ndim: int, layout: Layout):
+    """The `PartitionSpec` of a `[*stack, *out]` child (DoRA's `m` and `norm`)."""
+    return child_spec(kernel_spec, ndim, layout, "out")
 
 
 def out_sharding(w, layout: Layout):
     """The `NamedSharding` of a `[*stack, *out]` child of kernel `w`, or None."""
-    sharding = named_sharding_of(w)
-    if sharding is None:
-        return None
-    return NamedSharding(sharding.mesh, out_spec(sharding.spec, len(w.shape), layout))
+    return child_sharding(w, layout, "out")
 
 
 def named_sharding_of(x):
@@ -140,15 +154,20 @@ def adapter_specs(params: Any, base_specs: Any = None, *, adapter_axis=None) -> 
             if is_quantized(kernel_spec):  # (base_specs' node of specs: its codes')
                 kernel_spec = kernel_spec.codes
             a, b = factor_specs(kernel_spec, len(w.shape), node.value.layout)
-            m = norm = None
-            if node.value.m is not None:  # DoRA: as the kernel's stacked and outputs
-                m = norm = out_spec(kernel_spec, len(w.shape), node.value.layout)
+            extra = {  # (DoRA's m and norm: the kernel's stacked and output axes)
+                name: child_spec(
+                    kernel_spec, len(w.shape), node.value.layout, CHILD[name].axes
+                )
+                for name in extra_children(node.value)
+            }
             if node.value.stack is not None:  # the leading adapter axis
                 a = PartitionSpec(adapter_axis, *spec_entries(a))
                 b = PartitionSpec(adapter_axis, *spec_entries(b))
-                if m is not None:
-                    m = norm = PartitionSpec(adapter_axis, *spec_entries(m))
-            new = node.value.replace(w=None, a=a, b=b, m=m, norm=norm)
+                extra = {
+                    k: PartitionSpec(adapter_axis, *spec_entries(v))
+                    for k, v in extra.items()
+                }
+            new = node.value.replace(w=None, a=a, b=b, **extra)
             out.append(node.put_back(new))
         else:
             value = unbox(node.value.value)

@@ -172,6 +172,18 @@ class Layout(tuple):
     def ndim(self) -> int:
         return len(self.in_axes) + len(self.out_axes) + len(self.stack_axes)
 
+    def child_axes(self, axes: str) -> tuple:
+        """The kernel axis each axis of a `LoraWeight` child of kind `axes` holds
+        (`"a"`: `[*stack, *in, r]`, `"b"`: `[*stack, r, *out]`, `"out"`: `[*stack,
+        *out]`, `"kernel"`: the kernel's own; None: the rank)."""
+        if axes == "a":
+            return self.stack_axes + self.in_axes + (None,)
+        if axes == "b":
+            return self.stack_axes + (None,) + self.out_axes
+        if axes == "out":
+            return self.stack_axes + self.out_axes
+        return tuple(range(self.ndim))
+
     def normalized(self, ndim: int) -> Layout:
         """Returns this layout with negative axes resolved against `ndim`.
 
@@ -353,6 +365,10 @@ class LoraWeight:
     `PartitionSpec`, `ShapeDtypeStruct`, tracers): `jax.tree.map`, `jax.eval_shape`,
     `vmap(in_axes=LoraWeight(None, 0, 0))`, optax and orbax all work on it.
 
+    PiSSA / OLoRA starts (`LoraConfig(init="pissa" | "olora")`): `w` is the base
+    kernel less the starting update, and `a0`, `b0` (not trained) the starting factors,
+    so that `w + scale * a0 @ b0` is the original kernel (None otherwise).
+
     DoRA (`LoraConfig(use_dora=True)`): `m` is the trained magnitude, one value per
     stacked and output element (`[*stack, *out]`, float32), and the kernel stands for
     `m / ||w + scale * a @ b|| * (w + scale * a @ b)`, the norm taken over the input
@@ -372,7 +388,9 @@ class LoraWeight:
       Array(1., dtype=float32)
     """
 
-    __slots__ = ("w", "a", "b", "m", "norm", "scale", "layout", "dropout", "stack")
+    __slots__ = (
+        "w", "a", "b", "m", "norm", "a0", "b0", "scale", "layout", "dropout", "stack"
+    )  # fmt: skip
 
     def __init__(
         self,
@@ -381,6 +399,8 @@ class LoraWeight:
         b: Any,
         m: Any = None,
         norm: Any = None,
+        a0: Any = None,
+        b0: Any = None,
         *,
         scale: float | None = None,
         layout: Layout | None = None,
@@ -392,6 +412,8 @@ class LoraWeight:
         self.b = b
         self.m = m
         self.norm = norm
+        self.a0 = a0
+        self.b0 = b0
         if scale is None:  # a spec tree: metadata that matches any LoraWeight's
             scale, layout = ANY, ANY
         self.scale = scale
@@ -406,6 +428,8 @@ class LoraWeight:
             b=self.b,
             m=self.m,
             norm=self.norm,
+            a0=self.a0,
+            b0=self.b0,
             scale=self.scale,
             layout=self.layout,
             dropout=self.dropout,
@@ -555,9 +579,35 @@ CHILDREN = (
     Child("b", trained=True, adapter=True, axes="b"),
     Child("m", trained=True, adapter=True, axes="out"),
     Child("norm", trained=False, adapter=True, axes="out"),
+    Child("a0", trained=False, adapter=True, axes="a"),
+    Child("b0", trained=False, adapter=True, axes="b"),
 )
-TRAINED_CHILDREN = tuple(c.name for c in CHILDREN if c.trained)
-ADAPTER_CHILDREN = tuple(c.name for c in CHILDREN if c.adapter)
+CHILD = {c.name: c for c in CHILDREN}
+# The adapter children beyond the factors, present on some kernels only (DoRA's m and
+# norm): checkpoints, NNX variables and shardings handle them from this description.
+EXTRA_CHILDREN = tuple(c for c in CHILDREN if c.adapter and c.name not in ("a", "b"))
+
+
+def child_axes(layout: Layout, axes: str) -> tuple:
+    """The kernel axis each axis of a child of kind `axes` holds (None: the rank)."""
+    return layout.child_axes(axes)
+
+
+def child_shape(layout: Layout, shape, axes: str, rank: int) -> list[int]:
+    """The shape of a child of kind `axes` of a kernel of `shape` at `rank` (with a
+    `fused` layout, `b` spans one part's width; see `Layout.factor_shapes`)."""
+    if axes in ("a", "b"):
+        return list(layout.factor_shapes(tuple(shape), rank)[axes == "b"])
+    return [rank if k is None else shape[k] for k in child_axes(layout, axes)]
+
+
+def extra_children(lw) -> dict:
+    """`{name: value}` of `lw`'s extra adapter children that are present."""
+    return {
+        c.name: getattr(lw, c.name)
+        for c in EXTRA_CHILDREN
+        if getattr(lw, c.name) is not None
+    }
 
 
 jax.tree_util.register_dataclass(

@@ -10,10 +10,14 @@ served by the model's own call.
 The factors are `nnx.LoRAParam` variables beside the kernels they adapt; the model's
 `__call__` runs through the same interpreter and rules as `jlora.lora`.
 `jlora.save_adapter`, `load_adapter`, `save_peft`, `load_peft`, `save_merged`,
-`adapter_specs` and `summary` accept an NNX model as well as a pytree.
+`adapter_specs` and `summary` accept an NNX model as well as a pytree. With DoRA
+(`LoraConfig(use_dora=True)`) the magnitude is an `nnx.LoRAParam` too
+(`kernel_lora_m`) and its cached norm an `AdapterState` (`kernel_lora_norm`), an
+`nnx.Param` that an optimizer over `nnx.LoRAParam` leaves alone.
 """
 
 from jlora._nnx import (
+    AdapterState,
     Control,
     Kept,
     apply,
@@ -26,6 +30,7 @@ from jlora._nnx import (
 )
 
 __all__ = [
+    "AdapterState",
     "Control",
     "Kept",
     "apply",

@@ -164,6 +164,32 @@ def test_linen_strict_jitted_and_eager_equal_the_merged_model(key):
     assert_close(jax.jit(jlora.lora(fn, strict=True))(lp, x), ref, bound)
 
 
+class _TiedConv(nn.Module):
+    @nn.compact
+    def __call__(self, ids):
+        embed = nn.Embed(32, 8, name="embed")
+        h = embed(ids)[:, :, None, :]  # [batch, seq, 1, features]: an image row
+        h = nn.Conv(8, (3, 1), padding="SAME", name="conv")(h)[:, :, 0, :]
+        return embed.attend(jax.nn.gelu(h))  # the table used transposed
+
+
+def test_embedding_lookup_tied_head_and_conv_equal_the_merged_model(key):
+    model = _TiedConv()
+    ids = jax.random.randint(key, (2, 6), 0, 32)
+    p = model.init(key, ids)["params"]
+    cfg = jlora.LoraConfig(2, 4, use_dora=True, targets=r"(embedding|kernel)$")
+    probe = lambda p: model.apply({"params": p}, ids)  # noqa: E731
+    lp = _perturbed(jlora.init(key, p, cfg, probe=probe), key)
+    assert lp["embed"]["embedding"].m.shape == (8,)  # per feature, as PEFT's Embedding
+    assert lp["conv"]["kernel"].m.shape == (8,)  # per output channel, as PEFT's Conv
+
+    def fn(p, ids):
+        return model.apply({"params": p}, ids)
+
+    got = jlora.lora(fn, strict=True)(lp, ids)
+    assert_close(got, fn(jlora.merge(lp), ids), chain_bound(32 + 24 + 2, 8))
+
+
 def test_a_scanned_layer_stack_equals_the_merged_stack(key):
     layers, d = 3, 16
     w = jax.random.normal(key, (layers, d, d)) / 4
@@ -378,6 +404,225 @@ def test_peft_dora_files_load_and_save_with_the_same_outputs(tmp_path):
 
     jlora.save_peft(tmp_path / "ours", lp)
     assert jlora.read_peft_config(tmp_path / "ours")["use_dora"] is True
+    net2 = Net()
+    net2.load_state_dict(state)
+    theirs = peft.PeftModel.from_pretrained(net2, tmp_path / "ours")
+    theirs.eval()
+    assert_close(theirs(torch.tensor(ids)).detach().numpy(), want, bound)
+
+
+# PiSSA and OLoRA starts ------------------------------------------------------------
+
+
+def _np_start(w, init, rank, scale):
+    """The starting update `scale * a0 @ b0` of the paper's PiSSA (the best rank-r
+    approximation `U_r S_r V_r^T`) or PEFT's OLoRA (`scale * (Q_r R_r)^T` from the QR
+    of the `[out, in]` matrix), in float64; both are free of the decompositions' sign
+    conventions."""
+    w = np.asarray(w, np.float64)
+    if init == "olora":
+        q, r = np.linalg.qr(w.T)
+        return scale * (q[:, :rank] @ r[:rank]).T
+    u, s, vh = np.linalg.svd(w, full_matrices=False)
+    return (u[:, :rank] * s[:rank]) @ vh[:rank]
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_starts_keep_the_model_and_move_the_start_out_of_the_kernel(key, init):
+    w = jax.random.normal(key, (D_IN, D_OUT)) / np.sqrt(D_IN)
+    lp = jlora.init(key, {"kernel": w}, jlora.LoraConfig(RANK, 8, init=init))
+    lw = lp["kernel"]
+    assert np.array_equal(lw.a0, lw.a) and np.array_equal(lw.b0, lw.b)
+    start = _np_start(w, init, RANK, lw.scale)
+    bound = chain_bound(D_IN + D_OUT, 4)
+    assert_close(lw.scale * np.asarray(lw.a, np.float64) @ np.asarray(lw.b), start, bound)
+    assert_close(
+        lw.w, np.asarray(w, np.float64) - start, bound, scale=float(np.abs(w).max())
+    )
+    x = jax.random.normal(key, (5, D_IN))
+    y = jlora.lora(lambda p, x: x @ p["kernel"], strict=True)(lp, x)
+    assert_close(y, x @ w, chain_bound(D_IN + RANK, 4))
+    assert jlora.summary(lp).total_params == D_IN * D_OUT + RANK * (D_IN + D_OUT)
+
+
+def test_a_randomized_svd_start_approaches_the_exact_one(key):
+    # Rank-RANK signal of singular value 10 over noise of 0.1: subspace iteration
+    # converges as (0.1 / 10)^(2 niter), so two iterations give the exact residual to
+    # far below the float32 bound of the comparison.
+    k1, k2, k3 = jax.random.split(key, 3)
+    u = jnp.linalg.qr(jax.random.normal(k1, (D_IN, D_IN)))[0]
+    v = jnp.linalg.qr(jax.random.normal(k2, (D_OUT, D_OUT)))[0]
+    s = jnp.concatenate([jnp.full((RANK,), 10.0), 0.1 * jnp.ones((D_OUT - RANK,))])
+    w = (u[:, :D_OUT] * s) @ v.T
+    exact = jlora.init(k3, {"kernel": w}, jlora.LoraConfig(RANK, 8, init="pissa"))
+    approx = jlora.init(k3, {"kernel": w}, jlora.LoraConfig(RANK, 8, init="pissa_niter_2"))
+    optimal = np.sqrt(D_OUT - RANK) * 0.1  # Eckart-Young: the noise's Frobenius norm
+    err_exact = float(np.linalg.norm(np.asarray(exact["kernel"].w, np.float64)))
+    err_approx = float(np.linalg.norm(np.asarray(approx["kernel"].w, np.float64)))
+    tol = chain_bound(D_IN * D_OUT, 2) * float(np.linalg.norm(np.asarray(w)))
+    assert abs(err_exact - optimal) <= tol
+    assert optimal - tol <= err_approx <= optimal + tol + 1e-3 * optimal
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_the_plain_lora_conversion_is_the_trained_model_on_the_original_base(key, init):
+    model = _MLP()
+    x = jax.random.normal(key, (3, D_IN))
+    p = model.init(key, x)["params"]
+    cfg = jlora.LoraConfig(RANK, 8, init=init, use_rslora=init == "olora")
+    lp = _perturbed_ab(jlora.init(key, p, cfg), key)
+
+    def fn(p, x):
+        return model.apply({"params": p}, x)
+
+    trained = fn(jlora.merge(lp), x)
+    plain = jlora.plain_lora(jlora.split(lp)[0])
+    assert plain["up"]["kernel"].rank == 2 * RANK and plain["up"]["kernel"].a0 is None
+    onto_original = jlora.combine(plain, p)
+    bound = chain_bound(D_IN + D_OUT + 2 * RANK, 6)
+    assert_close(jlora.lora(fn)(onto_original, x), trained, bound)
+    assert_close(jlora.plain_lora(lp)["up"]["kernel"].w, p["up"]["kernel"], bound)
+    with pytest.raises(ValueError, match="jlora.plain_lora"):
+        jlora.stack_adapters({"x": jlora.split(lp)[0], "y": jlora.split(lp)[0]})
+
+
+def _perturbed_ab(lp, key):
+    def one(x):
+        if not isinstance(x, jlora.LoraWeight):
+            return x
+        k1, k2 = jax.random.split(jax.random.fold_in(key, x.b.size))
+        return x.replace(
+            a=x.a + 0.1 * jax.random.normal(k1, x.a.shape),
+            b=x.b + 0.1 * jax.random.normal(k2, x.b.shape),
+        )
+
+    return jax.tree.map(one, lp, is_leaf=lambda x: isinstance(x, jlora.LoraWeight))
+
+
+def test_starts_decompose_each_layer_of_a_stack_and_keep_shardings(key):
+    mesh = jax.make_mesh((2, 4), ("data", "model"))
+    w = jax.random.normal(key, (2, 8, 16))
+    w = jax.device_put(
+        w, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, None, "model"))
+    )
+    cfg = jlora.LoraConfig(
+        2, 4, init="pissa", layout={"w": jlora.Layout((1,), (2,), (0,))}, use_dora=True
+    )
+    lp = jlora.init(key, {"w": w}, cfg)
+    lw = lp["w"]
+    assert lw.w.sharding.spec == jax.sharding.PartitionSpec(None, None, "model")
+    assert lw.b.sharding.spec == jax.sharding.PartitionSpec(None, None, "model")
+    for i in range(2):
+        start = _np_start(w[i], "pissa", 2, lw.scale)
+        assert_close(
+            lw.w[i],
+            np.asarray(w[i], np.float64) - start,
+            chain_bound(24, 4),
+            scale=float(np.abs(w).max()),
+        )
+    # DoRA's magnitude is the original kernel's norm: the model starts at the base.
+    assert_close(lw.m, np.linalg.norm(np.asarray(w, np.float64), axis=1), chain_bound(8, 1))
+    assert_close(jlora.merge(lp)["w"], w, chain_bound(24, 6))
+
+
+def test_starts_on_nnx_and_in_checkpoints(key, tmp_path):
+    model = _NNXMLP(nnx.Rngs(0))
+    x = jax.random.normal(key, (4, D_IN))
+    y0 = model(x)
+    original = np.asarray(model.up.kernel[...])
+    jlora.nnx.apply(model, jlora.LoraConfig(RANK, 8, init="olora"), rngs=nnx.Rngs(1))
+    assert not np.allclose(model.up.kernel[...], original)  # the residual
+    assert_close(model(x), y0, chain_bound(D_IN + D_OUT + RANK, 6))
+    assert not isinstance(model.up.kernel_lora_a0, nnx.LoRAParam)
+    jlora.save_adapter(tmp_path / "ad", model)
+    # The training checkpoint loads onto the base it trained on: the residual kernels.
+    fresh = _NNXMLP(nnx.Rngs(0))
+    for name in ("up", "down"):
+        getattr(fresh, name).kernel[...] = getattr(model, name).kernel[...]
+    back = jlora.load_adapter(tmp_path / "ad", fresh)
+    assert np.array_equal(back.up.kernel_lora_a0[...], model.up.kernel_lora_a0[...])
+    assert_close(back(x), y0, chain_bound(D_IN + D_OUT + RANK, 6))
+    with pytest.warns(UserWarning, match="jlora.plain_lora"):  # the original base
+        jlora.load_adapter(tmp_path / "ad", _NNXMLP(nnx.Rngs(0)))
+
+
+def test_starts_refuse_a_quantized_or_fused_kernel(key):
+    p = {"kernel": jax.random.normal(key, (64, 64))}
+    with pytest.raises(
+        ValueError, match="kernel: init='pissa' can't start here: it is quantized"
+    ):
+        jlora.init(key, jlora.quantize(p, "nf4"), jlora.LoraConfig(4, 8, init="pissa"))
+    fused = {"kernel$": jlora.Fused(axis=1, parts=2, adapt=(0,))}
+    with pytest.raises(ValueError, match="fused"):
+        jlora.init(key, p, jlora.LoraConfig(4, 8, init="olora", fused=fused))
+    with pytest.raises(ValueError, match="pissa_niter_<n>"):
+        jlora.LoraConfig(4, 8, init="pissa_niter_x")
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_starts_match_peft_and_save_peft_writes_its_conversion(tmp_path, init):
+    torch, Net = _peft_net()
+    import peft
+
+    torch.manual_seed(0)
+    net = Net()
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    base = {
+        "emb": {"embedding": jnp.asarray(net.emb.weight.detach().numpy())},
+        "fc": {
+            "kernel": jnp.asarray(net.fc.weight.detach().numpy().T),
+            "bias": jnp.asarray(net.fc.bias.detach().numpy()),
+        },
+        "out": {
+            "kernel": jnp.asarray(net.out.weight.detach().numpy().T),
+            "bias": jnp.asarray(net.out.bias.detach().numpy()),
+        },
+    }
+    cfg = peft.LoraConfig(
+        r=RANK, lora_alpha=8, target_modules=["fc", "out"], init_lora_weights=init
+    )
+    pm = peft.get_peft_model(net, cfg)
+    lp = jlora.init(
+        jax.random.key(0),
+        base,
+        jlora.LoraConfig(RANK, 8, targets="(fc|out)/kernel$", init=init),
+    )
+    bound = chain_bound(D_IN + D_OUT, 6)
+    for name in ("fc", "out"):
+        layer = getattr(pm.base_model.model, name)
+        residual = layer.base_layer.weight.detach().numpy().T
+        assert_close(
+            lp[name]["kernel"].w, residual, bound, scale=float(np.abs(residual).max())
+        )
+        ab = (
+            (layer.lora_B["default"].weight @ layer.lora_A["default"].weight)
+            .detach()
+            .numpy()
+            .T
+        )
+        lw = lp[name]["kernel"]
+        assert_close(np.asarray(lw.a) @ np.asarray(lw.b), ab, bound)
+    # Train both alike (the same new factors), then jlora's PEFT file on the original
+    # base gives PEFT's trained model.
+    lp = _perturbed_ab(lp, jax.random.key(3))
+    with torch.no_grad():
+        for name in ("fc", "out"):
+            layer = getattr(pm.base_model.model, name)
+            layer.lora_A["default"].weight.copy_(
+                torch.tensor(np.asarray(lp[name]["kernel"].a).T)
+            )
+            layer.lora_B["default"].weight.copy_(
+                torch.tensor(np.asarray(lp[name]["kernel"].b).T)
+            )
+    pm.eval()
+    ids = np.array([[1, 5, 7, 19, 0]])
+    want = pm(torch.tensor(ids)).detach().numpy()
+    got = jlora.lora(lambda p, x: _Flax().apply({"params": p}, x))(lp, jnp.asarray(ids))
+    assert_close(got, want, bound)
+    with pytest.warns(UserWarning, match="twice the rank"):
+        jlora.save_peft(tmp_path / "ours", lp)
+    written = jlora.read_peft_config(tmp_path / "ours")
+    assert written["r"] == 2 * RANK and written["lora_alpha"] == 16
     net2 = Net()
     net2.load_state_dict(state)
     theirs = peft.PeftModel.from_pretrained(net2, tmp_path / "ours")

@@ -277,7 +277,6 @@ def test_lora_b_that_does_not_fit_the_kernel_is_refused(tiny, tmp_path):
 @pytest.mark.parametrize(
     "field, value",
     [
-        ("use_dora", True),
         ("lora_bias", True),
         ("init_lora_weights", "pissa_niter_4"),
         ("init_lora_weights", "olora"),
