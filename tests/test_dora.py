@@ -139,12 +139,21 @@ class _MLP(nn.Module):
 
 
 def _perturbed(lp, key):
+    """Nonzero `b` and a magnitude away from the norm (boxes kept as they are)."""
+
+    def val(x):
+        return x.unbox() if isinstance(x, nn.meta.AxisMetadata) else x
+
+    def put(box, v):
+        return box.replace_boxed(v) if isinstance(box, nn.meta.AxisMetadata) else v
+
     def one(x):
         if not isinstance(x, jlora.LoraWeight):
             return x
-        k1, k2 = jax.random.split(jax.random.fold_in(key, x.b.size))
-        m = x.m * (1 + 0.2 * jax.random.uniform(k2, x.m.shape))
-        return x.replace(b=0.2 * jax.random.normal(k1, x.b.shape), m=m)
+        b, m = val(x.b), val(x.m)
+        k1, k2 = jax.random.split(jax.random.fold_in(key, b.size))
+        m = m * (1 + 0.2 * jax.random.uniform(k2, m.shape))
+        return x.replace(b=put(x.b, 0.2 * jax.random.normal(k1, b.shape)), m=put(x.m, m))
 
     return jax.tree.map(one, lp, is_leaf=lambda x: isinstance(x, jlora.LoraWeight))
 
@@ -628,3 +637,49 @@ def test_starts_match_peft_and_save_peft_writes_its_conversion(tmp_path, init):
     theirs = peft.PeftModel.from_pretrained(net2, tmp_path / "ours")
     theirs.eval()
     assert_close(theirs(torch.tensor(ids)).detach().numpy(), want, bound)
+
+
+def test_dora_under_a_mesh_with_strict_stays_factored_and_sharded():
+    if len(jax.devices()) < 8:
+        pytest.skip("needs 8 devices (XLA_FLAGS host device count)")
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+    from test_mesh import RULES, SEQ, VOCAB, LogicalLM, _mesh
+
+    msh, rules = _mesh("tp")
+    model = LogicalLM()
+    ids = jax.random.randint(jax.random.key(0), (8, SEQ), 0, VOCAB)
+    cfg = jlora.LoraConfig(4, 8, targets=r"(query|value|up|down)/kernel$", use_dora=True)
+    with jax.set_mesh(msh), nn.logical_axis_rules(rules):
+        abstract = jax.eval_shape(model.init, jax.random.key(1), ids)
+        shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(abstract), msh, rules)
+        variables = jax.jit(model.init, out_shardings=shardings)(jax.random.key(1), ids)
+        lp = jlora.init(
+            jax.random.key(2), variables, cfg, probe=lambda v: model.apply(v, ids)
+        )
+        lp = _perturbed(lp, jax.random.key(3))
+        ids = jax.device_put(ids, NamedSharding(msh, P(RULES["tp"][1][0])))
+        up = lp["params"]["up"]["kernel"]
+        # m is placed as the kernel's output axis (mlp -> model).
+        assert up.m.value.sharding.spec == P("model")
+        merged = jax.jit(model.apply)(jlora.merge(lp), ids)
+        got = jax.jit(jlora.lora(model.apply, strict=True))(lp, ids)
+        assert_close(got, merged, chain_bound(64, 11))
+        adapters, base = jlora.split(lp)
+
+        def loss(ad, merge_first):
+            p = jlora.combine(ad, base)
+            if merge_first:
+                return jnp.mean(model.apply(jlora.merge(p), ids) ** 2)
+            return jnp.mean(jlora.lora(model.apply, strict=True)(p, ids) ** 2)
+
+        g = jax.jit(jax.grad(loss), static_argnums=1)(adapters, False)
+        ref = jax.jit(jax.grad(loss), static_argnums=1)(adapters, True)
+    for name in ("up", "down"):
+        got_m = g["params"][name]["kernel"].m
+        want_m = ref["params"][name]["kernel"].m
+        assert_close(
+            getattr(got_m, "value", got_m),
+            getattr(want_m, "value", want_m),
+            chain_bound(64, 22),
+        )
