@@ -18,24 +18,19 @@ per library are written to docs/benchmarks.md. Also the step's temporary bytes
 from __future__ import annotations
 
 import argparse
-import math
 import pathlib
 import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from gpt import GPT, GPTConfig, next_token_loss  # noqa: E402
-from run import device_line, write_section  # noqa: E402
+from gpt import GPT, GPTConfig  # noqa: E402
+from run import alternate, device_line, lean_lora_candidate, write_section  # noqa: E402
 
 import jlora  # noqa: E402
-
-MIN_ROUND_S = 0.25
 
 
 def jlora_candidate(cfg: GPTConfig, rank: int, ids, use_dora: bool):
@@ -44,28 +39,8 @@ def jlora_candidate(cfg: GPTConfig, rank: int, ids, use_dora: bool):
     config = jlora.LoraConfig(
         rank, 2 * rank, targets=r"(query|value)/kernel$", use_dora=use_dora
     )
-    adapters, frozen = jlora.split(jlora.init(jax.random.key(2), params, config))
-    apply = jlora.lora(model.apply)
-    tx = optax.adamw(1e-4)
-
-    def step(adapters, opt_state, frozen, ids):
-        def loss_fn(ad):
-            return next_token_loss(apply({"params": jlora.combine(ad, frozen)}, ids), ids)
-
-        value, grads = jax.value_and_grad(loss_fn)(adapters)
-        updates, opt_state = tx.update(grads, opt_state, adapters)
-        return optax.apply_updates(adapters, updates), opt_state, value
-
-    jitted = jax.jit(step, donate_argnums=(0, 1))
-    state = [adapters, tx.init(adapters)]
-    mem = jitted.lower(state[0], state[1], frozen, ids).compile().memory_analysis()
-
-    def run(n):
-        for _ in range(n):
-            state[0], state[1], loss = jitted(state[0], state[1], frozen, ids)
-        jax.block_until_ready(loss)
-
-    return dict(run=run, temp=mem.temp_size_in_bytes, times=[])
+    c = lean_lora_candidate(model, params, config, ids)
+    return dict(run=c["run"], temp=c["mem"].temp_size_in_bytes, times=[])
 
 
 def peft_candidate(cfg: GPTConfig, rank: int, ids, use_dora: bool):
@@ -101,17 +76,7 @@ def main(argv=None):
         c = peft_candidate(cfg, 8, ids, dora)
         if c is not None:
             cands[name] = c
-    names = list(cands)
-    for c in cands.values():
-        c["run"](2)
-    t0 = time.perf_counter()
-    cands["jlora lora"]["run"](1)
-    steps = max(1, math.ceil(MIN_ROUND_S / (time.perf_counter() - t0)))
-    for r in range(args.rounds):
-        for name in names[r % len(names) :] + names[: r % len(names)]:
-            t0 = time.perf_counter()
-            cands[name]["run"](steps)
-            cands[name]["times"].append((time.perf_counter() - t0) / steps)
+    steps = alternate(cands, args.rounds, "jlora lora")
     med = {n: statistics.median(c["times"]) for n, c in cands.items()}
     mib = 2.0**20
     lines = [

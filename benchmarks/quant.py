@@ -23,11 +23,9 @@ Written to docs/benchmarks.md.
 from __future__ import annotations
 
 import argparse
-import math
 import pathlib
 import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -36,11 +34,10 @@ import optax
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from gpt import GPT, GPTConfig, next_token_loss  # noqa: E402
-from run import device_line, write_section  # noqa: E402
+from run import alternate, device_line, lean_lora_candidate, write_section  # noqa: E402
 
 import jlora  # noqa: E402
 
-MIN_ROUND_S = 0.25
 BASES = ("float32", "bfloat16", "int8", "nf4")
 
 
@@ -64,30 +61,10 @@ def candidate(cfg: GPTConfig, base: str, rank: int, batch: int):
             float_kernel_bytes,
         )  # fmt: skip
     config = jlora.LoraConfig(rank, 2 * rank, targets=r"(query|value)/kernel$")
-    adapters, frozen = jlora.split(jlora.init(jax.random.key(2), params, config))
-    apply = jlora.lora(model.apply)
-    tx = optax.adamw(1e-4)
-
-    def step(adapters, opt_state, frozen, ids):
-        def loss_fn(ad):
-            return next_token_loss(apply({"params": jlora.combine(ad, frozen)}, ids), ids)
-
-        value, grads = jax.value_and_grad(loss_fn)(adapters)
-        updates, opt_state = tx.update(grads, opt_state, adapters)
-        return optax.apply_updates(adapters, updates), opt_state, value
-
-    jitted = jax.jit(step, donate_argnums=(0, 1))
-    state = [adapters, tx.init(adapters)]
-    compiled = jitted.lower(state[0], state[1], frozen, ids).compile()
-    mem = compiled.memory_analysis()
-
-    def run(n):
-        for _ in range(n):
-            state[0], state[1], loss = jitted(state[0], state[1], frozen, ids)
-        jax.block_until_ready(loss)
-
+    c = lean_lora_candidate(model, params, config, ids)
+    mem, frozen = c["mem"], c["frozen"]
     base_bytes = sum(_packed_bytes(x) for x in jax.tree.leaves(frozen))
-    return dict(run=run, base_bytes=base_bytes, arg_bytes=mem.argument_size_in_bytes,
+    return dict(run=c["run"], base_bytes=base_bytes, arg_bytes=mem.argument_size_in_bytes,
                 temp=mem.temp_size_in_bytes, kernels=kernels, times=[])  # fmt: skip
 
 
@@ -170,17 +147,7 @@ def main(argv=None):
     qwix_nf4 = qwix_candidate(cfg, 8, args.batch)
     if qwix_nf4 is not None:
         cands["qwix nf4"] = qwix_nf4
-    names = list(cands)
-    for c in cands.values():
-        c["run"](2)
-    t0 = time.perf_counter()
-    cands["bfloat16"]["run"](1)
-    steps = max(1, math.ceil(MIN_ROUND_S / (time.perf_counter() - t0)))
-    for r in range(args.rounds):
-        for name in names[r % len(names) :] + names[: r % len(names)]:
-            t0 = time.perf_counter()
-            cands[name]["run"](steps)
-            cands[name]["times"].append((time.perf_counter() - t0) / steps)
+    steps = alternate(cands, args.rounds, "bfloat16")
     mib = 2.0**20
     med = {n: statistics.median(c["times"]) for n, c in cands.items()}
     lines = [

@@ -66,6 +66,49 @@ def make_step(loss_fn, tx):
     return jax.jit(step, donate_argnums=(0, 1))
 
 
+def alternate(cands: dict, rounds: int, reference: str) -> int:
+    """Times candidates `{name: {"run": run(n), "times": []}}` in one process: two
+    warm-up steps each, then `rounds` rounds, each running every candidate in turn
+    (the order rotated per round) for as many steps as make `reference` last
+    `MIN_ROUND_S`; appends each round's time per step to `times`. Returns the steps."""
+    names = list(cands)
+    for c in cands.values():
+        c["run"](2)
+    t0 = time.perf_counter()
+    cands[reference]["run"](1)
+    steps = max(1, math.ceil(MIN_ROUND_S / (time.perf_counter() - t0)))
+    for r in range(rounds):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            t0 = time.perf_counter()
+            cands[name]["run"](steps)
+            cands[name]["times"].append((time.perf_counter() - t0) / steps)
+    return steps
+
+
+def lean_lora_candidate(model, params, config, ids, tx=None) -> dict:
+    """The lean LoRA step of `model` (adapters differentiated, the base an argument)
+    on `params` adapted with `config`: one jitted AdamW step, the adapters and the
+    optimizer state donated. Returns `run(n)` (n steps, then waits), `mem` (the
+    compiled step's memory analysis) and `frozen` (the base it runs on)."""
+    tx = optax.adamw(1e-4) if tx is None else tx
+    adapters, frozen = jlora.split(jlora.init(jax.random.key(2), params, config))
+    apply = jlora.lora(model.apply)
+
+    def loss_fn(ad, frozen, ids):
+        return next_token_loss(apply({"params": jlora.combine(ad, frozen)}, ids), ids)
+
+    jitted = make_step(loss_fn, tx)
+    state = [adapters, tx.init(adapters)]
+    mem = jitted.lower(state[0], state[1], frozen, ids).compile().memory_analysis()
+
+    def run(n):
+        for _ in range(n):
+            state[0], state[1], loss = jitted(state[0], state[1], frozen, ids)
+        jax.block_until_ready(loss)
+
+    return dict(run=run, mem=mem, frozen=frozen)
+
+
 def build(cfg: GPTConfig, rank: int, batch: int):
     key = jax.random.key(0)
     ids = jax.random.randint(key, (batch, cfg.seq), 0, cfg.vocab)

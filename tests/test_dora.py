@@ -362,6 +362,22 @@ def _peft_net():
     return torch, Net
 
 
+def _net_and_base(torch, Net):
+    """A seeded PyTorch net, a copy of its state, and its weights as Flax params."""
+    torch.manual_seed(0)
+    net = Net()
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+
+    def dense(layer):
+        return {
+            "kernel": jnp.asarray(layer.weight.detach().numpy().T),
+            "bias": jnp.asarray(layer.bias.detach().numpy()),
+        }
+
+    emb = {"embedding": jnp.asarray(net.emb.weight.detach().numpy())}
+    return net, state, {"emb": emb, "fc": dense(net.fc), "out": dense(net.out)}
+
+
 class _Flax(nn.Module):
     @nn.compact
     def __call__(self, x):
@@ -373,20 +389,7 @@ def test_peft_dora_files_load_and_save_with_the_same_outputs(tmp_path):
     torch, Net = _peft_net()
     import peft
 
-    torch.manual_seed(0)
-    net = Net()
-    state = {k: v.clone() for k, v in net.state_dict().items()}
-    base = {
-        "emb": {"embedding": jnp.asarray(net.emb.weight.detach().numpy())},
-        "fc": {
-            "kernel": jnp.asarray(net.fc.weight.detach().numpy().T),
-            "bias": jnp.asarray(net.fc.bias.detach().numpy()),
-        },
-        "out": {
-            "kernel": jnp.asarray(net.out.weight.detach().numpy().T),
-            "bias": jnp.asarray(net.out.bias.detach().numpy()),
-        },
-    }
+    net, state, base = _net_and_base(torch, Net)
     cfg = peft.LoraConfig(
         r=RANK, lora_alpha=8, target_modules=["fc", "out", "emb"], use_dora=True
     )
@@ -573,20 +576,7 @@ def test_starts_match_peft_and_save_peft_writes_its_conversion(tmp_path, init):
     torch, Net = _peft_net()
     import peft
 
-    torch.manual_seed(0)
-    net = Net()
-    state = {k: v.clone() for k, v in net.state_dict().items()}
-    base = {
-        "emb": {"embedding": jnp.asarray(net.emb.weight.detach().numpy())},
-        "fc": {
-            "kernel": jnp.asarray(net.fc.weight.detach().numpy().T),
-            "bias": jnp.asarray(net.fc.bias.detach().numpy()),
-        },
-        "out": {
-            "kernel": jnp.asarray(net.out.weight.detach().numpy().T),
-            "bias": jnp.asarray(net.out.bias.detach().numpy()),
-        },
-    }
+    net, state, base = _net_and_base(torch, Net)
     cfg = peft.LoraConfig(
         r=RANK, lora_alpha=8, target_modules=["fc", "out"], init_lora_weights=init
     )
