@@ -1,7 +1,7 @@
 """DoRA against LoRA: the training step of the bench GPT, jlora and PyTorch + PEFT.
 
     python benchmarks/dora.py            # GPT 4 x 512, seq 128, batch 8, r=8 on q, v
-    python benchmarks/dora.py --quick    # a small model, for a smoke run
+    python benchmarks/dora.py --quick    # one 256-wide layer, for a smoke run
 
 Candidates, each one optimizer step (AdamW) of the lean route (adapters differentiated,
 the base an argument) on the float32 model:
@@ -63,7 +63,8 @@ def main(argv=None):
     p.add_argument("--no-write", action="store_true")
     args = p.parse_args(argv)
     if args.quick:
-        cfg = GPTConfig(vocab=128, d=64, heads=2, layers=1, seq=16)
+        # (wide kernels, few tokens: a kernel-sized temporary would stand out)
+        cfg = GPTConfig(vocab=128, d=256, heads=4, layers=1, seq=8)
         args.rounds = min(args.rounds, 2)
     else:
         cfg = GPTConfig(dtype=jnp.float32)

@@ -30,12 +30,14 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from jlora import _atomic, _nnx, _nnx_state
-from jlora._boxes import unbox
+from jlora._boxes import rebox, unbox
 from jlora._config import LoraConfig
 from jlora._merge import _norm_of as split_norm
 from jlora._merge import merge, refuse_stacked
-from jlora._quant import dequantize
+from jlora._quant import dequantize, is_quantized
 from jlora._rebuild import (
+    CAST,
+    SAME,
     Base,
     Factors,
     Whole,
@@ -48,7 +50,13 @@ from jlora._rebuild import (
 from jlora._sharding import child_sharding, factor_shardings, named_sharding_of
 from jlora._targets import EMPTY, LORA, TRAINED, path_string, walk
 from jlora._version import VERSION
-from jlora._weight import EXTRA_CHILDREN, Layout, child_shape, extra_children
+from jlora._weight import (
+    EXTRA_CHILDREN,
+    Layout,
+    child_shape,
+    extra_children,
+    low_rank_product,
+)
 
 FORMAT = "jlora-adapter"
 FORMAT_VERSION = 2  # 2: a fingerprint of each adapted base kernel
@@ -310,10 +318,41 @@ def load_adapter(
     meta = read_adapter_metadata(path)
     base = Base(base_params, "load_adapter")
     entries = _fit(meta["leaves"], base, path)
+    restored = _restore(path, entries, base, sharding)
+    base = _onto_residuals(base, entries, restored)
     if base_mismatch != "ignore":
         _check_bases(entries, base, path, base_mismatch)
-    restored = _restore(path, entries, base, sharding)
     return rebuild(base, restored, "load_adapter", sharding)
+
+
+def _onto_residuals(base: Base, entries: list, restored: dict) -> Base:
+    """The base with each kernel that a PiSSA/OLoRA adapter started from replaced by
+    the residual it trained on, `W - scale * a0 @ b0`, where `base` holds the original
+    kernel: the residual computed here has the recorded bits. Kernels that are the
+    residual already, or neither, stay as they are (the fingerprint check reports the
+    latter)."""
+    changed = {}
+    for entry in entries:
+        recorded = entry.get("base") if entry["kind"] == "lora" else None
+        got = restored.get(entry["path"])
+        if not recorded or got is None or "a0" not in (got.extra or {}):
+            continue
+        node = base.nodes[entry["path"]]
+        w = unbox(node.value)
+        if is_quantized(w) or compare_base(recorded, entry.get("base_casts"), w) in (
+            SAME,
+            CAST,
+        ):
+            continue
+        layout = got.layout
+        delta = low_rank_product(got.extra["a0"], got.extra["b0"], layout, got.scale)
+        residual = (jnp.asarray(w).astype(jnp.float32) - delta).astype(w.dtype)
+        if compare_base(recorded, entry.get("base_casts"), residual) == SAME:
+            changed[entry["path"]] = node.put_back(rebox(node.value, residual))
+    if not changed:
+        return base
+    leaves = [changed.get(n.path, n.leaf) for n in base.walk.nodes]
+    return Base(base.walk.rebuild(leaves), "load_adapter")
 
 
 def _fit(leaves: list, base: Base, path: str) -> list[dict]:

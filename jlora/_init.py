@@ -254,6 +254,13 @@ def adapt(
                 f"{list(value.shape)} ({layout}); lower rank or set rank_pattern."
             )
             continue
+        if config.use_dora and layout.fused is not None:
+            errors.append(
+                f"  {path}: use_dora with {layout.fused}: the magnitude would also "
+                "rescale the parts left unadapted (PEFT has no such module); adapt the "
+                "whole kernel, or one kernel per part"
+            )
+            continue
         if start_kind(config.init)[0] in ("pissa", "olora"):
             why = (
                 "it is quantized: decompose the float kernel, then quantize the "
@@ -393,15 +400,16 @@ def _magnitude(w, layout: Layout):
     *out]`, float32, placed as the kernel's stacked and output axes), and a copy of
     it as the cached norm (at init `b` is zero, so the norm of `w + scale * a @ b` is
     the kernel's own)."""
+    kept = sorted(layout.stack_axes + layout.out_axes)
+    order = [kept.index(k) for k in layout.stack_axes + layout.out_axes]
+
     def norms(w):
         w = w.dequantize() if getattr(type(w), "_jlora_leaf", False) else w
-        return jnp.sqrt(jnp.sum(jnp.square(w.astype(jnp.float32)), axis=layout.in_axes))
+        n = jnp.sqrt(jnp.sum(jnp.square(w.astype(jnp.float32)), axis=layout.in_axes))
+        return jnp.transpose(n, order)  # (kernel order -> [*stack, *out], layout's)
 
     sharding = out_sharding(w.codes if hasattr(w, "codes") else w, layout)
     m = jax.jit(norms, out_shardings=sharding)(w)
-    # (in kernel order; reorder to [*stack, *out] in layout order)
-    kept = sorted(layout.stack_axes + layout.out_axes)
-    m = jnp.transpose(m, [kept.index(k) for k in layout.stack_axes + layout.out_axes])
     return m, jnp.array(m, copy=True)
 
 

@@ -120,7 +120,7 @@ def unmerge_kernel(merged, a, b, m=None, norm=None, *, layout, scale, sharding=N
 def _norm_of(lw: LoraWeight):
     """DoRA's norm `||w + scale * a @ b||` for `lw`'s current factors, placed as its
     `norm` child was (None without DoRA)."""
-    if lw.m is None:
+    if lw.m is None or unbox(lw.w) is None:  # (no DoRA, or adapters without kernels)
         return lw.norm
     w = unbox(lw.w)
     if getattr(type(w), "_jlora_leaf", False):  # a quantized kernel: its float values
@@ -465,12 +465,30 @@ def combine(adapters: Any, base: Any) -> Any:
     """Inverse of `split`: `combine(*split(params))` is `params`, exactly.
 
     `base` may also be the plain base params (as the model was before `jlora.init`):
-    that is how adapters go back onto a freshly loaded base model.
+    that is how adapters go back onto a freshly loaded base model. DoRA's cached
+    `norm` is computed afresh from the kernel and the factors (adapters trained since
+    `split` carry split's).
 
     Raises:
       ValueError: paths or shapes that don't fit, every mismatch listed at once.
     """
-    return _join(adapters, base, "combine", "base", lambda w, lw: w, adapted_base=True)
+    joined = _join(adapters, base, "combine", "base", lambda w, lw: w, adapted_base=True)
+    return _fresh_norms(joined)
+
+
+def _fresh_norms(params):
+    """`params` with each DoRA kernel's `norm` computed from its kernel and factors, so
+    that adapters trained since `split` (whose norm is split's) unmerge what a merge
+    of these params gives. Under `jit` a norm nothing reads costs nothing."""
+
+    def fresh(node):
+        if node.kind != LORA or node.value.m is None:
+            return node.leaf
+        return node.put_back(node.value.replace(norm=_norm_of(node.value)))
+
+    from jlora._targets import map_nodes
+
+    return map_nodes(fresh, params)
 
 
 def unmerge(merged: Any, adapters: Any) -> Any:
@@ -483,9 +501,15 @@ def unmerge(merged: Any, adapters: Any) -> Any:
     `|w' - w| <= 2^-8 * (|w| + |scale*a@b|)` elementwise (two half-ulps of the larger
     magnitude), measured in `tests/test_merge.py`.
 
+    With DoRA, `w = merged * norm / m - scale * a @ b`: `norm` must be the norm the
+    merge divided by, which `split`, `combine` and `load_adapter` compute from the
+    params. Take the adapters from the params that were merged
+    (`jlora.split(params)[0]`); adapters trained since an earlier `split` carry that
+    split's norm (`jlora.split(jlora.combine(adapters, base))[0]` refreshes it).
+
     Args:
       merged: plain params (e.g. `jlora.merge(params)` or a merged checkpoint).
-      adapters: the first output of `jlora.split`.
+      adapters: the first output of `jlora.split` of the params that were merged.
 
     Raises:
       ValueError: paths or shapes that don't fit, or `merged` still adapted (holding

@@ -248,7 +248,8 @@ def rebuild(base: Base, found: dict[str, Factors | Whole], fn_name: str, shardin
             new = LoraWeight(
                 None, a, b, scale=got.scale, layout=got.layout, dropout=got.dropout
             ).replace(**extra)
-            if new.m is not None and new.norm is None:  # (a PEFT file keeps no norm)
+            if new.m is not None:  # the norm of these factors on this base (a PEFT
+                # file keeps none; a saved one may be split's, before more training)
                 kernel = new.replace(w=unbox(node.value), a=unbox(a), b=unbox(b))
                 kernel = kernel.replace(m=unbox(new.m))
                 norm = _norm_of(kernel)

@@ -279,8 +279,7 @@ def move_rule(ctx, eqn, invals):
     if f.m is not None and set(lay.in_axes) & set(resized):
         # DoRA's norm runs over the input axes: a slice (or broadcast) of them is one
         # of the rescaled kernel, not a kernel of its own to rescale.
-        ctx.note(f, name)
-        return compat.bind(eqn, [f.materialize(), *rest])
+        return _fallback(ctx, eqn, invals, "slices the input axes of a DoRA kernel")
     w = compat.bind(eqn, [f.w, *rest])[0]
     a_axes, b_axes = _factor_axes(lay)
     a, b, m = f.a, f.b, f.m
@@ -335,8 +334,7 @@ def split_rule(ctx, eqn, invals):
     (f,) = invals
     sizes, axis = compat.split_params(eqn)
     if f.m is not None and axis in f.layout.in_axes:  # (DoRA: see move_rule)
-        ctx.note(f, "split")
-        return compat.bind(eqn, [f.materialize()])
+        return _fallback(ctx, eqn, invals, "splits the input axes of a DoRA kernel")
     a_axes, b_axes = _factor_axes(f.layout)
     ndim = len(f.shape)
     outs, start = [], 0
@@ -529,8 +527,9 @@ def scale_rule(ctx, eqn, invals):
         mb = jnp.reshape(m, (1,) * len(f.shape)) if not shape else m
         mb = _as_factor(mb, b_axes)
         b = b * mb.astype(b.dtype) if name == "mul" else b / mb.astype(b.dtype)
-        if mag is not None:
-            c = jnp.abs(mb).astype(mag.dtype)
+        if mag is not None:  # DoRA: the norm scales by |c| (a constant of the
+            # backward pass, as the norm is), the magnitude alike
+            c = lax.stop_gradient(jnp.abs(mb).astype(mag.dtype))
             mag = mag * c if name == "mul" else mag / c
     elif varying <= set(lay.in_axes + lay.stack_axes):
         a_axes, _ = _factor_axes(lay)
@@ -756,6 +755,10 @@ def shard_map_rule(ctx, eqn, invals):
     mesh = compat.shard_map_mesh(eqn)
     operands, specs = [], []
     for val, spec in zip(invals, in_specs):
+        if isinstance(val, Factored) and val.m is not None and _splits_inputs(val, spec):
+            # DoRA's norm runs over the input axes: a block of rows has its own norm,
+            # and the body's psum does not undo the rescaling by it.
+            val = ctx.materialize(val, "shard_map", "a DoRA kernel split along inputs")
         if isinstance(val, Factored):
             a_spec, b_spec = factor_specs(spec, val.w.ndim, val.layout)
             a = constrain(val.a, NamedSharding(mesh, a_spec))
@@ -782,6 +785,12 @@ def shard_map_rule(ctx, eqn, invals):
     if keyed:
         flat, specs = [ctx.rng, *flat], [PartitionSpec(), *specs]
     return list(compat.shard_map_call(eqn, body, specs, out_specs)(*flat))
+
+
+def _splits_inputs(f: Factored, spec) -> bool:
+    """Whether a `shard_map` in-spec splits any input axis of kernel `f`."""
+    entries = compat.spec_entries(spec)
+    return any(i < len(entries) and entries[i] is not None for i in f.layout.in_axes)
 
 
 # Call-like primitives -------------------------------------------------------------------

@@ -554,8 +554,12 @@ def test_starts_on_nnx_and_in_checkpoints(key, tmp_path):
     back = jlora.load_adapter(tmp_path / "ad", fresh)
     assert np.array_equal(back.up.kernel_lora_a0[...], model.up.kernel_lora_a0[...])
     assert_close(back(x), y0, chain_bound(D_IN + D_OUT + RANK, 6))
-    with pytest.warns(UserWarning, match="jlora.plain_lora"):  # the original base
-        jlora.load_adapter(tmp_path / "ad", _NNXMLP(nnx.Rngs(0)))
+    # Onto the original base: the residual is taken from it again (the recorded bits).
+    original_model = jlora.load_adapter(tmp_path / "ad", _NNXMLP(nnx.Rngs(0)))
+    assert np.array_equal(original_model.up.kernel[...], model.up.kernel[...])
+    assert_close(original_model(x), y0, chain_bound(D_IN + D_OUT + RANK, 6))
+    with pytest.warns(UserWarning, match="jlora.plain_lora"):  # another base
+        jlora.load_adapter(tmp_path / "ad", _NNXMLP(nnx.Rngs(5)))
 
 
 def test_starts_refuse_a_quantized_or_fused_kernel(key):
@@ -672,4 +676,88 @@ def test_dora_under_a_mesh_with_strict_stays_factored_and_sharded():
             getattr(got_m, "value", got_m),
             getattr(want_m, "value", want_m),
             chain_bound(64, 22),
+        )
+
+
+def test_a_traced_multiplier_of_a_dora_kernel_gets_the_merged_gradient(key):
+    lp = _dora_lw(key)
+    x = jax.random.normal(key, (5, D_IN))
+    scales = jnp.linspace(0.5, 2.0, D_OUT)
+
+    def fn(p, x, c):
+        return x @ (p["kernel"] * c)
+
+    for c in (jnp.float32(1.7), scales, -scales):
+        got = jax.grad(lambda c: jnp.sum(jlora.lora(fn, strict=True)(lp, x, c) ** 2))(c)
+        want = jax.grad(lambda c: jnp.sum(fn(jlora.merge(lp), x, c) ** 2))(c)
+        assert_close(got, want, chain_bound(D_IN + RANK, 6))
+
+
+def test_shard_map_of_a_row_parallel_dora_kernel_is_dense_and_right(key):
+    if len(jax.devices()) < 2:
+        pytest.skip("needs 2 devices")
+    from jax.sharding import PartitionSpec as P
+
+    mesh = jax.make_mesh((2,), ("x",), axis_types=(jax.sharding.AxisType.Auto,))
+    lp = _dora_lw(key)
+    x = jax.random.normal(key, (4, D_IN))
+
+    def fn(p, x):
+        body = lambda k, xs: jax.lax.psum(xs @ k, "x")  # noqa: E731
+        spec = (P("x", None), P(None, "x"))
+        return jax.shard_map(body, mesh=mesh, in_specs=spec, out_specs=P())(p["kernel"], x)
+
+    with jax.set_mesh(mesh):
+        want = fn(jlora.merge(lp), x)
+        with pytest.warns(UserWarning, match="a DoRA kernel split along inputs"):
+            got = jlora.lora(fn)(lp, x)
+        with pytest.raises(jlora.RuleError, match="DoRA kernel split along inputs"):
+            jlora.lora(fn, strict=True)(lp, x)
+    assert_close(got, want, chain_bound(D_IN + RANK, 4))
+
+
+def test_norms_follow_the_factors_through_combine_split_and_load(key, tmp_path):
+    lp = _dora_lw(key)
+    w = lp["kernel"].w
+    adapters, base = jlora.split(lp)
+    trained = jax.tree.map(lambda x: x * 1.1, adapters)  # stands for training steps
+    params = jlora.combine(trained, base)  # the norm of the trained factors
+    merged = jlora.merge(params)
+    assert_close(
+        jlora.unmerge(merged, jlora.split(params)[0])["kernel"].w,
+        w,
+        chain_bound(D_IN + RANK, 4),
+    )
+    assert jlora.split(trained)[0]["kernel"].norm is trained["kernel"].norm  # no kernel
+    jlora.save_adapter(tmp_path / "ad", trained)  # (split's norm, from before training)
+    loaded = jlora.load_adapter(tmp_path / "ad", base)
+    assert_close(
+        jlora.unmerge(merged, jlora.split(loaded)[0])["kernel"].w,
+        w,
+        chain_bound(D_IN + RANK, 4),
+    )
+
+
+def test_dora_init_places_m_as_the_kernels_output_axes(key):
+    if len(jax.devices()) < 2:
+        pytest.skip("needs 2 devices")
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    mesh = jax.make_mesh((2,), ("x",), axis_types=(jax.sharding.AxisType.Explicit,))
+    w = jax.device_put(jax.random.normal(key, (6, 4, 3)), NamedSharding(mesh, P(None, "x")))
+    cfg = jlora.LoraConfig(
+        2, 4, targets="k", use_dora=True, layout={"k": jlora.Layout((0,), (2, 1))}
+    )
+    lw = jlora.init(key, {"k": w}, cfg)["k"]
+    assert lw.m.shape == (3, 4) and lw.m.sharding.spec == P(None, "x")
+    want = np.linalg.norm(np.asarray(w, np.float64), axis=0).T
+    assert_close(lw.m, want, chain_bound(6, 1))
+    with pytest.raises(ValueError, match="use_dora with Fused"):
+        jlora.init(
+            key,
+            {"kernel": jnp.ones((4, 6))},
+            jlora.LoraConfig(
+                1, 1, use_dora=True, fused={"kernel": jlora.Fused(1, 2, (0,))}
+            ),
         )

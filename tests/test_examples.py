@@ -166,18 +166,19 @@ def test_quant_benchmark_quick_mode_runs_every_base():
 def test_dora_benchmark_quick_mode_times_lora_and_dora_of_each_library():
     bench = _load("dora", "benchmarks")
     with jax.numpy_dtype_promotion("standard"):  # optax's adam is not strict-clean
-        cands, med = bench.main(["--quick", "--no-write"])
+        cands, med = bench.main(["--quick", "--no-write", "--batch", "2"])
     names = {"jlora lora", "jlora dora"}
     if importlib.util.find_spec("peft") is not None:  # PEFT is in the [torch] extra
         names |= {"peft lora", "peft dora"}
     assert set(cands) == names
     assert all(len(c["times"]) == 2 and med[n] > 0 for n, c in cands.items())
-    # What DoRA adds to the step's temporaries: per adapted kernel (q and v of one
-    # layer) the [tokens, out] activation its magnitude's gradient reads (batch 8 x seq
-    # 16 tokens, d = 64, float32), and per-output vectors and [r, out] products.
-    saved = 2 * (8 * 16) * 64 * 4
+    # What DoRA adds to the step's temporaries: per adapted kernel (q and v of the one
+    # 256-wide layer) a few [tokens, out] activations (the magnitude's gradient reads
+    # the kernel's output; 2 x 8 tokens x 256 x 4 bytes = 16 KiB each), per-output
+    # vectors and [r, out] products: far less than one float32 kernel (256 KiB), which
+    # forming W + s*A@B would add per kernel.
     extra = cands["jlora dora"]["temp"] - cands["jlora lora"]["temp"]
-    assert 0 <= extra <= 1.5 * saved
+    assert 0 <= extra < 256 * 256 * 4
 
 
 def test_memory_plan_of_a_small_config_with_a_plot(tmp_path):
