@@ -16,6 +16,7 @@ gets the base alone.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -26,7 +27,7 @@ import numpy as np
 from jlora._boxes import rebox, unbox
 from jlora._jax_compat import is_tracer
 from jlora._targets import EMPTY, LORA, TRAINED, walk
-from jlora._weight import LoraWeight, Stack
+from jlora._weight import ROW, LoraWeight, Stack, column_norm
 
 # Sets -------------------------------------------------------------------------------------
 
@@ -63,11 +64,11 @@ def _adapters_of(tree, fn_name: str, what: str):
                 "convert it to plain LoRA for the original base first "
                 "(jlora.plain_lora)"
             )
-        elif n.kind == LORA and n.value.m is not None:
+        elif n.kind == LORA and n.value.m is not None and fn_name == "add_weighted":
             errors.append(
                 f"  {n.path}: a DoRA adapter (it rescales the kernel per output by its "
-                "magnitude m); stacking, selecting and combining DoRA adapters are not "
-                "supported yet: serve each merged (jlora.merge), one at a time"
+                "magnitude m), which a weighted sum of low-rank updates cannot express; "
+                "stack DoRA adapters (jlora.stack_adapters) to serve them side by side"
             )
         elif n.kind not in (LORA, EMPTY):
             errors.append(
@@ -194,15 +195,28 @@ def stack_adapters(adapters: Mapping[str, Any]) -> Any:
             out.append(node.leaf)
             continue
         lws = [ns[i].value for ns in nodes]
+        if len({lw.m is None for lw in lws}) > 1:
+            dora = [nm for nm, lw in zip(names, lws) if lw.m is not None]
+            raise ValueError(
+                f"jlora.stack_adapters: at {node.path}, {dora} are DoRA adapters and "
+                f"the others are not; a stacked set holds one kind (stack them apart)."
+            )
         rank = max(lw.rank for lw in lws)
         padded = [_pad_rank(lw, rank) for lw in lws]
         a = jnp.stack([p[0] for p in padded])
         b = jnp.stack([p[1] for p in padded])
         stack = Stack(names, tuple(lw.rank for lw in lws), tuple(lw.scale for lw in lws))
         lw = node.value
+        dora = {}  # (DoRA: m and the norm per adapter; scale * a @ b is unchanged)
+        for child in ("m", "norm"):
+            values = [unbox(getattr(x, child)) for x in lws]
+            if all(v is not None for v in values):
+                dora[child] = rebox(getattr(lw, child), jnp.stack(values))
         out.append(
             node.put_back(
-                lw.replace(a=rebox(lw.a, a), b=rebox(lw.b, b), scale=1.0, stack=stack)
+                lw.replace(
+                    a=rebox(lw.a, a), b=rebox(lw.b, b), scale=1.0, stack=stack, **dora
+                )
             )
         )
     return w0.rebuild(out)
@@ -238,7 +252,14 @@ def unstack_adapters(stacked: Any) -> dict[str, Any]:
         a = unbox(lw.a)[k][..., :r]
         b = jax.lax.slice_in_dim(unbox(lw.b)[k], 0, r, axis=_rank_axis(lw))
         b = b / jnp.asarray(s, b.dtype)
-        return lw.replace(w=None, a=rebox(lw.a, a), b=rebox(lw.b, b), scale=s, stack=None)
+        dora = {
+            c: rebox(getattr(lw, c), unbox(getattr(lw, c))[k])
+            for c in ("m", "norm")
+            if getattr(lw, c) is not None
+        }
+        return lw.replace(
+            w=None, a=rebox(lw.a, a), b=rebox(lw.b, b), scale=s, stack=None, **dora
+        )
 
     return {
         name: _map_stacked(w, lambda lw, k=k: one(lw, k))
@@ -282,10 +303,11 @@ def _index(which, stack: Stack, fn_name: str):
     return jnp.asarray(idx, jnp.int32)
 
 
-def _gather(lw: LoraWeight, idx):
-    """`(a, b)` of adapters `idx` (any integer array): `-1` gives zero factors for `b`
-    (the base alone), an index outside `[-1, N)` NaN (a traced index cannot be
-    checked, and a wrong answer must not look right)."""
+def _gather(lw: LoraWeight, idx, dora: dict | None = None):
+    """`(a, b, extra)` of adapters `idx` (any integer array): `-1` gives zero factors
+    for `b` (the base alone), an index outside `[-1, N)` NaN (a traced index cannot be
+    checked, and a wrong answer must not look right). `dora`: `{child: (per-adapter
+    values, the base's value)}` gathered alike into `extra` (for `-1`, the base's)."""
     a, b = unbox(lw.a), unbox(lw.b)
     n = a.shape[0]
     valid = (idx >= 0) & (idx < n)
@@ -293,7 +315,42 @@ def _gather(lw: LoraWeight, idx):
     mask = jnp.where(idx == -1, 0.0, jnp.where(valid, 1.0, jnp.nan)).astype(b.dtype)
     a_rows, b_rows = jnp.take(a, safe, axis=0), jnp.take(b, safe, axis=0)
     b_rows = b_rows * mask.reshape(mask.shape + (1,) * (b.ndim - 1))
-    return a_rows, b_rows
+    extra = {}
+    for child, (values, base) in (dora or {}).items():
+        rows = jnp.take(values, safe, axis=0)
+        where = (idx == -1).reshape(idx.shape + (1,) * (values.ndim - 1))
+        extra[child] = jnp.where(where, base, rows)
+    return a_rows, b_rows, extra
+
+
+def _dora_rows(lw: LoraWeight, fixed: bool) -> dict | None:
+    """What `_gather` gathers for a stacked DoRA node combined with its base kernel:
+    with `fixed`, each adapter's factor `m / ||w + a @ b||` (computed once per adapter;
+    the base's is 1), else `m` and `norm` (the base's own norm for `-1`); None without
+    DoRA. (Scales are folded into `b`.)"""
+    if lw.m is None:
+        return None
+    w = unbox(lw.w)
+    if w is None:  # (adapters alone: no base to take the base's values from)
+        m, norm = unbox(lw.m), unbox(lw.norm)
+        nan = jnp.full(m.shape[1:], jnp.nan, m.dtype)
+        return {"m": (m, nan)} | ({} if norm is None else {"norm": (norm, nan)})
+    return _dora_values(w, unbox(lw.a), unbox(lw.b), unbox(lw.m), lw.layout, fixed)
+
+
+@functools.partial(jax.jit, static_argnums=(4, 5))
+def _dora_values(w, a, b, m, layout, fixed: bool):
+    """`_dora_rows`' values for kernel `w` and a stacked set's `a`, `b`, `m`."""
+    if getattr(type(w), "_jlora_leaf", False):  # a quantized kernel: its float values
+        w = w.dequantize()
+    base_norm = column_norm(w, None, None, layout, 0.0)
+    norms = jax.vmap(lambda a, b: column_norm(w, a, b, layout, 1.0))(a, b)
+    m = m.astype(jnp.float32)
+    if fixed:  # (the norm a constant, as in training)
+        norms = jax.lax.stop_gradient(norms)
+        g = m / jnp.where(norms > 0, norms, 1.0)
+        return {"m": (g, jnp.ones_like(base_norm))}
+    return {"m": (m, base_norm), "norm": (norms, base_norm)}
 
 
 def select(stacked: Any, which) -> Any:
@@ -313,8 +370,9 @@ def select(stacked: Any, which) -> Any:
     idx = _index(which, stack, "select")
 
     def one(lw: LoraWeight) -> LoraWeight:
-        a, b = _gather(lw, idx)
-        return lw.replace(a=rebox(lw.a, a), b=rebox(lw.b, b), stack=None)
+        a, b, extra = _gather(lw, idx, _dora_rows(lw, fixed=False))
+        extra = {c: rebox(getattr(lw, c), x) for c, x in extra.items()}
+        return lw.replace(a=rebox(lw.a, a), b=rebox(lw.b, b), stack=None, **extra)
 
     return _map_stacked(w, one)
 
@@ -530,8 +588,8 @@ def mixed(fn: Callable, adapter_ids, in_axes, out_axes, inner: Callable) -> Call
         for node in tree.nodes:
             if node.kind == LORA and node.value.stack is not None:
                 lw = node.value
-                factors.append(_gather(lw, ids))
-                leaves.append(node.put_back(lw.replace(a=None, b=None)))
+                factors.append(_gather(lw, ids, _dora_rows(lw, fixed=True)))
+                leaves.append(node.put_back(lw.replace(a=None, b=None, m=None, norm=None)))
             else:
                 leaves.append(node.leaf)
         base = tree.rebuild(leaves)
@@ -541,9 +599,13 @@ def mixed(fn: Callable, adapter_ids, in_axes, out_axes, inner: Callable) -> Call
             rebuilt = []
             for node in walk(base).nodes:
                 if node.kind == LORA and node.value.stack is not None:
-                    a, b = next(fs)
+                    a, b, extra = next(fs)
                     lw = node.value
-                    rebuilt.append(node.put_back(lw.replace(a=a, b=b, stack=None)))
+                    # (a DoRA row's m is its adapter's factor m / norm: see ROW)
+                    stack = ROW if extra else None
+                    rebuilt.append(
+                        node.put_back(lw.replace(a=a, b=b, stack=stack, **extra))
+                    )
                 else:
                     rebuilt.append(node.leaf)
             p = walk(base).rebuild(rebuilt)

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 
 from jlora import _jax_compat as compat
 from jlora._targets import path_key
-from jlora._weight import Layout, dora_factor, materialize
+from jlora._weight import Layout, dora_factor, materialize, out_to_kernel
 
 
 class RuleError(RuntimeError):
@@ -53,6 +53,7 @@ class Factored:
     path: str
     dropout: float
     m: Any = None  # DoRA's magnitude laid out as `b` with a rank axis of size 1
+    fixed: bool = False  # `m` holds the factor `m / norm` itself (a mixed batch's row)
 
     @property
     def dense_w(self):
@@ -65,6 +66,8 @@ class Factored:
         the norm under `stop_gradient`; None without DoRA."""
         if self.m is None:
             return None
+        if self.fixed:
+            return self.m
         ns = len(self.layout.stack_axes)
         g = dora_factor(
             self.dense_w, self.a, self.b, self.layout, self.scale, jnp.squeeze(self.m, ns)
@@ -83,14 +86,19 @@ class Factored:
         return dataclasses.replace(self, **kw)
 
     def materialize(self):
+        if self.fixed:  # g * (w + scale * a @ b), g given
+            ns = len(self.layout.stack_axes)
+            v = materialize(self.dense_w, self.a, self.b, self.layout, self.scale)
+            g = out_to_kernel(jnp.squeeze(self.m, ns), self.layout)
+            return (v.astype(jnp.float32) * g).astype(v.dtype)
         m = None if self.m is None else jnp.squeeze(self.m, len(self.layout.stack_axes))
         return materialize(self.dense_w, self.a, self.b, self.layout, self.scale, m)
 
 
 jax.tree_util.register_pytree_node(
     Factored,
-    lambda f: ((f.w, f.a, f.b, f.m), (f.scale, f.layout, f.path, f.dropout)),
-    lambda aux, ch: Factored(*ch[:3], *aux, m=ch[3]),
+    lambda f: ((f.w, f.a, f.b, f.m), (f.scale, f.layout, f.path, f.dropout, f.fixed)),
+    lambda aux, ch: Factored(*ch[:3], *aux[:4], m=ch[3], fixed=aux[4]),
 )
 
 

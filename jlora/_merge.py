@@ -122,9 +122,7 @@ def _norm_of(lw: LoraWeight):
     `norm` child was (None without DoRA)."""
     if lw.m is None or unbox(lw.w) is None:  # (no DoRA, or adapters without kernels)
         return lw.norm
-    w = unbox(lw.w)
-    if getattr(type(w), "_jlora_leaf", False):  # a quantized kernel: its float values
-        w = w.dequantize()
+    w = unbox(lw.w)  # (a quantized kernel is dequantized inside the compiled norm)
     norm = _column_norm(w, unbox(lw.a), unbox(lw.b), layout=lw.layout, scale=lw.scale)
     old = unbox(lw.norm)
     sharding = named_sharding_of(old) if old is not None else None
@@ -135,6 +133,11 @@ def _norm_of(lw: LoraWeight):
 
 @functools.partial(jax.jit, static_argnames=("layout", "scale"))
 def _column_norm(w, a, b, *, layout, scale):
+    if getattr(type(w), "_jlora_leaf", False):  # a quantized kernel: its float values
+        w = w.dequantize()
+    if a is not None and a.ndim > len(layout.stack_axes) + len(layout.in_axes) + 1:
+        # a stacked set (a leading adapter axis): one norm per adapter
+        return jax.vmap(lambda a, b: column_norm(w, a, b, layout, scale))(a, b)
     return column_norm(w, a, b, layout, scale)
 
 

@@ -510,7 +510,8 @@ def scale_rule(ctx, eqn, invals):
     if len(shape) not in (0, len(f.shape)):
         return _fallback(ctx, eqn, invals, f"a multiplier of shape {shape}")
     varying = {k for k, n in enumerate(shape) if n != 1}
-    if f.m is not None and not varying <= set(lay.out_axes + lay.stack_axes):
+    dora = f.m is not None and not f.fixed  # (a fixed factor g just carries over)
+    if dora and not varying <= set(lay.out_axes + lay.stack_axes):
         return _fallback(
             ctx, eqn, invals, f"a DoRA kernel scaled along its input axes, {lay}"
         )
@@ -520,14 +521,14 @@ def scale_rule(ctx, eqn, invals):
     value = float(np.asarray(m).reshape(())) if concrete else None
     if concrete and (name == "mul" or value != 0.0):
         scale = scale * value if name == "mul" else scale / value
-        if mag is not None:  # DoRA: the norm scales by |c|, the magnitude alike
+        if dora:  # DoRA: the norm scales by |c|, the magnitude alike
             mag = mag * abs(value) if name == "mul" else mag / abs(value)
     elif varying <= set(lay.out_axes + lay.stack_axes):
         _, b_axes = _factor_axes(lay)
         mb = jnp.reshape(m, (1,) * len(f.shape)) if not shape else m
         mb = _as_factor(mb, b_axes)
         b = b * mb.astype(b.dtype) if name == "mul" else b / mb.astype(b.dtype)
-        if mag is not None:  # DoRA: the norm scales by |c| (a constant of the
+        if dora:  # DoRA: the norm scales by |c| (a constant of the
             # backward pass, as the norm is), the magnitude alike
             c = lax.stop_gradient(jnp.abs(mb).astype(mag.dtype))
             mag = mag * c if name == "mul" else mag / c

@@ -28,7 +28,7 @@ from jlora._interpret import Context, Factored, RuleError, interpret
 from jlora._quant import Deferred, is_quantized, stand_in
 from jlora._rules import RULES
 from jlora._targets import LORA, TRAINED, path_string, walk
-from jlora._weight import ANY
+from jlora._weight import ANY, ROW, Stack
 
 __all__ = ["RuleError", "explain", "lora"]
 
@@ -59,7 +59,8 @@ def _prepare(args, kwargs):
     for node in nodes.nodes:
         if node.kind == LORA:
             lw = node.value
-            if lw.stack is not None:
+            row = isinstance(lw.stack, Stack) and lw.stack == ROW
+            if lw.stack is not None and not row:
                 raise ValueError(
                     f"jlora.lora: {_node_path(node.keys)} holds a stacked set of "
                     f"adapters {list(lw.stack.names)}; serve a batch from it with "
@@ -90,6 +91,7 @@ def _prepare(args, kwargs):
                 _node_path(node.keys),
                 lw.dropout,
                 m,
+                fixed=row,  # (a mixed batch's row: m holds m / norm)
             )
             if quantized:
                 stand_ins.append(node.put_back(stand_in(w.q)))

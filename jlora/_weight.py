@@ -353,6 +353,12 @@ class Stack(NamedTuple):
     scales: tuple[float, ...]
 
 
+# The `stack` of one row of a stacked set inside a mixed batch (`jlora.lora(fn,
+# adapter_ids=...)`): a DoRA row's `m` there holds the factor `m / norm` itself, each
+# adapter's computed once for the batch.
+ROW = Stack((), (), ())
+
+
 class LoraWeight:
     """A frozen kernel `w` with trainable low-rank factors `a` and `b`.
 

@@ -297,8 +297,11 @@ def test_bad_input_is_refused_with_the_path(key):
     no_norm = {"kernel": adapters["kernel"].replace(norm=None)}
     with pytest.raises(ValueError, match="norm"):
         jlora.unmerge(jlora.merge(lp), no_norm)
+    plain = jlora.split(_dora_lw(key, use_dora=False))[0]
+    with pytest.raises(ValueError, match=r"at kernel, \['x'\] are DoRA adapters"):
+        jlora.stack_adapters({"x": adapters, "y": plain})
     with pytest.raises(ValueError, match="kernel: a DoRA adapter"):
-        jlora.stack_adapters({"x": adapters, "y": adapters})
+        jlora.add_weighted([adapters, adapters], [0.5, 0.5])
     with pytest.raises(TypeError, match="use_dora must be a bool"):
         jlora.LoraConfig(4, 8, use_dora=1)
 
@@ -761,3 +764,43 @@ def test_dora_init_places_m_as_the_kernels_output_axes(key):
                 1, 1, use_dora=True, fused={"kernel": jlora.Fused(1, 2, (0,))}
             ),
         )
+
+
+def test_dora_adapters_on_a_4bit_nnx_base_stack_and_serve_a_mixed_batch(key):
+    # The composition the capabilities promise: DoRA adapters, trained on an NF4 base
+    # of an NNX model, stacked, one batch served with a different adapter per row.
+    base = jlora.quantize(_NNXMLP(nnx.Rngs(0)), "nf4", block_size=8)
+    models = {}
+    for i in range(3):
+        m = nnx.clone(base)
+        cfg = jlora.LoraConfig(2 + i, 4.0, use_dora=True)
+        jlora.nnx.apply(m, cfg, rngs=nnx.Rngs(10 + i))
+        for layer in (m.up, m.down):
+            v = layer.kernel_lora_b
+            v.set_raw_value(0.2 * jax.random.normal(jax.random.key(i), v.shape))
+            g = layer.kernel_lora_m
+            g.set_raw_value(g.get_raw_value() * (1.1 + 0.1 * i))
+        models[f"t{i}"] = m
+    stacked = jlora.stack_adapters(models)
+    assert stacked["up"]["kernel"].m.shape == (3, D_OUT)
+    graphdef, state = nnx.split(base)
+    served = jlora.combine(stacked, state)
+    ids = [0, 1, -1, 2, 1]
+    x = jax.random.normal(key, (len(ids), D_IN))
+
+    def fn(s, x):
+        return nnx.merge(graphdef, s)(x)
+
+    f = jlora.lora(fn, adapter_ids=jnp.asarray(ids), strict=True)
+    bound = chain_bound(D_IN + D_OUT + 4, 6)
+    plain = {-1: jlora.dequantize(state)}
+    for i in sorted(set(ids) - {-1}):
+        plain[i] = jlora.merge(
+            jlora.dequantize(jlora.combine(jlora.select(stacked, i), state))
+        )
+    ref = jnp.concatenate([fn(plain[i], x[r : r + 1]) for r, i in enumerate(ids)])
+    for y in (f(served, x), jax.jit(f)(served, x)):
+        assert_close(y, ref, bound)
+    # Each adapter out of the set is the one that went in.
+    back = jlora.unstack_adapters(stacked)["t2"]
+    assert np.array_equal(back["up"]["kernel"].m, models["t2"].up.kernel_lora_m[...])
