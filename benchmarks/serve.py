@@ -11,10 +11,15 @@ Candidates, each one jitted greedy `generate` (prefill, then a scanned decode):
   mixed N      a stacked set of N adapters, row i served by adapter i mod N:
                `jlora.lora(model.apply, adapter_ids=ids)`, the KV cache's batch axis
                declared by `in_axes`/`out_axes`
+  peft ...     with the [torch] extra: the same GPT-2 shapes in PyTorch
+               (`transformers.GPT2LMHeadModel`, random weights) with PEFT LoRA r=8 on
+               its attention (`c_attn`, `attn.c_proj`): `single` one active adapter,
+               `mixed N` PEFT's `generate(..., adapter_names=names)`, which runs the base
+               once and each adapter present on its own sub-batch
 Adapters are r=8 on the four attention kernels, b nonzero. Median time per generated
-token over alternated rounds, ratios to `single` and to `merged`. Written to
-docs/benchmarks.md with an SVG plot (time per token against the number of distinct
-adapters). PyTorch + PEFT (`adapter_names=`) is not in this table yet.
+token over alternated rounds, ratios to each library's `single` and to jlora's
+`merged`. Written to docs/benchmarks.md with an SVG plot (time per token against the
+number of distinct adapters).
 """
 
 from __future__ import annotations
@@ -74,6 +79,64 @@ def candidates(cfg, batch: int, prompt_len: int, new: int, rank: int, counts):
     return out
 
 
+def peft_candidates(cfg, batch: int, prompt_len: int, new: int, rank: int, counts):
+    """PyTorch + PEFT on the same shapes (see the module docstring); `{}` without the
+    [torch] extra."""
+    try:
+        import peft
+        import torch
+        import transformers
+    except ImportError:
+        return {}
+    torch.manual_seed(0)
+    hf = transformers.GPT2Config(
+        vocab_size=cfg.vocab_size,
+        n_positions=cfg.n_positions,
+        n_embd=cfg.n_embd,
+        n_layer=cfg.n_layer,
+        n_head=cfg.n_head,
+    )
+    model = transformers.GPT2LMHeadModel(hf).eval()
+    config = peft.LoraConfig(
+        r=rank,
+        lora_alpha=2 * rank,
+        target_modules=r".*attn\.(c_attn|c_proj)",
+        fan_in_fan_out=True,
+        init_lora_weights=False,  # (b nonzero, as jlora's)
+    )
+    pm = peft.get_peft_model(model, config, adapter_name="a0")
+    for i in range(1, max(counts)):
+        pm.add_adapter(f"a{i}", config)
+    pm.set_adapter("a0")
+    pm.eval()
+    rng = np.random.default_rng(0)
+    prompts = torch.tensor(rng.integers(1, cfg.vocab_size, (batch, prompt_len)))
+    mask = torch.ones_like(prompts)
+
+    def gen(names=None):
+        kw = {} if names is None else {"adapter_names": names}
+
+        def run():
+            with torch.no_grad():
+                out = pm.generate(
+                    input_ids=prompts,
+                    attention_mask=mask,
+                    max_new_tokens=new,
+                    min_new_tokens=new,
+                    do_sample=False,
+                    pad_token_id=0,
+                    **kw,
+                )
+            return out[:, prompt_len:].tolist()
+
+        return run
+
+    out = {"peft single": gen()}
+    for n in counts:
+        out[f"peft mixed {n}"] = gen([f"a{i % n}" for i in range(batch)])
+    return out
+
+
 def plot_svg(counts, per_token, path):
     """Time per token against the number of distinct adapters, with the single-adapter
     and merged floors as lines."""
@@ -82,6 +145,7 @@ def plot_svg(counts, per_token, path):
         per_token["single"],
         per_token["merged"],
     ]
+    ys += [per_token[f"peft mixed {n}"] for n in counts if f"peft mixed {n}" in per_token]
     top = max(ys) * 1.15
     xs = np.log2(np.asarray(counts, float))
     x_of = lambda v: pad + (w - 2 * pad) * (v - xs[0]) / max(xs[-1] - xs[0], 1)  # noqa: E731
@@ -118,6 +182,18 @@ def plot_svg(counts, per_token, path):
     )
     parts.append(f'<polyline points="{pts}" fill="none" stroke="#c33" stroke-width="2"/>')
     parts.append(f'<text x="{pad + 6}" y="{pad - 8}" fill="#c33">jlora mixed batch</text>')
+    if all(f"peft mixed {n}" in per_token for n in counts):
+        pts = " ".join(
+            f"{x_of(x):.1f},{y_of(per_token[f'peft mixed {n}']):.1f}"
+            for n, x in zip(counts, xs)
+        )
+        parts.append(
+            f'<polyline points="{pts}" fill="none" stroke="#36c" stroke-width="2"/>'
+        )
+        parts.append(
+            f'<text x="{pad + 130}" y="{pad - 8}" fill="#36c">PyTorch + PEFT '
+            "adapter_names</text>"
+        )
     parts.append("</svg>")
     path.write_text("\n".join(parts) + "\n")
 
@@ -128,6 +204,7 @@ def main(argv=None):
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--no-write", action="store_true")
+    p.add_argument("--no-torch", action="store_true", help="leave PyTorch + PEFT out")
     args = p.parse_args(argv)
     if args.quick:
         cfg = GPTConfig(vocab_size=64, n_positions=32, n_embd=32, n_layer=1, n_head=2)
@@ -137,6 +214,8 @@ def main(argv=None):
         cfg = GPTConfig(vocab_size=4096, n_positions=128, n_embd=512, n_layer=4, n_head=8)
         batch, prompt_len, new, counts = args.batch, 32, 32, COUNTS
     cands = candidates(cfg, batch, prompt_len, new, 8, counts)
+    if not args.no_torch:
+        cands.update(peft_candidates(cfg, batch, prompt_len, new, 8, counts))
     outs = {name: run() for name, run in cands.items()}  # compile; and a check:
     # (the mixed batch of one adapter generates what that adapter alone does)
     same_as_single = outs[f"mixed {counts[0]}"] == outs["single"]
@@ -155,15 +234,20 @@ def main(argv=None):
         f"tokens, LoRA r=8 on the four attention kernels; median of {args.rounds} "
         f"alternated rounds. {device_line()}",
         "",
-        "| batch served by | ms per generated token | / single adapter | / merged |",
+        "| batch served by | ms per generated token | / single adapter (same library) "
+        "| / jlora merged |",
         "|---|---|---|---|",
     ]
     for name in names:
         fixed = {"merged": "the merged base (one adapter)", "single": "one adapter"}
-        label = fixed.get(name) or f"{name.split()[1]} distinct adapters (mixed)"
+        torch_row = name.startswith("peft ")
+        short = name.removeprefix("peft ")
+        label = fixed.get(short) or f"{short.split()[1]} distinct adapters (mixed)"
+        single = "peft single" if torch_row else "single"
         lines.append(
-            f"| {label} | {1e3 * per_token[name]:.3f} | "
-            f"{per_token[name] / per_token['single']:.2f} | "
+            f"| {'PyTorch + PEFT: ' if torch_row else ''}{label} | "
+            f"{1e3 * per_token[name]:.3f} | "
+            f"{per_token[name] / per_token[single]:.2f} | "
             f"{per_token[name] / per_token['merged']:.2f} |"
         )
     lines.append("")

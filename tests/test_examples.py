@@ -226,6 +226,8 @@ def test_the_serving_benchmark_runs_every_candidate_and_mixed_rows_match():
     bench = _load("serve", "benchmarks")
     out = bench.main(["--quick", "--no-write"])
     expected = {"merged", "single"} | {f"mixed {n}" for n in out["counts"]}
+    if importlib.util.find_spec("peft") is not None:  # PEFT is in the [torch] extra
+        expected |= {"peft single"} | {f"peft mixed {n}" for n in out["counts"]}
     assert set(out["per_token"]) == expected
     assert all(t > 0 for t in out["per_token"].values())
     assert out["same_as_single"]  # one adapter stacked: the tokens of that adapter
