@@ -31,6 +31,7 @@ from jlora._weight import (
     Layout,
     LoraWeight,
     Trainable,
+    column_norm,
     low_rank_product,
 )
 
@@ -400,13 +401,9 @@ def _magnitude(w, layout: Layout):
     *out]`, float32, placed as the kernel's stacked and output axes), and a copy of
     it as the cached norm (at init `b` is zero, so the norm of `w + scale * a @ b` is
     the kernel's own)."""
-    kept = sorted(layout.stack_axes + layout.out_axes)
-    order = [kept.index(k) for k in layout.stack_axes + layout.out_axes]
-
     def norms(w):
         w = w.dequantize() if getattr(type(w), "_jlora_leaf", False) else w
-        n = jnp.sqrt(jnp.sum(jnp.square(w.astype(jnp.float32)), axis=layout.in_axes))
-        return jnp.transpose(n, order)  # (kernel order -> [*stack, *out], layout's)
+        return column_norm(w, None, None, layout, 0.0)  # (no update: the kernel's own)
 
     sharding = out_sharding(w.codes if hasattr(w, "codes") else w, layout)
     m = jax.jit(norms, out_shardings=sharding)(w)

@@ -54,7 +54,7 @@ from jlora._rebuild import (
     rebuild,
 )
 from jlora._targets import LEAF, LORA, TRAINED, walk
-from jlora._weight import DEFAULT_LAYOUT, Layout
+from jlora._weight import DEFAULT_LAYOUT, Layout, column_norm
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -1366,10 +1366,8 @@ def _stack(layers: dict, layout: Layout, shape, node=None):
     m = None
     if m0 is not None:
         w = unbox(node.value)
-        w = np.asarray(dequantize_array(w) if is_quantized(w) else w, np.float32)
-        m = np.sqrt(np.sum(np.square(w), axis=layout.in_axes)).astype(m0.dtype)
-        kept = sorted(layout.stack_axes + layout.out_axes)
-        m = m.transpose([kept.index(k) for k in layout.stack_axes + layout.out_axes])
+        w = dequantize_array(w) if is_quantized(w) else w
+        m = np.asarray(column_norm(w, None, None, layout, 0.0)).astype(m0.dtype)
     for i, (ai, bi, si, mi) in layers.items():
         if ai.shape != a0.shape or si != scale:
             raise ValueError(
