@@ -17,7 +17,6 @@ per library are written to docs/benchmarks.md. Also the step's temporary bytes
 
 from __future__ import annotations
 
-import argparse
 import pathlib
 import statistics
 import sys
@@ -28,7 +27,13 @@ import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from gpt import GPT, GPTConfig  # noqa: E402
-from run import alternate, device_line, lean_lora_candidate, write_section  # noqa: E402
+from run import (  # noqa: E402
+    alternate,
+    bench_args,
+    device_line,
+    lean_lora_candidate,
+    write_section,
+)
 
 import jlora  # noqa: E402
 
@@ -56,12 +61,7 @@ def peft_candidate(cfg: GPTConfig, rank: int, ids, use_dora: bool):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--no-write", action="store_true")
-    args = p.parse_args(argv)
+    args = bench_args(__doc__).parse_args(argv)
     if args.quick:
         # (wide kernels, few tokens: a kernel-sized temporary would stand out)
         cfg = GPTConfig(vocab=128, d=256, heads=4, layers=1, seq=8)

@@ -22,7 +22,6 @@ Written to docs/benchmarks.md.
 
 from __future__ import annotations
 
-import argparse
 import pathlib
 import statistics
 import sys
@@ -30,11 +29,17 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from gpt import GPT, GPTConfig, next_token_loss  # noqa: E402
-from run import alternate, device_line, lean_lora_candidate, write_section  # noqa: E402
+from run import (  # noqa: E402
+    alternate,
+    bench_args,
+    device_line,
+    lean_lora_candidate,
+    stepping,
+    write_section,
+)
 
 import jlora  # noqa: E402
 
@@ -103,41 +108,21 @@ def qwix_candidate(cfg: GPTConfig, rank: int, batch: int):
         sum(_packed_bytes(x) for q in quantized for x in jax.tree.leaves(q)),
         sum(4 * int(np.prod(q.shape)) for q in quantized),
     )
-    tx = optax.adamw(1e-4)
+    def loss_fn(t, frozen, ids):
+        params = traverse_util.unflatten_dict(
+            {**traverse_util.flatten_dict(frozen), **traverse_util.flatten_dict(t)}
+        )
+        return next_token_loss(lora_model.apply({"params": params}, ids), ids)
 
-    def step(train, opt_state, frozen, ids):
-        def loss_fn(t):
-            params = traverse_util.unflatten_dict(
-                {**traverse_util.flatten_dict(frozen),
-                 **traverse_util.flatten_dict(t)}
-            )  # fmt: skip
-            return next_token_loss(lora_model.apply({"params": params}, ids), ids)
-
-        value, grads = jax.value_and_grad(loss_fn)(train)
-        updates, opt_state = tx.update(grads, opt_state, train)
-        return optax.apply_updates(train, updates), opt_state, value
-
-    jitted = jax.jit(step, donate_argnums=(0, 1))
-    state = [train, tx.init(train)]
-    mem = jitted.lower(state[0], state[1], frozen, ids).compile().memory_analysis()
-
-    def run(n):
-        for _ in range(n):
-            state[0], state[1], loss = jitted(state[0], state[1], frozen, ids)
-        jax.block_until_ready(loss)
-
+    c = stepping(loss_fn, train, frozen, ids)
+    run, mem = c["run"], c["mem"]
     base_bytes = sum(_packed_bytes(x) for x in jax.tree.leaves(frozen))
     return dict(run=run, base_bytes=base_bytes, arg_bytes=mem.argument_size_in_bytes,
                 temp=mem.temp_size_in_bytes, kernels=kernels, times=[])  # fmt: skip
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--no-write", action="store_true")
-    args = p.parse_args(argv)
+    args = bench_args(__doc__).parse_args(argv)
     if args.quick:
         cfg = GPTConfig(vocab=256, d=128, heads=4, layers=1, seq=32)
         args.rounds = min(args.rounds, 2)

@@ -90,15 +90,22 @@ def lean_lora_candidate(model, params, config, ids, tx=None) -> dict:
     on `params` adapted with `config`: one jitted AdamW step, the adapters and the
     optimizer state donated. Returns `run(n)` (n steps, then waits), `mem` (the
     compiled step's memory analysis) and `frozen` (the base it runs on)."""
-    tx = optax.adamw(1e-4) if tx is None else tx
     adapters, frozen = jlora.split(jlora.init(jax.random.key(2), params, config))
     apply = jlora.lora(model.apply)
 
     def loss_fn(ad, frozen, ids):
         return next_token_loss(apply({"params": jlora.combine(ad, frozen)}, ids), ids)
 
+    return stepping(loss_fn, adapters, frozen, ids, tx)
+
+
+def stepping(loss_fn, trainable, frozen, ids, tx=None) -> dict:
+    """`make_step(loss_fn, tx)` compiled for these arguments and kept stepping:
+    `run(n)` takes n steps (then waits), `mem` is the compiled step's memory analysis,
+    `frozen` the base it runs on. `tx` defaults to AdamW(1e-4)."""
+    tx = optax.adamw(1e-4) if tx is None else tx
     jitted = make_step(loss_fn, tx)
-    state = [adapters, tx.init(adapters)]
+    state = [trainable, tx.init(trainable)]
     mem = jitted.lower(state[0], state[1], frozen, ids).compile().memory_analysis()
 
     def run(n):
@@ -107,6 +114,17 @@ def lean_lora_candidate(model, params, config, ids, tx=None) -> dict:
         jax.block_until_ready(loss)
 
     return dict(run=run, mem=mem, frozen=frozen)
+
+
+def bench_args(doc: str, batch: int = 8) -> argparse.ArgumentParser:
+    """The arguments the side benchmarks share: `--quick`, `--rounds`, `--batch`,
+    `--no-write`."""
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--batch", type=int, default=batch)
+    p.add_argument("--no-write", action="store_true")
+    return p
 
 
 def build(cfg: GPTConfig, rank: int, batch: int):
