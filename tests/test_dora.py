@@ -641,20 +641,14 @@ def test_dora_under_a_mesh_with_strict_stays_factored_and_sharded():
         pytest.skip("needs 8 devices (XLA_FLAGS host device count)")
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
-    from test_mesh import RULES, SEQ, VOCAB, LogicalLM, _mesh
+    from test_mesh import RULES, SEQ, VOCAB, LogicalLM, _mesh, sharded_init
 
     msh, rules = _mesh("tp")
     model = LogicalLM()
     ids = jax.random.randint(jax.random.key(0), (8, SEQ), 0, VOCAB)
     cfg = jlora.LoraConfig(4, 8, targets=r"(query|value|up|down)/kernel$", use_dora=True)
     with jax.set_mesh(msh), nn.logical_axis_rules(rules):
-        abstract = jax.eval_shape(model.init, jax.random.key(1), ids)
-        shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(abstract), msh, rules)
-        variables = jax.jit(model.init, out_shardings=shardings)(jax.random.key(1), ids)
-        lp = jlora.init(
-            jax.random.key(2), variables, cfg, probe=lambda v: model.apply(v, ids)
-        )
-        lp = _perturbed(lp, jax.random.key(3))
+        lp = _perturbed(sharded_init(model, msh, rules, ids, cfg), jax.random.key(3))
         ids = jax.device_put(ids, NamedSharding(msh, P(RULES["tp"][1][0])))
         up = lp["params"]["up"]["kernel"]
         # m is placed as the kernel's output axis (mlp -> model).

@@ -86,18 +86,24 @@ def _mesh(layout):
     return jax.make_mesh(shape, names, axis_types=(AxisType.Auto,) * len(names)), rules
 
 
+def sharded_init(model, msh, rules, ids, config):
+    """`jlora.init` of `model`'s variables initialised sharded under the mesh (call it
+    under `jax.set_mesh(msh)` and the logical-axis rules), as Flax's docs do it."""
+    abstract = jax.eval_shape(model.init, jax.random.key(1), ids)
+    shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(abstract), msh, rules)
+    variables = jax.jit(model.init, out_shardings=shardings)(jax.random.key(1), ids)
+    return jlora.init(
+        jax.random.key(2), variables, config, probe=lambda v: model.apply(v, ids)
+    )
+
+
 def _setup(layout):
     """Variables initialised sharded under the mesh, as Flax's docs do it."""
     msh, rules = _mesh(layout)
     model = LogicalLM()
     ids = jax.random.randint(jax.random.key(0), (BATCH, SEQ), 0, VOCAB)
     with jax.set_mesh(msh), nn.logical_axis_rules(rules):
-        abstract = jax.eval_shape(model.init, jax.random.key(1), ids)
-        shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(abstract), msh, rules)
-        variables = jax.jit(model.init, out_shardings=shardings)(jax.random.key(1), ids)
-        lp = jlora.init(
-            jax.random.key(2), variables, CFG, probe=lambda v: model.apply(v, ids)
-        )
+        lp = sharded_init(model, msh, rules, ids, CFG)
         lp = perturb(lp, jax.random.key(3))
         ids = jax.device_put(ids, NamedSharding(msh, P(rules[0][1])))
     return model, msh, rules, lp, ids
