@@ -5,8 +5,10 @@ A PEFT directory holds `adapter_config.json` and `adapter_model.safetensors`, wh
 keys are `base_model.model.<module>.lora_A.weight` (`[r, in]`) and `.lora_B.weight`
 (`[out, r]`), `.lora_embedding_A` (`[r, num_embeddings]`) / `.lora_embedding_B`
 (`[dim, r]`) for embeddings, and `<module>.<param>` for leaves trained whole
-(`modules_to_save`, biases). PyTorch's `[out, in]` convention holds whatever the base
-layer stores (GPT-2's `Conv1D` keeps `[in, out]`; PEFT's `fan_in_fan_out` says so).
+(`modules_to_save`, biases); with DoRA, `.lora_magnitude_vector` (`[out]`). The tensor
+kinds a module carries are one table, `TENSOR_KINDS`, that both directions read.
+PyTorch's `[out, in]` convention holds whatever the base layer stores (GPT-2's `Conv1D`
+keeps `[in, out]`; PEFT's `fan_in_fan_out` says so).
 
 Between a jlora kernel and a PyTorch module stands a `PeftModule`: the module's dotted
 name, optionally a function that rearranges the kernel (one layer of it) into the
@@ -54,7 +56,7 @@ from jlora._rebuild import (
     rebuild,
 )
 from jlora._targets import LEAF, LORA, TRAINED, walk
-from jlora._weight import DEFAULT_LAYOUT, Layout, column_norm
+from jlora._weight import CHILD, DEFAULT_LAYOUT, Layout, child_shape, column_norm
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -70,22 +72,50 @@ _PARAM_OF_LEAF = {
 
 
 class TensorKind(NamedTuple):
-    """One kind of tensor a PEFT LoRA module carries: its slot in jlora's reading of
-    the module, its key suffix on a linear layer and on an embedding, and its shape."""
+    """One kind of tensor a PEFT LoRA module carries, and the `LoraWeight` child it is.
+
+    Fields:
+      slot: its name in jlora's reading of a module (`"A"`, `"B"`, `"M"`).
+      linear, embedding: its key suffix on a linear layer and on an `nn.Embedding`.
+      axes: PEFT's axes, each `"r"` (the rank), `"in"` or `"out"` (the module's
+        features, in PyTorch's order).
+      child: the `LoraWeight` child it maps to, whose axes (`CHILD[child].axes`) read
+        the kernel's; one layer of it is the tensor with its features rearranged by the
+        module's `to_torch`.
+      flag: the config field that says every module carries it, None if every module
+        must.
+      absent: what a layer of a stacked kernel, or a row of a fused module, that no
+        tensor of this kind gives holds: `"zero"` (no change), or `"norm"` (the base
+        kernel's column norm: a DoRA magnitude that leaves the layer as it is).
+    """
 
     slot: str
     linear: str
     embedding: str
-    shape: str
+    axes: tuple[str, ...]
+    child: str
+    flag: str | None = None
+    absent: str = "zero"
 
 
-# Every tensor kind save_peft writes and load_peft reads; a new kind is one entry here
-# (and where its slot maps to a leaf: `_Part` on save, `_factors` on load).
+# Every tensor kind save_peft writes and load_peft reads. A new kind is one entry here:
+# the key parsing and writing, shape checks, rearrangement, fusing of a module's parts,
+# stacking of layers and the config flag all read it.
 TENSOR_KINDS = (
-    TensorKind("A", "lora_A.weight", "lora_embedding_A", "[r, in]"),
-    TensorKind("B", "lora_B.weight", "lora_embedding_B", "[out, r]"),
-    TensorKind("M", "lora_magnitude_vector", "lora_magnitude_vector", "[out]"),
+    TensorKind("A", "lora_A.weight", "lora_embedding_A", ("r", "in"), "a"),
+    TensorKind("B", "lora_B.weight", "lora_embedding_B", ("out", "r"), "b"),
+    TensorKind(
+        "M",
+        "lora_magnitude_vector",
+        "lora_magnitude_vector",
+        ("out",),
+        "m",
+        flag="use_dora",
+        absent="norm",
+    ),
 )
+_KIND = {k.slot: k for k in TENSOR_KINDS}
+_KIND_OF_CHILD = {k.child: k for k in TENSOR_KINDS}
 _KIND_OF = {
     suffix: (kind, suffix == kind.embedding and kind.embedding != kind.linear)
     for kind in TENSOR_KINDS
@@ -96,11 +126,18 @@ _TENSOR_KEY = re.compile(
     + "|".join(re.escape(k) for k in sorted(_KIND_OF, key=len, reverse=True))
     + ")$"
 )
+# A child's own axes, as PEFT's axis names: `a` is `[*in, r]`, `b` `[r, *out]`, a
+# per-output child `[*out]` (one layer each, features flattened).
+_CHILD_SIDES = {"a": ("in", "r"), "b": ("r", "out"), "out": ("out",)}
 
 
-def _tensor_key(name: str, slot: str, embedding: bool) -> str:
-    kind = next(k for k in TENSOR_KINDS if k.slot == slot)
+def _tensor_key(name: str, kind: TensorKind, embedding: bool) -> str:
     return f"{PREFIX}{name}.{kind.embedding if embedding else kind.linear}"
+
+
+def _shape_text(kind: TensorKind) -> str:
+    return "[" + ", ".join(kind.axes) + "]"
+
 
 _LIST_ITEM = re.compile(r"^(?P<name>.+)_(?P<index>\d+)$")
 
@@ -275,21 +312,33 @@ def _factor_mapping(shape: tuple[int, ...], layout: Layout, to_torch) -> _Mappin
     return _Mapping(in_perm, out_perm)
 
 
-def _to_peft(a, b, m: _Mapping) -> tuple[np.ndarray, np.ndarray]:
-    r = a.shape[-1]
-    a2, b2 = a.reshape(-1, r), b.reshape(r, -1)
-    return np.ascontiguousarray(a2[m.in_perm].T), np.ascontiguousarray(b2[:, m.out_perm].T)
+def _sides(kind: TensorKind) -> tuple[str, ...]:
+    return _CHILD_SIDES[CHILD[kind.child].axes]
 
 
-def _from_peft(
-    big_a, big_b, m: _Mapping, a_shape, b_shape
-) -> tuple[np.ndarray, np.ndarray]:
-    r = big_a.shape[0]
-    a2 = np.empty((len(m.in_perm), r), big_a.dtype)
-    b2 = np.empty((r, len(m.out_perm)), big_b.dtype)
-    a2[m.in_perm] = big_a.T
-    b2[:, m.out_perm] = big_b.T
-    return a2.reshape(a_shape), b2.reshape(b_shape)
+def _perms(m: _Mapping) -> dict[str, np.ndarray]:
+    return {"in": m.in_perm, "out": m.out_perm}
+
+
+def _to_module(value, kind: TensorKind, m: _Mapping) -> np.ndarray:
+    """One layer of a child (`[*in, r]`, `[r, *out]`, `[*out]`) as the module's tensor
+    of `kind`: features flattened, rearranged by the mapping, axes in PEFT's order."""
+    sides, perms = _sides(kind), _perms(m)
+    x = np.reshape(value, [-1 if s == "r" else len(perms[s]) for s in sides])
+    for i, s in enumerate(sides):
+        if s != "r":
+            x = np.take(x, perms[s], axis=i)
+    return np.ascontiguousarray(np.transpose(x, [sides.index(s) for s in kind.axes]))
+
+
+def _from_module(tensor, kind: TensorKind, m: _Mapping, shape) -> np.ndarray:
+    """The inverse of `_to_module`: one layer of the child, of `shape`."""
+    sides, perms = _sides(kind), _perms(m)
+    x = np.transpose(tensor, [kind.axes.index(s) for s in sides])
+    for i, s in enumerate(sides):
+        if s != "r":
+            x = np.take(x, np.argsort(perms[s]), axis=i)
+    return np.ascontiguousarray(x).reshape(shape)
 
 
 def _orientations(shape, to_torch, n_in=None, n_out=None) -> list[tuple[Layout, _Mapping]]:
@@ -543,16 +592,23 @@ def read_peft_config(path) -> dict:
 
 
 class _Part(NamedTuple):
-    """One kernel's factors (one layer's, for a stacked kernel) in PEFT's form, bound
-    for a module: `a` is PEFT's `A` (`[r, in]`), `b` its `B` (`[out, r]`)."""
+    """One kernel's adapter (one layer's, for a stacked kernel) in PEFT's form, bound for
+    a module: `tensors` maps each slot of `TENSOR_KINDS` the kernel carries to its
+    tensor (PEFT's axes; `out` spans this part's rows)."""
 
     path: str
     rows: tuple[int, int] | None
-    a: np.ndarray
-    b: np.ndarray
+    tensors: dict[str, np.ndarray]
     scale: float
     embedding: bool
-    m: np.ndarray | None = None  # DoRA's magnitude, `[out]` in the module's order
+
+    @property
+    def n_rows(self) -> int:
+        return self.tensors["B"].shape[0]
+
+    @property
+    def rank(self) -> int:
+        return self.tensors["A"].shape[0]
 
 
 class _Leaf(NamedTuple):
@@ -672,6 +728,41 @@ def save_peft(
         linear layer (every problem listed at once).
       FileExistsError: `path` exists and `overwrite` is False.
     """
+    params, probe = _exportable(params, probe)
+    path = os.path.abspath(os.fspath(path))
+    _atomic.prepare(path, overwrite, "save_peft")  # refused before anything is computed
+    uses = _uses(probe, params) if probe is not None else None
+    nodes = walk(params).nodes
+    errors: list[str] = []
+    modules = _module_parts(nodes, module_names, uses, errors)
+    plain, biases, to_save = _whole_tensors(
+        nodes, module_names, set(modules), fan_in_fan_out, errors
+    )
+    if not modules and not plain and not errors:
+        raise ValueError(
+            "jlora.save_peft: params hold no adapters (no LoraWeight or Trainable leaves); "
+            "call jlora.init on the base params first."
+        )
+    tensors, ranks, scales, flags = _module_tensors(modules, errors)
+    if errors:
+        raise ValueError(
+            "jlora.save_peft: cannot write these adapters as PEFT modules:\n"
+            + "\n".join(errors)
+        )
+    cfg = _peft_config(_global_settings(config), ranks, scales, flags, biases, to_save)
+    cfg.update(
+        task_type=task_type,
+        base_model_name_or_path=base_model_name_or_path,
+        fan_in_fan_out=bool(fan_in_fan_out),
+    )
+    _write(path, overwrite, cfg, {**tensors, **plain})
+    return path
+
+
+def _exportable(params, probe):
+    """`(params, probe)` as `save_peft` writes them: an NNX model's params (and a probe
+    of them), checked unstacked, with PiSSA/OLoRA starts converted for the original
+    base (with a warning)."""
     if isinstance(params, nnx.Module):
         probe = _nnx.model_probe(params, probe)
         params = _nnx_state.as_params(params, "jlora.save_peft")
@@ -687,79 +778,94 @@ def save_peft(
             "they are written as the equivalent plain LoRA of twice the rank for the "
             "original base (jlora.plain_lora), as PEFT's "
             "path_initial_model_for_weight_conversion does.",
-            stacklevel=2,
+            stacklevel=3,
         )
         params = plain_lora(params)
-    path = os.path.abspath(os.fspath(path))
-    _atomic.prepare(path, overwrite, "save_peft")  # refused before anything is computed
-    uses = _uses(probe, params) if probe is not None else None
+    return params, probe
+
+
+def _module_parts(nodes, module_names, uses, errors) -> dict[str, list[_Part]]:
+    """`{module name: [_Part]}`: every adapted kernel (each layer of a stacked one) in
+    PEFT's form, under the module it maps to; problems go to `errors`."""
     modules: dict[str, list[_Part]] = {}
+    for node in nodes:
+        if node.kind != LORA:
+            continue
+        lw = node.value
+        pm = _module_for(module_names, node.path, "save_peft")
+        if pm is None:
+            errors.append(f"  {node.path}: module_names gives no module name")
+            continue
+        try:
+            layer_layout, axis = _per_layer(lw.layout.plain())
+            if lw.w is None:
+                raise ValueError("params hold no base kernel; pass combined params")
+            w_shape = tuple(lw.shape)
+            shape = tuple(d for i, d in enumerate(w_shape) if i != axis)
+            mapping = _factor_mapping(shape, layer_layout, pm.to_torch)
+            embed = _is_embedding(node.path, pm, uses)
+        except ValueError as e:
+            errors.append(f"  {node.path}: {e}")
+            continue
+        layers = 1 if axis is None else w_shape[axis]
+        if axis is not None and "{layer}" not in pm.name:
+            errors.append(
+                f"  {node.path}: stacked kernel ({layers} layers) but its module name "
+                f"{pm.name!r} has no '{{layer}}' to fill with each layer's index"
+            )
+            continue
+        children = {}  # each kind's child, on this host; fused parts adapted alone go
+        # out as the equivalent LoRA of the whole module: b at full width, zero on the
+        # parts not adapted (exact)
+        for kind in TENSOR_KINDS:
+            value = getattr(lw, kind.child)
+            if value is not None:
+                value = unbox(value)
+                if CHILD[kind.child].axes == "b":
+                    value = lw.layout.expand_b(value)
+                children[kind.slot] = _host(value)
+        at = None if axis is None else 0  # a child's stacked axis comes first
+        for i in range(layers):
+            name = pm.name if axis is None else pm.name.format(layer=i)
+            tensors = {
+                slot: _to_module(_layer(v, at, i), _KIND[slot], mapping)
+                for slot, v in children.items()
+            }
+            modules.setdefault(name, []).append(
+                _Part(node.path, pm.rows, tensors, float(lw.scale), embed)
+            )
+    return modules
+
+
+def _whole_tensors(nodes, module_names, adapted: set, fan_in_fan_out, errors):
+    """`(tensors, biases, to_save)`: the plain tensors of leaves trained whole (and of
+    the frozen leaves of modules saved whole), the modules whose bias trains, and the
+    modules PEFT saves whole (`modules_to_save`); problems go to `errors`."""
     trained_whole: list[_Leaf] = []
     frozen: dict[str, list[_Leaf]] = {}
-    errors: list[str] = []
-    for node in walk(params).nodes:
-        if node.kind == LORA:
-            lw = node.value
-            pm = _module_for(module_names, node.path, "save_peft")
+    for node in nodes:
+        if node.kind not in (TRAINED, LEAF):
+            continue
+        pm = _module_for(module_names, node.path, "save_peft")
+        whole = pm is not None and "{layer}" not in pm.name and pm.rows is None
+        if node.kind == TRAINED:
             if pm is None:
                 errors.append(f"  {node.path}: module_names gives no module name")
-                continue
-            try:
-                layer_layout, axis = _per_layer(lw.layout.plain())
-                w_shape = tuple(lw.shape) if lw.w is not None else None
-                if w_shape is None:
-                    raise ValueError("params hold no base kernel; pass combined params")
-                shape = tuple(d for i, d in enumerate(w_shape) if i != axis)
-                mapping = _factor_mapping(shape, layer_layout, pm.to_torch)
-                embed = _is_embedding(node.path, pm, uses)
-            except ValueError as e:
-                errors.append(f"  {node.path}: {e}")
-                continue
-            # Fused parts adapted alone go out as the equivalent LoRA of the whole
-            # module: b at full width, zero on the parts not adapted (exact).
-            a, b = _host(unbox(lw.a)), _host(lw.layout.expand_b(unbox(lw.b)))
-            layers = 1 if axis is None else w_shape[axis]
-            if axis is not None and "{layer}" not in pm.name:
-                errors.append(
-                    f"  {node.path}: stacked kernel ({layers} layers) but its module name "
-                    f"{pm.name!r} has no '{{layer}}' to fill with each layer's index"
-                )
-                continue
-            m = None if lw.m is None else _host(unbox(lw.m))
-            for i in range(layers):
-                name = pm.name.format(layer=i) if axis is not None else pm.name
-                at = 0 if axis is not None else None
-                big_a, big_b = _to_peft(_layer(a, at, i), _layer(b, at, i), mapping)
-                big_m = None
-                if m is not None:  # DoRA's magnitude: one per output, the module's order
-                    big_m = _layer(m, at, i).reshape(-1)[mapping.out_perm]
-                modules.setdefault(name, []).append(
-                    _Part(node.path, pm.rows, big_a, big_b, float(lw.scale), embed, big_m)
-                )
-        elif node.kind == TRAINED:
-            pm = _module_for(module_names, node.path, "save_peft")
-            if pm is None:
-                errors.append(f"  {node.path}: module_names gives no module name")
-                continue
-            if "{layer}" in pm.name or pm.rows is not None:
+            elif not whole:
                 errors.append(
                     f"  {node.path}: a leaf trained whole must map to one whole PyTorch "
                     f"module; {pm} is a template or a part of a fused module"
                 )
-                continue
-            trained_whole.append(_Leaf(pm, node.path, unbox(node.value.value)))
-        elif node.kind == LEAF:
-            pm = _module_for(module_names, node.path, "save_peft")
-            if pm is not None and "{layer}" not in pm.name and pm.rows is None:
-                frozen.setdefault(pm.name, []).append(
-                    _Leaf(pm, node.path, unbox(node.value))
-                )
-    plain: dict[str, np.ndarray] = {}
-    biases, to_save = set(), set()
-    for leaf in trained_whole:
-        if _param_name(leaf.path) != "bias":
-            to_save.add(leaf.module.name)
+            else:
+                trained_whole.append(_Leaf(pm, node.path, unbox(node.value.value)))
+        elif whole:
+            frozen.setdefault(pm.name, []).append(_Leaf(pm, node.path, unbox(node.value)))
+    to_save = {
+        leaf.module.name for leaf in trained_whole if _param_name(leaf.path) != "bias"
+    }
     extra = [leaf for name in sorted(to_save) for leaf in frozen.get(name, [])]
+    plain: dict[str, np.ndarray] = {}
+    biases = set()
     for pm, path_, value in trained_whole + extra:
         # A module in modules_to_save is written whole (PEFT reads every parameter of
         # its copy); a trained bias of a module with LoRA factors sits on its base layer.
@@ -767,7 +873,7 @@ def save_peft(
         is_bias = param == "bias" and pm.name not in to_save
         if is_bias:
             biases.add(pm.name)
-        inner = "base_layer." if is_bias and pm.name in modules else ""
+        inner = "base_layer." if is_bias and pm.name in adapted else ""
         key = f"{PREFIX}{pm.name}.{inner}{param}"
         try:
             value = _whole_to_torch(_host(value), path_, pm, fan_in_fan_out)
@@ -778,64 +884,63 @@ def save_peft(
             errors.append(f"  {path_}: writes {key}, which another leaf writes too")
             continue
         plain[key] = np.ascontiguousarray(value)
-    if not modules and not plain and not errors:
-        raise ValueError(
-            "jlora.save_peft: params hold no adapters (no LoraWeight or Trainable leaves); "
-            "call jlora.init on the base params first."
-        )
+    return plain, sorted(biases), sorted(to_save)
 
-    tensors, ranks, scales, embeds, dora = {}, {}, {}, {}, set()
+
+def _module_tensors(modules: dict[str, list[_Part]], errors):
+    """`(tensors, ranks, scales, flags)`: each module's tensors under their keys (its
+    parts fused), its rank and scale, and the config flags of `TENSOR_KINDS` (a kind
+    with a flag must be on every module or none); problems go to `errors`."""
+    tensors, ranks, scales = {}, {}, {}
+    carriers: dict[str, set] = {k.slot: set() for k in TENSOR_KINDS if k.flag}
     for name, parts in modules.items():
         try:
             if len({p.embedding for p in parts}) > 1:
                 raise ValueError("some parts are embeddings and some linear layers")
-            big_a, big_b, scale = _fuse(parts)
-            big_m = _fuse_magnitude(parts, big_b.shape[0])
+            fused, scale = _fuse(parts)
         except ValueError as e:
             errors.append(f"  {name} (from {[p.path for p in parts]}): {e}")
             continue
-        embed = parts[0].embedding
-        slots = {"A": big_a, "B": big_b, "M": big_m}
-        for slot, value in slots.items():
-            if value is not None:
-                tensors[_tensor_key(name, slot, embed)] = value
-        if big_m is not None:
-            dora.add(name)
-        ranks[name], scales[name], embeds[name] = big_a.shape[0], scale, embed
-    if dora and dora != set(ranks):
-        errors.append(
-            f"  DoRA adapters on {sorted(dora)[:4]} but plain LoRA on "
-            f"{sorted(set(ranks) - dora)[:4]}; PEFT's use_dora is one setting for all "
-            "modules: adapt every kernel with use_dora=True, or none"
-        )
-    if errors:
-        raise ValueError(
-            "jlora.save_peft: cannot write these adapters as PEFT modules:\n"
-            + "\n".join(errors)
-        )
+        for slot, value in fused.items():
+            tensors[_tensor_key(name, _KIND[slot], parts[0].embedding)] = value
+            if slot in carriers:
+                carriers[slot].add(name)
+        ranks[name], scales[name] = fused["A"].shape[0], scale
+    flags = {}
+    for slot, names in carriers.items():
+        kind = _KIND[slot]
+        if names and names != set(ranks):
+            errors.append(
+                f"  {kind.linear} on {sorted(names)[:4]} but not on "
+                f"{sorted(set(ranks) - names)[:4]}; PEFT's {kind.flag} is one setting "
+                "for all modules: adapt every kernel alike (use_dora=True on all, or on "
+                "none)"
+            )
+        flags[kind.flag] = bool(names)
+    return tensors, ranks, scales, flags
 
-    settings = _global_settings(config)
+
+def _peft_config(settings, ranks, scales, flags, biases, to_save) -> dict:
+    """The `adapter_config.json` fields: the global rank and alpha (the config's, else
+    the most common module's) and per-module patterns where a module differs, so PEFT
+    reproduces every module's scale."""
     rslora = settings["use_rslora"]
     alphas = {n: scales[n] * (math.sqrt(ranks[n]) if rslora else ranks[n]) for n in ranks}
     if settings["r"] is None:  # no config: the most common rank and alpha
         common = collections.Counter((ranks[n], alphas[n]) for n in sorted(ranks))
         top = common.most_common(1)
         settings["r"], settings["lora_alpha"] = top[0][0] if top else (8, 8.0)
-    rank_pattern, alpha_pattern = {}, {}
-    for n in sorted(ranks):
-        if ranks[n] != settings["r"]:
-            rank_pattern[n] = int(ranks[n])
-        if math.isclose(alphas[n], settings["lora_alpha"], rel_tol=1e-12):
-            continue
-        alpha_pattern[n] = alphas[n]
-    biases, to_save = sorted(biases), sorted(to_save)
+    rank_pattern = {n: int(ranks[n]) for n in sorted(ranks) if ranks[n] != settings["r"]}
+    alpha_pattern = {
+        n: alphas[n]
+        for n in sorted(ranks)
+        if not math.isclose(alphas[n], settings["lora_alpha"], rel_tol=1e-12)
+    }
     bias = settings["bias"] if biases else "none"
     if biases and bias == "none":
         bias = "all"
-    cfg = {
+    return {
         "peft_type": "LORA",
-        "task_type": task_type,
-        "base_model_name_or_path": base_model_name_or_path,
         "r": int(settings["r"]),
         "lora_alpha": settings["lora_alpha"],
         "use_rslora": settings["use_rslora"],
@@ -843,14 +948,16 @@ def save_peft(
         "target_modules": sorted(ranks),
         "rank_pattern": rank_pattern,
         "alpha_pattern": alpha_pattern,
-        "fan_in_fan_out": bool(fan_in_fan_out),
         "bias": bias,
         "modules_to_save": to_save or None,
         "init_lora_weights": True,
-        "use_dora": bool(dora),
+        **flags,
         "inference_mode": True,
     }
-    tensors.update(plain)
+
+
+def _write(path, overwrite, cfg, tensors):
+    """Writes the directory (beside `path`, swapped in)."""
     text = json.dumps(cfg, indent=2, sort_keys=True) + "\n"
 
     def write(target):
@@ -862,70 +969,75 @@ def save_peft(
         _safetensors.save(os.path.join(target, WEIGHTS_FILE), tensors, {"format": "pt"})
 
     _atomic.write_atomically(path, overwrite, "save_peft", write)
-    return path
 
 
-def _fuse_magnitude(parts: list[_Part], total: int) -> np.ndarray | None:
-    """A module's DoRA magnitude from its parts' (rows side by side, as `_fuse` puts
-    `B`), None without DoRA; every row must be some part's (the others' norm is the
-    base's, which the adapters do not hold)."""
-    if all(p.m is None for p in parts):
-        return None
-    if any(p.m is None for p in parts):
-        raise ValueError("some parts carry a DoRA magnitude and some do not")
-    if len(parts) == 1 and parts[0].rows is None:
-        return np.ascontiguousarray(parts[0].m)
-    big_m = np.zeros((total,), np.result_type(*[p.m.dtype for p in parts]))
-    covered = np.zeros((total,), bool)
-    for p in parts:
-        big_m[p.rows[0] : p.rows[0] + p.m.shape[0]] = p.m
-        covered[p.rows[0] : p.rows[0] + p.m.shape[0]] = True
-    if not covered.all():
-        raise ValueError(
-            "a DoRA magnitude must cover every row of the module, but rows "
-            f"{np.flatnonzero(~covered)[:8].tolist()} belong to no adapted part"
-        )
-    return big_m
-
-
-def _fuse(parts: list[_Part]) -> tuple[np.ndarray, np.ndarray, float]:
-    """One module's `(A, B, scale)` from the kernels that map to it: a single kernel as
-    is; parts of a fused module side by side in `B`'s rows, sharing `A` where they
-    share it (and their scale), else as a block-structured module of the summed rank
-    whose `B` carries each part's scale relative to the first."""
-    if len(parts) == 1 and parts[0].rows is None:
-        return parts[0].a, parts[0].b, parts[0].scale
+def _fuse(parts: list[_Part]) -> tuple[dict[str, np.ndarray], float]:
+    """One module's `({slot: tensor}, scale)` from the kernels that map to it: a single
+    kernel's as they are; parts of a fused module side by side in the rows of each
+    `out` kind, sharing the `in` kinds (`A`) where they share them (and their scale),
+    else as a block-structured module of the summed rank whose `B` carries each part's
+    scale relative to the first. Rows no part gives are zero, or refused for a kind
+    that is `absent="norm"` (the base's norm, which the adapters do not hold)."""
+    first = parts[0]
+    if len(parts) == 1 and first.rows is None:
+        return dict(first.tensors), first.scale
     if any(p.rows is None for p in parts):
         raise ValueError(
             "several kernels map to this module; give each PeftModule rows=(start, total)"
         )
+    for kind in TENSOR_KINDS:
+        if len({kind.slot in p.tensors for p in parts}) > 1:
+            raise ValueError(f"some parts carry {kind.linear} and some do not")
     totals = {p.rows[1] for p in parts}
     if len(totals) != 1:
         raise ValueError(f"the parts give different module sizes {sorted(totals)}")
     (total,) = totals
-    spans = sorted((p.rows[0], p.rows[0] + p.b.shape[0], p.path) for p in parts)
+    spans = sorted((p.rows[0], p.rows[0] + p.n_rows, p.path) for p in parts)
     for (_, e0, p0), (s1, _, p1) in zip(spans, spans[1:]):
         if s1 < e0:
             raise ValueError(f"{p0} and {p1} overlap in the module's rows")
     if spans[-1][1] > total:
         raise ValueError(f"{spans[-1][2]} ends at row {spans[-1][1]} > total {total}")
-    first_a, scale = parts[0].a, parts[0].scale
-    dtype = np.result_type(*[p.a.dtype for p in parts], *[p.b.dtype for p in parts])
-    if all(p.scale == scale and np.array_equal(p.a, first_a) for p in parts):
-        big_b = np.zeros((total, first_a.shape[0]), dtype)
+    scale = first.scale
+    kinds = [k for k in TENSOR_KINDS if k.slot in first.tensors]
+    ranked = [k.slot for k in kinds if "r" in k.axes]
+    inputs = [k.slot for k in kinds if "out" not in k.axes]
+    shared = all(
+        p.scale == scale
+        and all(np.array_equal(p.tensors[s], first.tensors[s]) for s in inputs)
+        for p in parts
+    )
+    fused = {}
+    for kind in kinds:
+        slots = ranked if "r" in kind.axes else [kind.slot]  # the factors share a dtype
+        dtype = np.result_type(*[p.tensors[s].dtype for p in parts for s in slots])
+        if "out" not in kind.axes:  # shared, or the parts' ranks side by side
+            values = [p.tensors[kind.slot] for p in parts[: 1 if shared else None]]
+            fused[kind.slot] = np.concatenate(values, kind.axes.index("r")).astype(dtype)
+            continue
+        rank = first.rank if shared else sum(p.rank for p in parts)
+        sizes = {"out": total, "r": rank, "in": first.tensors["A"].shape[1]}
+        big = np.zeros([sizes[s] for s in kind.axes], dtype)
+        covered = np.zeros((total,), bool)
+        col = 0
         for p in parts:
-            big_b[p.rows[0] : p.rows[0] + p.b.shape[0]] = p.b
-        return first_a.astype(dtype), big_b, scale
-    big_a = np.concatenate([p.a for p in parts]).astype(dtype)
-    big_b = np.zeros((total, big_a.shape[0]), dtype)
-    col = 0
-    for p in parts:
-        r = p.a.shape[0]
-        big_b[p.rows[0] : p.rows[0] + p.b.shape[0], col : col + r] = (
-            p.b if p.scale == scale else p.b * (p.scale / scale)
-        )
-        col += r
-    return big_a, big_b, scale
+            index = [slice(None)] * len(kind.axes)
+            index[kind.axes.index("out")] = slice(p.rows[0], p.rows[0] + p.n_rows)
+            value = p.tensors[kind.slot]
+            if "r" in kind.axes and not shared:
+                index[kind.axes.index("r")] = slice(col, col + p.rank)
+                value = value if p.scale == scale else value * (p.scale / scale)
+            big[tuple(index)] = value
+            covered[index[kind.axes.index("out")]] = True
+            col += p.rank
+        if kind.absent != "zero" and not covered.all():
+            raise ValueError(
+                f"{kind.linear} must cover every row of the module (a row no part adapts "
+                "keeps its base norm, which the adapters do not hold), but rows "
+                f"{np.flatnonzero(~covered)[:8].tolist()} belong to no adapted part"
+            )
+        fused[kind.slot] = big
+    return fused, scale
 
 
 # Load ----------------------------------------------------------------------------------
@@ -955,9 +1067,10 @@ def _classify(keys, where) -> tuple[dict, dict, dict, list[str]]:
         else:
             plain[key] = rest
     for module, entry in lora.items():
-        for slot in ("A", "B"):
-            if slot not in entry:
-                errors.append(f"  {module}: lora_{slot} is missing from {where}")
+        for kind in TENSOR_KINDS:
+            if kind.flag is None and kind.slot not in entry:
+                key = kind.embedding if entry["embed"] else kind.linear
+                errors.append(f"  {module}: {key} is missing from {where}")
     return lora, plain, base, errors
 
 
@@ -1005,7 +1118,7 @@ def load_peft(
     biases), and base weights the file carries (`...base_layer.weight`) must equal
     those of `base_params` (compared by fingerprint, as `load_adapter` compares bases:
     the bfloat16 cast of the file's float32 weights is the same base). Config fields
-    jlora can't honour are refused by name (`use_dora`, `lora_bias`,
+    jlora can't honour are refused by name (`lora_bias`,
     `pissa`/`olora`/`corda`/`loftq` inits, ...), and so are fields of the wrong type
     (a string or null `lora_alpha`, ...). Each module's scale follows PEFT:
     `lora_alpha / r` (`/ sqrt(r)` with `use_rslora`), with `rank_pattern` /
@@ -1045,19 +1158,7 @@ def load_peft(
             ),
             "jlora.load_peft",
         )
-    cfg = read_peft_config(path)  # read the files
-    path = _atomic.readable(os.path.abspath(os.fspath(path)))
-    settings, errors = _settings(cfg)
-    errors = _refusals(cfg) + errors
-    if errors:
-        raise ValueError(
-            f"jlora.load_peft: {path} is a PEFT adapter jlora can't load as it is:\n"
-            + "\n".join(errors)
-        )
-    file = os.path.join(path, WEIGHTS_FILE)
-    if not os.path.exists(file):
-        raise FileNotFoundError(f"jlora.load_peft: {path} has no {WEIGHTS_FILE}.")
-    tensors, _ = _safetensors.load(file)
+    path, settings, tensors = _read(path)
     lora, plain, base_keys, errors = _classify(tensors, WEIGHTS_FILE)
     base = Base(base_params, "load_peft")  # check them against the base
     targets = _Targets.of(base, module_names)
@@ -1073,6 +1174,26 @@ def load_peft(
             + "\n".join(errors)
         )
     return rebuild(base, found, "load_peft")  # rebuild, combine
+
+
+def _read(path) -> tuple[str, dict, dict]:
+    """`(path, settings, tensors)` of a PEFT directory jlora can load: the config's
+    LoRA settings (refused fields, and fields of the wrong type, listed at once) and its
+    tensors by key."""
+    cfg = read_peft_config(path)
+    path = _atomic.readable(os.path.abspath(os.fspath(path)))
+    settings, errors = _settings(cfg)
+    errors = _refusals(cfg) + errors
+    if errors:
+        raise ValueError(
+            f"jlora.load_peft: {path} is a PEFT adapter jlora can't load as it is:\n"
+            + "\n".join(errors)
+        )
+    file = os.path.join(path, WEIGHTS_FILE)
+    if not os.path.exists(file):
+        raise FileNotFoundError(f"jlora.load_peft: {path} has no {WEIGHTS_FILE}.")
+    tensors, _ = _safetensors.load(file)
+    return path, settings, tensors
 
 
 class _Target(NamedTuple):
@@ -1122,102 +1243,34 @@ class _Targets(NamedTuple):
 def _factors(lora, tensors, settings, targets: _Targets, base: Base, probed, errors):
     """`{path: Factors}`: each LoRA module's tensors mapped onto the kernels it names,
     checked (dtype, rank, shapes, rows of a fused module); problems go to `errors`."""
-    layers: dict[str, dict] = {}  # path -> layer -> (a, b, scale)
+    layers: dict[str, dict] = {}  # path -> layer -> ({child: value}, scale)
     layouts: dict[str, Layout] = {}
     for module in sorted(lora):
         entry = lora[module]
-        if "A" not in entry or "B" not in entry:
+        if any(k.flag is None and k.slot not in entry for k in TENSOR_KINDS):
+            continue  # said by _classify
+        try:
+            values, sizes, scale = _module_values(entry, tensors, settings, module)
+            parts = _module_targets(module, targets)
+        except ValueError as e:
+            errors.append(f"  {module}: {e}")
             continue
-        big_a, big_b = tensors[entry["A"]], tensors[entry["B"]]
-        bad = [
-            k
-            for k in (entry["A"], entry["B"])
-            if not jnp.issubdtype(tensors[k].dtype, jnp.floating)
-        ]
-        if bad:
-            errors.append(
-                f"  {module}: {', '.join(f'{k} is {tensors[k].dtype}' for k in bad)}; "
-                "LoRA factors are floating-point"
-            )
-            continue
-        if big_a.ndim != 2 or big_b.ndim != 2 or big_a.shape[0] != big_b.shape[1]:
-            errors.append(
-                f"  {module}: A {list(big_a.shape)} and B {list(big_b.shape)} are not "
-                "[r, in] and [out, r]"
-            )
-            continue
-        big_m = tensors[entry["M"]] if "M" in entry else None
-        if (big_m is not None) != settings["use_dora"]:
-            errors.append(
-                f"  {module}: "
-                + (
-                    "has a DoRA magnitude (lora_magnitude_vector) but the config's "
-                    "use_dora is false"
-                    if big_m is not None
-                    else "the config sets use_dora but the file has no "
-                    "lora_magnitude_vector for it"
-                )
-            )
-            continue
-        if big_m is not None and (big_m.ndim != 1 or big_m.shape[0] != big_b.shape[0]):
-            errors.append(
-                f"  {module}: lora_magnitude_vector {list(big_m.shape)} is not [out] = "
-                f"[{big_b.shape[0]}] (one value per row of lora_B)"
-            )
-            continue
-        r = big_a.shape[0]
-        want_r = _pattern_value(settings["rank_pattern"], module, settings["r"])
-        if r != want_r:
-            errors.append(
-                f"  {module}: rank {r} in the file, but the config gives r={want_r} "
-                "(r / rank_pattern)"
-            )
-            continue
-        alpha = _pattern_value(settings["alpha_pattern"], module, settings["lora_alpha"])
-        scale = _scale(alpha, r, settings["use_rslora"])
-        parts = targets.kernels.get(module)
-        if not parts:
-            close = difflib.get_close_matches(module, list(targets.kernels), 3, 0.0)
-            errors.append(
-                f"  {module}: no leaf of base_params maps to this module; closest names: "
-                f"{close} (module_names= maps jlora paths to module names)"
-            )
-            continue
-        if len(parts) > 1 and any(t.module.rows is None for t in parts):
-            errors.append(
-                f"  {module}: several leaves map here ({[t.path for t in parts]}); give "
-                "each a PeftModule with rows=(start, total)"
-            )
-            continue
-        covered = np.zeros(big_b.shape[0], bool)
+        covered = np.zeros(sizes["out"], bool)
         for path_, pm, layer in parts:
-            shape = tuple(np.shape(unbox(base.nodes[path_].value)))
             try:
-                layout, layer_layout, lshape, mapping = _part_layout(
-                    path_, shape, probed.get(path_), pm, layer, big_a, big_b
+                layout, children, rows = _onto_part(
+                    path_, base, probed.get(path_), pm, layer, values, sizes["r"]
                 )
             except ValueError as e:
                 errors.append(f"  {module} -> {path_}: {e}")
                 continue
-            n_part = len(mapping.out_perm)
-            start = 0 if pm.rows is None else pm.rows[0]
-            covered[start : start + n_part] = True
-            a_shape, b_shape = layer_layout.factor_shapes(lshape, r)
-            a, b = _from_peft(
-                big_a, big_b[start : start + n_part], mapping, a_shape, b_shape
-            )
-            m = None
-            if big_m is not None:  # DoRA: [out] in the module's order -> [*out]
-                m = np.empty((n_part,), big_m.dtype)
-                m[mapping.out_perm] = big_m[start : start + n_part]
-                ns = len(layer_layout.stack_axes)
-                m = m.reshape(b_shape[:ns] + b_shape[ns + 1 :])
+            covered[rows] = True
             if path_ in layouts and layouts[path_] != layout:
                 errors.append(f"  {path_}: layouts disagree across layers")
                 continue
             layouts[path_] = layout
-            layers.setdefault(path_, {})[layer] = (a, b, scale, m)
-        uncovered = ~covered & np.any(big_b != 0, axis=1)
+            layers.setdefault(path_, {})[layer] = (children, scale)
+        uncovered = ~covered & np.any(values["B"] != 0, axis=1)
         if uncovered.any() and all(t.module.rows for t in parts):
             errors.append(
                 f"  {module}: rows {np.flatnonzero(uncovered)[:8].tolist()}... of lora_B "
@@ -1226,16 +1279,96 @@ def _factors(lora, tensors, settings, targets: _Targets, base: Base, probed, err
             )
     found = {}
     for path_, by_layer in layers.items():
-        shape = np.shape(unbox(base.nodes[path_].value))
         try:
-            a, b, scale, m = _stack(by_layer, layouts[path_], shape, base.nodes[path_])
+            children, scale = _stack(by_layer, layouts[path_], base.nodes[path_])
         except ValueError as e:
             errors.append(f"  {path_}: {e}")
             continue
+        a, b = children.pop("a"), children.pop("b")
         dropout = settings["lora_dropout"]
-        extra = None if m is None else {"m": m}
-        found[path_] = Factors(a, b, scale, layouts[path_], dropout, extra)
+        found[path_] = Factors(a, b, scale, layouts[path_], dropout, children or None)
     return found
+
+
+def _module_values(entry, tensors, settings, module):
+    """`(values, sizes, scale)` of one module: its tensors by slot, the sizes their axes
+    give (`r`, `in`, `out`) and its scale, each checked against `TENSOR_KINDS` and the
+    config; a ValueError says what does not fit."""
+    keys = {slot: key for slot, key in entry.items() if slot != "embed"}
+    bad = [k for k in keys.values() if not jnp.issubdtype(tensors[k].dtype, jnp.floating)]
+    if bad:
+        raise ValueError(
+            f"{', '.join(f'{k} is {tensors[k].dtype}' for k in bad)}; LoRA factors are "
+            "floating-point"
+        )
+    for kind in TENSOR_KINDS:
+        if kind.flag is not None and (kind.slot in keys) != settings[kind.flag]:
+            raise ValueError(
+                f"has {kind.linear} but the config's {kind.flag} is false"
+                if kind.slot in keys
+                else f"the config sets {kind.flag} but the file has no {kind.linear} for it"
+            )
+    values = {slot: tensors[key] for slot, key in keys.items()}
+    sizes: dict[str, int] = {}
+    for kind in TENSOR_KINDS:
+        shape = values[kind.slot].shape if kind.slot in values else None
+        if shape is not None and (
+            len(shape) != len(kind.axes)
+            or any(sizes.setdefault(s, d) != d for s, d in zip(kind.axes, shape))
+        ):
+            suffix = {s: k[len(PREFIX) + len(module) + 1 :] for s, k in keys.items()}
+            raise ValueError(
+                ", ".join(f"{suffix[s]} {list(v.shape)}" for s, v in values.items())
+                + " are not "
+                + ", ".join(_shape_text(_KIND[s]) for s in values)
+                + " with one r, in and out"
+            )
+    r = sizes["r"]
+    want_r = _pattern_value(settings["rank_pattern"], module, settings["r"])
+    if r != want_r:
+        raise ValueError(
+            f"rank {r} in the file, but the config gives r={want_r} (r / rank_pattern)"
+        )
+    alpha = _pattern_value(settings["alpha_pattern"], module, settings["lora_alpha"])
+    return values, sizes, _scale(alpha, r, settings["use_rslora"])
+
+
+def _module_targets(module: str, targets: _Targets) -> list[_Target]:
+    """The kernels a module's tensors go to, or a ValueError that says why none."""
+    parts = targets.kernels.get(module)
+    if not parts:
+        close = difflib.get_close_matches(module, list(targets.kernels), 3, 0.0)
+        raise ValueError(
+            f"no leaf of base_params maps to this module; closest names: {close} "
+            "(module_names= maps jlora paths to module names)"
+        )
+    if len(parts) > 1 and any(t.module.rows is None for t in parts):
+        raise ValueError(
+            f"several leaves map here ({[t.path for t in parts]}); give each a "
+            "PeftModule with rows=(start, total)"
+        )
+    return parts
+
+
+def _onto_part(path, base: Base, layout, pm: PeftModule, layer, values, r):
+    """`(layout, {child: value}, rows)`: a module's tensors on one kernel it names (one
+    `layer` of it), each kind's `out` axis cut to the kernel's `rows` of the module."""
+    shape = tuple(np.shape(unbox(base.nodes[path].value)))
+    layout, layer_layout, lshape, mapping = _part_layout(
+        path, shape, layout, pm, layer, values["A"], values["B"]
+    )
+    start = 0 if pm.rows is None else pm.rows[0]
+    rows = slice(start, start + len(mapping.out_perm))
+    children = {}
+    for slot, tensor in values.items():
+        kind = _KIND[slot]
+        if "out" in kind.axes:
+            index = [slice(None)] * tensor.ndim
+            index[kind.axes.index("out")] = rows
+            tensor = tensor[tuple(index)]
+        shape_ = child_shape(layer_layout, lshape, CHILD[kind.child].axes, r)
+        children[kind.child] = _from_module(tensor, kind, mapping, shape_)
+    return layout, children, rows
 
 
 def _part_layout(path, shape, layout, pm: PeftModule, layer, big_a, big_b):
@@ -1353,29 +1486,32 @@ def _whole_leaves(plain, base_keys, tensors, settings, targets, base, errors):
     return found
 
 
-def _stack(layers: dict, layout: Layout, shape, node=None):
-    """One kernel's `(a, b, scale, m)` from its layers' (a stacked kernel: layers the
-    file leaves out get zero factors, which add nothing, and, with DoRA, the
-    magnitude that leaves them as they are: the layer's own norm)."""
+def _stack(layers: dict, layout: Layout, node):
+    """One kernel's `({child: value}, scale)` from its layers'. A stacked kernel's
+    layers the file leaves out hold each kind's `absent` value: zero factors, which add
+    nothing, and, with DoRA, the magnitude that leaves them as they are (the layer's own
+    column norm)."""
     if None in layers:
         return layers[None]
-    (a0, b0, scale, m0) = next(iter(layers.values()))
+    first, (children0, scale) = next(iter(layers.items()))
     (axis,) = layout.stack_axes
-    a = np.zeros((shape[axis], *a0.shape), a0.dtype)
-    b = np.zeros((shape[axis], *b0.shape), b0.dtype)
-    m = None
-    if m0 is not None:
-        w = unbox(node.value)
-        w = dequantize_array(w) if is_quantized(w) else w
-        m = np.asarray(column_norm(w, None, None, layout, 0.0)).astype(m0.dtype)
-    for i, (ai, bi, si, mi) in layers.items():
+    w = unbox(node.value)
+    stacked = {}
+    for child, v0 in children0.items():
+        if _KIND_OF_CHILD[child].absent == "norm":
+            plain = dequantize_array(w) if is_quantized(w) else w
+            norm = column_norm(plain, None, None, layout, 0.0)
+            stacked[child] = np.asarray(norm).astype(v0.dtype)
+        else:
+            stacked[child] = np.zeros((np.shape(w)[axis], *v0.shape), v0.dtype)
+    for i, (children, si) in layers.items():
+        ai, a0 = children["a"], children0["a"]
         if ai.shape != a0.shape or si != scale:
             raise ValueError(
-                f"layer {i} has rank {ai.shape[-1]} and scale {si}, layer "
-                f"{next(iter(layers))} rank {a0.shape[-1]} and scale {scale}; one stacked "
-                "kernel takes one rank and one scale for all its layers"
+                f"layer {i} has rank {ai.shape[-1]} and scale {si}, layer {first} rank "
+                f"{a0.shape[-1]} and scale {scale}; one stacked kernel takes one rank "
+                "and one scale for all its layers"
             )
-        a[i], b[i] = ai, bi
-        if m is not None:
-            m[i] = mi
-    return a, b, scale, m
+        for child, value in children.items():
+            stacked[child][i] = value
+    return stacked, scale

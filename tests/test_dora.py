@@ -426,6 +426,132 @@ def test_peft_dora_files_load_and_save_with_the_same_outputs(tmp_path):
     assert_close(theirs(torch.tensor(ids)).detach().numpy(), want, bound)
 
 
+def _write_peft(path, cfg: dict, tensors: dict):
+    import json
+    import os
+
+    from jlora import _safetensors
+
+    os.makedirs(path)
+    with open(os.path.join(path, "adapter_config.json"), "w") as f:
+        json.dump({"peft_type": "LORA", **cfg}, f)
+    _safetensors.save(os.path.join(path, "adapter_model.safetensors"), tensors)
+
+
+def _peft_tensors(path):
+    import os
+
+    from jlora import _safetensors
+
+    return _safetensors.load(os.path.join(path, "adapter_model.safetensors"))[0]
+
+
+def test_a_fused_peft_module_carries_its_parts_magnitudes_side_by_side(key, tmp_path):
+    ks = jax.random.split(key, 4)
+    params = {n: {"kernel": jax.random.normal(ks[i], (4, 3))} for i, n in enumerate("qkv")}
+    cfg = jlora.LoraConfig(2, 4.0, targets=r"(q|k|v)/kernel$", use_dora=True)
+    lp = jlora.init(ks[3], params, cfg)
+    for i, n in enumerate("qkv"):  # one A for the module; each part its own B and m
+        lw = lp[n]["kernel"]
+        lp[n]["kernel"] = lw.replace(
+            a=lp["q"]["kernel"].a,
+            b=0.3 * jax.random.normal(jax.random.fold_in(key, i), lw.b.shape),
+            m=lw.m * jnp.asarray([0.5, 1.0, 2.0]) + i,
+        )
+    names = {
+        f"{n}/kernel": jlora.PeftModule("qkv", rows=(3 * i, 9)) for i, n in enumerate("qkv")
+    }
+    jlora.save_peft(tmp_path / "f", lp, cfg, module_names=names)
+    tensors = _peft_tensors(tmp_path / "f")
+    m_file = tensors["base_model.model.qkv.lora_magnitude_vector"]
+    want_m = np.concatenate([np.asarray(lp[n]["kernel"].m) for n in "qkv"])
+    assert np.array_equal(m_file, want_m)
+    assert tensors["base_model.model.qkv.lora_B.weight"].shape == (9, 2)  # A shared
+
+    back = jlora.load_peft(tmp_path / "f", params, module_names=names)
+    for n in "qkv":
+        assert np.array_equal(back[n]["kernel"].m, lp[n]["kernel"].m)
+        assert np.array_equal(back[n]["kernel"].b, lp[n]["kernel"].b)
+    merged, want = jlora.merge(back), jlora.merge(lp)
+    for n in "qkv":
+        assert_close(merged[n]["kernel"], want[n]["kernel"], chain_bound(4, 4))
+
+    # A row of the module no part adapts would need the base's norm, which the
+    # adapters do not hold: refused, naming the rows.
+    two = {k: v for k, v in names.items() if not k.startswith("k")}
+    only = jlora.init(
+        ks[3], params, jlora.LoraConfig(2, 4.0, targets=r"(q|v)/kernel$", use_dora=True)
+    )
+    with pytest.raises(
+        ValueError, match=r"lora_magnitude_vector must cover every row.*\[3, 4, 5\]"
+    ):
+        jlora.save_peft(tmp_path / "g", only, cfg, module_names=two)
+
+
+def test_a_stacked_kernels_layers_missing_from_a_dora_file_keep_their_norm(key, tmp_path):
+    w = jax.random.normal(key, (3, 4, 5))
+    rng = np.random.default_rng(0)
+    tensors = {}
+    for i in (0, 2):
+        pre = f"base_model.model.layers.{i}.fc."
+        tensors[pre + "lora_A.weight"] = rng.normal(size=(2, 4)).astype(np.float32)
+        tensors[pre + "lora_B.weight"] = rng.normal(size=(5, 2)).astype(np.float32)
+        tensors[pre + "lora_magnitude_vector"] = rng.uniform(1, 2, 5).astype(np.float32)
+    _write_peft(tmp_path / "f", {"r": 2, "lora_alpha": 2, "use_dora": True}, tensors)
+    names = {"layers/kernel": "layers.{layer}.fc"}
+    lw = jlora.load_peft(tmp_path / "f", {"layers": {"kernel": w}}, module_names=names)[
+        "layers"
+    ]["kernel"]
+    for i in (0, 2):
+        pre = f"base_model.model.layers.{i}.fc."
+        assert np.array_equal(lw.m[i], tensors[pre + "lora_magnitude_vector"])
+        assert np.array_equal(lw.a[i], tensors[pre + "lora_A.weight"].T)
+        assert np.array_equal(lw.b[i], tensors[pre + "lora_B.weight"].T)
+    assert not np.any(lw.a[1]) and not np.any(lw.b[1])
+    norm = np.linalg.norm(np.asarray(w[1], np.float64), axis=0)
+    assert_close(lw.m[1], norm, chain_bound(4, 1))
+    assert_close(jlora.merge({"k": lw})["k"][1], w[1], chain_bound(4, 3))  # unchanged
+
+
+def test_peft_files_whose_magnitudes_disagree_with_the_config_are_refused(key, tmp_path):
+    w = {"fc": {"kernel": jax.random.normal(key, (4, 5))}}
+    rng = np.random.default_rng(0)
+    pre = "base_model.model.fc."
+    ab = {
+        pre + "lora_A.weight": rng.normal(size=(2, 4)).astype(np.float32),
+        pre + "lora_B.weight": rng.normal(size=(5, 2)).astype(np.float32),
+    }
+    m = {pre + "lora_magnitude_vector": np.ones(5, np.float32)}
+    cases = [
+        ("off", {}, m, "fc: has lora_magnitude_vector but the config's use_dora is false"),
+        ("on", {"use_dora": True}, {}, "fc: the config sets use_dora but the file has no"),
+        (
+            "short",
+            {"use_dora": True},
+            {pre + "lora_magnitude_vector": np.ones(4, np.float32)},
+            r"lora_B.weight \[5, 2\], lora_magnitude_vector \[4\] are not \[r, in\], "
+            r"\[out, r\], \[out\]",
+        ),
+    ]
+    for name, flags, extra, match in cases:
+        _write_peft(tmp_path / name, {"r": 2, "lora_alpha": 2, **flags}, {**ab, **extra})
+        with pytest.raises(ValueError, match=match):
+            jlora.load_peft(tmp_path / name, w)
+
+    # DoRA on some modules and plain LoRA on others: PEFT has one use_dora for all.
+    two = {"fc": w["fc"], "out": {"kernel": jax.random.normal(key, (5, 3))}}
+    mixed = {
+        "fc": jlora.init(key, {"fc": two["fc"]}, jlora.LoraConfig(2, 2, use_dora=True))[
+            "fc"
+        ],
+        "out": jlora.init(key, {"out": two["out"]}, jlora.LoraConfig(2, 2))["out"],
+    }
+    with pytest.raises(
+        ValueError, match=r"on \['fc'\] but not on \['out'\]; PEFT's use_dora"
+    ):
+        jlora.save_peft(tmp_path / "mixed", mixed)
+
+
 # PiSSA and OLoRA starts ------------------------------------------------------------
 
 
