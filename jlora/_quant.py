@@ -276,6 +276,16 @@ def _absmax(q: Quantized):
     return a2.reshape(q.absmax.shape)
 
 
+def _lookup(table, idx):
+    """`table[idx]`, placed as `idx` is: under Explicit mesh axes JAX can't tell a
+    gather's output sharding from a replicated table and sharded indices, so it is
+    given (the codes' sharding carries over to the values)."""
+    sharding = jax.typeof(idx).sharding
+    if any(s is not None for s in getattr(sharding, "spec", ())):
+        return table.at[idx].get(out_sharding=sharding)
+    return table[idx]
+
+
 def dequantize_array(q: Quantized):
     """The float kernel of `q`, in its dtype (the product computed in float32)."""
     axis = q.axis % q.ndim
@@ -284,7 +294,7 @@ def dequantize_array(q: Quantized):
     if q.kind == "nf4":
         lo, hi = codes & 0xF, codes >> 4
         idx = jnp.stack([lo, hi], axis=-1).reshape(*codes.shape[:-1], -1)
-        vals = jnp.asarray(NF4)[idx]
+        vals = _lookup(jnp.asarray(NF4), idx)
     else:
         vals = codes.astype(jnp.float32) / 127
     vals = vals.reshape(*vals.shape[:-1], -1, q.block_size) * absmax

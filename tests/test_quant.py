@@ -282,6 +282,56 @@ def test_sharded_quantized_kernels_keep_their_shardings_under_the_mesh():
             jlora.base_specs(lp, {})
 
 
+@pytest.mark.parametrize("kind", ["nf4", "int8"])
+@pytest.mark.parametrize(
+    "spec", [jax.P(None, "model"), jax.P("model", None)], ids=["column", "row"]
+)
+def test_a_quantized_base_under_explicit_mesh_axes_is_right_and_keeps_shardings(kind, spec):
+    # Dequantization must not gather from a table: under Explicit axes a gather of
+    # sharded codes from an unsharded codebook is refused by JAX's sharding rules.
+    if len(jax.devices()) < 8:
+        pytest.skip("needs 8 devices")
+    explicit = (jax.sharding.AxisType.Explicit,) * 2
+    mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=explicit)
+    model = nn.Dense(256)
+    x = normal(2, (8, 512))
+    p = model.init(jax.random.key(0), x)["params"]
+    lp = jlora.init(jax.random.key(1), jlora.quantize(p, kind), jlora.LoraConfig(4, 8))
+    adapters, base = jlora.split(lp)
+    adapters = jax.tree.map(lambda t: t + 0.05, adapters)
+    apply = lambda p, x: model.apply({"params": p}, x)  # noqa: E731
+
+    def loss(ad, base, x):
+        return jnp.sum(jlora.lora(apply, strict=True)(jlora.combine(ad, base), x) ** 2)
+
+    # The oracle, off the mesh: the dequantized, merged model, and the gradient on
+    # the dequantized (float) base.
+    ref = apply(jlora.merge(jlora.dequantize(jlora.combine(adapters, base))), x)
+    float_base = jlora.dequantize(base)
+    want = jax.grad(loss)(adapters, float_base, x)
+    with jax.set_mesh(mesh):
+        specs = jlora.base_specs(lp, {"kernel": spec, "bias": jax.P()}, mesh=mesh)
+        named = jax.tree.map(lambda s: jax.NamedSharding(mesh, s), specs)
+        placed = jax.device_put(base, named)
+        assert placed["kernel"].codes.sharding.spec == specs["kernel"].codes
+        # Quantized on the mesh: the same codes, placed as the kernel.
+        on_mesh = jlora.quantize({"kernel": jax.device_put(p["kernel"], spec)}, kind)
+        assert on_mesh["kernel"].codes.sharding.spec == spec
+        for a, b in zip(jax.tree.leaves(on_mesh), jax.tree.leaves(base["kernel"])):
+            assert np.array_equal(a, b)
+        xs = jax.device_put(x, jax.P("data", None))
+        f = jlora.lora(apply, strict=True)
+        for y in (
+            f(jlora.combine(adapters, placed), xs),
+            jax.jit(f)(jlora.combine(adapters, placed), xs),
+        ):
+            assert_close(y, ref, chain_bound(512, 2))
+            assert y.sharding.spec[0] == "data"
+        got = jax.jit(jax.grad(loss))(adapters, placed, xs)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        assert_close(g, w, chain_bound(512 + 8, 3))
+
+
 def test_a_quantized_base_checkpoints_exactly_and_adapters_load_onto_it(tmp_path):
     import orbax.checkpoint as ocp
 
