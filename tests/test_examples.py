@@ -163,6 +163,19 @@ def test_quant_benchmark_quick_mode_runs_every_base():
     )
 
 
+def test_qlora_loss_benchmark_runs_the_main_job_on_each_base_with_the_same_seed():
+    import math
+
+    bench = _load("qlora_loss", "benchmarks")
+    results, stats = bench.main(["--quick", "--no-write"])
+    assert list(results) == ["float", "nf4"]
+    (f_seed, f_loss, _), (q_seed, q_loss, _) = results["float"][0], results["nf4"][0]
+    assert f_seed == q_seed == 0 and math.isfinite(f_loss) and math.isfinite(q_loss)
+    assert f_loss != q_loss  # the NF4 run trained on the quantized base
+    assert stats["float"]["ratio"] == 1.0
+    assert math.isclose(stats["nf4"]["ratio"], q_loss / f_loss, rel_tol=1e-12)
+
+
 def test_dora_benchmark_quick_mode_times_lora_and_dora_of_each_library():
     bench = _load("dora", "benchmarks")
     with jax.numpy_dtype_promotion("standard"):  # optax's adam is not strict-clean
